@@ -1,0 +1,102 @@
+"""The `clipsearch` command line."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+app = typer.Typer(
+    name="clipsearch",
+    help="CLIP embeddings and text<->image search as a service.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+_SERVE_HELP = (
+    "Start the HTTP service.\n\n"
+    "Loads the model (and the index, if --index-dir is given) before binding the port, and exits with "
+    "status 2 and a one-line reason if either cannot be loaded. Every option can also be set as an "
+    "environment variable CLIPSEARCH_<OPTION> (e.g. CLIPSEARCH_MODEL); flags win over the environment.\n\n"
+    "Model specs: a built-in open_clip name (ViT-B-32) with --pretrained TAG|PATH|none, hf-hub:org/repo, "
+    "or local-dir:/path (open_clip_config.json + weights). The default, clipsearch-tiny with random "
+    "weights, needs no download and is only for trying things out."
+)
+
+
+@app.callback()
+def _root() -> None:
+    """CLIP embeddings and text<->image search as a service."""
+
+
+def _setup_logging(level: str) -> None:
+    # open_clip logs chatty INFO lines on the root logger: keep the root at WARNING and
+    # give our own packages the requested level.
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for name in ("service", "index_builder", "clipsearch"):
+        logging.getLogger(name).setLevel(level.upper())
+
+
+@app.command(help=_SERVE_HELP)
+def serve(
+    model: Annotated[str | None, typer.Option(help="open_clip model spec")] = None,
+    pretrained: Annotated[str | None, typer.Option(help="pretrained tag, checkpoint path, or none")] = None,
+    index_dir: Annotated[Path | None, typer.Option(help="index directory to serve")] = None,
+    host: Annotated[str | None, typer.Option(help="bind address [0.0.0.0]")] = None,
+    port: Annotated[int | None, typer.Option(help="bind port [8000]")] = None,
+    device: Annotated[str | None, typer.Option(help="auto | cpu | cuda")] = None,
+    dtype: Annotated[str | None, typer.Option(help="auto | fp32 | fp16 | bf16")] = None,
+    search_backend: Annotated[str | None, typer.Option(help="auto | faiss-cpu | faiss-gpu | torch")] = None,
+    max_batch_size: Annotated[int | None, typer.Option(help="most items per model call [64]")] = None,
+    max_wait_ms: Annotated[float | None, typer.Option(help="extra wait to fill a batch [0]")] = None,
+    max_queue: Annotated[int | None, typer.Option(help="items waiting per modality before 429 [2048]")] = None,
+    request_timeout_s: Annotated[float | None, typer.Option(help="request timeout in seconds [30]")] = None,
+    max_items_per_request: Annotated[int | None, typer.Option(help="items per /embed request [64]")] = None,
+    max_text_chars: Annotated[int | None, typer.Option(help="longest text [2000]")] = None,
+    max_image_bytes: Annotated[int | None, typer.Option(help="largest image in bytes [10 MiB]")] = None,
+    max_image_pixels: Annotated[int | None, typer.Option(help="largest image in pixels [40M]")] = None,
+    max_k: Annotated[int | None, typer.Option(help="most search results [1000]")] = None,
+    log_level: Annotated[str | None, typer.Option(help="debug | info | warning | error")] = None,
+) -> None:
+    overrides: dict[str, Any] = {k: v for k, v in locals().items() if v is not None}
+    from pydantic import ValidationError
+
+    from service.errors import ClipsearchError
+    from service.settings import Settings
+
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as exc:
+        typer.echo(f"clipsearch: invalid settings:\n{exc}", err=True)
+        raise typer.Exit(2) from None
+    _setup_logging(settings.log_level)
+
+    import uvicorn
+
+    from service.http.app import create_app
+    from service.state import ServiceState
+
+    try:
+        state = ServiceState.build(settings)
+    except ClipsearchError as exc:
+        typer.echo(f"clipsearch: cannot start: {exc.message}", err=True)
+        raise typer.Exit(2) from None
+    uvicorn.run(
+        create_app(settings, state=state),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level.lower(),
+        timeout_graceful_shutdown=int(settings.request_timeout_s) + 5,
+    )
+
+
+def main() -> None:  # pragma: no cover - console entry point wrapper
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

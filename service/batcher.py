@@ -1,0 +1,287 @@
+"""A model-agnostic dynamic batcher: merges concurrent requests into batched model calls.
+
+One batcher per modality. A request goes through:
+
+1. admission: its rows are counted against `max_queue`; over that, `Overloaded` (429);
+2. `prepare` (CPU work: decode, preprocess, tokenize) in a thread pool, off the event
+   loop, overlapping with the model call of the batch in flight;
+3. the queue, as a sliceable payload of `n` rows;
+4. greedy batching, as TEI and Triton do: when the model is free, take everything
+   waiting up to `max_batch_size` rows (optionally after `max_wait_ms`), splitting a
+   request larger than a batch over several batches;
+5. `infer` in the model executor, off the event loop; its result rows go back to each
+   request in order.
+
+Every waiter resolves: with its rows, with the batch's error if `infer` raises, with
+`RequestTimeout` past its deadline, or with `ShuttingDown`. A request whose client
+went away (or that timed out) is skipped before its rows reach the model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+import numpy as np
+
+from service.errors import ClipsearchError, InferenceError, Overloaded, RequestTimeout, ShuttingDown
+
+log = logging.getLogger(__name__)
+
+P = TypeVar("P")  # a prepared payload: anything sliceable by rows (tensor, array, list)
+
+
+@dataclass
+class _Job:
+    payload: Any
+    n: int
+    future: asyncio.Future[np.ndarray]
+    out: np.ndarray | None = None
+    done_rows: int = 0
+
+
+@dataclass
+class _Chunk:
+    job: _Job
+    lo: int
+    hi: int
+
+    @property
+    def rows(self) -> int:
+        return self.hi - self.lo
+
+
+@dataclass
+class BatcherStats:
+    """Counters tests and metrics read: model calls made and rows encoded."""
+
+    batches: int = 0
+    rows: int = 0
+    batch_sizes: list[int] = field(default_factory=list)
+
+
+class DynamicBatcher(Generic[P]):
+    def __init__(
+        self,
+        name: str,
+        infer: Callable[[list[P]], np.ndarray],
+        *,
+        model_executor: Executor,
+        prepare_executor: Executor | None = None,
+        max_batch_size: int = 64,
+        max_wait_ms: float = 0.0,
+        max_queue: int = 1024,
+        on_batch: Callable[[int], None] | None = None,
+        on_queue_depth: Callable[[int], None] | None = None,
+    ) -> None:
+        if max_batch_size < 1:
+            raise ValueError("max_batch_size must be >= 1")
+        self.name = name
+        self._infer = infer
+        self._model_executor = model_executor
+        self._prepare_executor = prepare_executor
+        self.max_batch_size = max_batch_size
+        self.max_wait = max_wait_ms / 1000.0
+        self.max_queue = max_queue
+        self._on_batch = on_batch or (lambda n: None)
+        self._on_queue_depth = on_queue_depth or (lambda n: None)
+        self._queue: deque[_Chunk] = deque()
+        self._queued_rows = 0
+        self._reserved_rows = 0
+        self._wakeup: asyncio.Event | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False
+        self.stats = BatcherStats()
+
+    # -- lifecycle ----------------------------------------------------------------
+    async def start(self) -> None:
+        self._wakeup = asyncio.Event()
+        self._closed = False
+        self._task = asyncio.create_task(self._loop(), name=f"batcher-{self.name}")
+
+    async def stop(self) -> None:
+        """Stop batching; every request still queued gets `ShuttingDown`."""
+        self._closed = True
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        while self._queue:
+            chunk = self._queue.popleft()
+            _fail(chunk.job, ShuttingDown(f"{self.name} batcher is shutting down"))
+        self._queued_rows = 0
+        self._on_queue_depth(0)
+
+    @property
+    def pending_rows(self) -> int:
+        return self._queued_rows + self._reserved_rows
+
+    # -- the request side ---------------------------------------------------------
+    async def submit(
+        self,
+        n: int,
+        prepare: Callable[[], P],
+        *,
+        timeout: float,
+        disconnected: Callable[[], Awaitable[Any]] | None = None,
+    ) -> np.ndarray:
+        """Run `prepare()` off the loop, queue its `n` rows, and wait for their vectors.
+
+        `disconnected`, if given, is awaited alongside; when it returns first the
+        request is dropped (its rows never reach the model) and `asyncio.CancelledError`
+        is raised.
+        """
+        if self._closed or self._task is None or self._wakeup is None:
+            raise ShuttingDown(f"{self.name} batcher is not running")
+        if n <= 0:
+            return np.zeros((0, 0), np.float32)
+        if self.pending_rows + n > self.max_queue:
+            raise Overloaded(
+                f"{self.name} queue is full ({self.pending_rows} of {self.max_queue} items waiting)",
+                retry_after=1.0,
+            )
+        deadline = time.monotonic() + timeout
+        loop = asyncio.get_running_loop()
+        self._reserved_rows += n
+        try:
+            payload = await self._with_deadline(
+                asyncio.ensure_future(loop.run_in_executor(self._prepare_executor, prepare)),
+                deadline,
+                disconnected,
+                cancel_on_exit=False,
+            )
+        finally:
+            self._reserved_rows -= n
+        if self._closed:
+            raise ShuttingDown(f"{self.name} batcher is shutting down")
+        job = _Job(payload=payload, n=n, future=loop.create_future())
+        self._queue.append(_Chunk(job, 0, n))
+        self._queued_rows += n
+        self._on_queue_depth(self._queued_rows)
+        self._wakeup.set()
+        return await self._with_deadline(job.future, deadline, disconnected, cancel_on_exit=True)
+
+    async def _with_deadline(
+        self,
+        fut: asyncio.Future[Any],
+        deadline: float,
+        disconnected: Callable[[], Awaitable[Any]] | None,
+        *,
+        cancel_on_exit: bool,
+    ) -> Any:
+        watcher = asyncio.ensure_future(disconnected()) if disconnected is not None else None
+        waiting: set[asyncio.Future[Any]] = {fut} if watcher is None else {fut, watcher}
+        try:
+            done, _ = await asyncio.wait(waiting, timeout=max(0.0, deadline - time.monotonic()),
+                                         return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            if cancel_on_exit:
+                fut.cancel()
+            raise
+        finally:
+            if watcher is not None and not watcher.done():
+                watcher.cancel()
+        if fut in done:
+            return fut.result()
+        if not cancel_on_exit:
+            # A thread-pool job cannot be stopped; consume its outcome so nothing is logged as lost.
+            fut.add_done_callback(lambda f: f.cancelled() or f.exception())
+        else:
+            fut.cancel()  # queued chunks of this job are skipped before the model
+        if watcher is not None and watcher in done:
+            raise asyncio.CancelledError("client disconnected")
+        raise RequestTimeout(f"{self.name} request timed out after waiting for the model")
+
+    # -- the model side -----------------------------------------------------------
+    def _take_batch(self) -> list[_Chunk]:
+        batch: list[_Chunk] = []
+        room = self.max_batch_size
+        while self._queue and room > 0:
+            chunk = self._queue[0]
+            if chunk.job.future.done():  # cancelled, timed out, or failed already
+                self._queue.popleft()
+                self._queued_rows -= chunk.rows
+                continue
+            if chunk.rows <= room:
+                self._queue.popleft()
+                batch.append(chunk)
+                taken = chunk.rows
+            else:
+                batch.append(_Chunk(chunk.job, chunk.lo, chunk.lo + room))
+                chunk.lo += room
+                taken = room
+            self._queued_rows -= taken
+            room -= taken
+        self._on_queue_depth(self._queued_rows)
+        return batch
+
+    async def _loop(self) -> None:
+        wakeup = self._wakeup
+        if wakeup is None:  # start() sets it before creating this task
+            return
+        loop = asyncio.get_running_loop()
+        while True:
+            while not self._queue:
+                wakeup.clear()
+                await wakeup.wait()
+            if self.max_wait > 0 and self._queued_rows < self.max_batch_size:
+                await asyncio.sleep(self.max_wait)
+            batch = self._take_batch()
+            if not batch:
+                continue
+            size = sum(c.rows for c in batch)
+            payloads = [_slice(c.job.payload, c.lo, c.hi) for c in batch]
+            self.stats.batches += 1
+            self.stats.rows += size
+            self.stats.batch_sizes.append(size)
+            self._on_batch(size)
+            try:
+                result = await loop.run_in_executor(self._model_executor, self._infer, payloads)
+                if not isinstance(result, np.ndarray) or result.shape[0] != size:
+                    raise InferenceError(f"model returned {getattr(result, 'shape', None)} rows for {size}")
+            except asyncio.CancelledError:
+                for chunk in batch:
+                    _fail(chunk.job, ShuttingDown(f"{self.name} batcher is shutting down"))
+                raise
+            except Exception as exc:
+                log.exception("%s batch of %d failed", self.name, size)
+                err = exc if isinstance(exc, ClipsearchError) else InferenceError(f"{self.name} model call failed")
+                for chunk in batch:
+                    _fail(chunk.job, err)
+                continue
+            self._distribute(batch, result)
+
+    @staticmethod
+    def _distribute(batch: Sequence[_Chunk], result: np.ndarray) -> None:
+        offset = 0
+        for chunk in batch:
+            job = chunk.job
+            rows = result[offset : offset + chunk.rows]
+            offset += chunk.rows
+            if job.future.done():
+                continue
+            if job.out is None:
+                job.out = np.empty((job.n, result.shape[1]), dtype=result.dtype)
+            job.out[chunk.lo : chunk.hi] = rows
+            job.done_rows += chunk.rows
+            if job.done_rows == job.n:
+                job.future.set_result(job.out)
+
+
+def _slice(payload: Any, lo: int, hi: int) -> Any:
+    if lo == 0 and hi == len(payload):
+        return payload
+    return payload[lo:hi]
+
+
+def _fail(job: _Job, exc: BaseException) -> None:
+    if not job.future.done():
+        job.future.set_exception(exc)

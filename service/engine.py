@@ -1,0 +1,136 @@
+"""The embedding engine: the model seam behind one dynamic batcher per modality.
+
+Knows nothing of HTTP. Input limits are checked here, before anything is queued, and
+raise typed errors that name the offending item (``texts[3]``, ``images[0]``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import torch
+
+from service.batcher import DynamicBatcher
+from service.errors import InvalidImage, InvalidInput, PayloadTooLarge
+from service.images import decode_image
+from service.metrics import Metrics
+from service.model import ClipModel
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+Disconnected = Callable[[], Awaitable[Any]]
+
+
+class Engine:
+    def __init__(self, model: ClipModel, settings: Settings, metrics: Metrics | None = None) -> None:
+        self.model = model
+        self.settings = settings
+        self.metrics = metrics
+        # One model thread: text and image batches take turns on the device instead of
+        # fighting over it (and over CPU cores when there is no GPU).
+        self._model_executor = ThreadPoolExecutor(1, thread_name_prefix="clip-model")
+        self._prepare_executor = ThreadPoolExecutor(settings.preprocess_workers, thread_name_prefix="clip-prep")
+        common: dict[str, Any] = {
+            "model_executor": self._model_executor,
+            "prepare_executor": self._prepare_executor,
+            "max_batch_size": settings.max_batch_size,
+            "max_wait_ms": settings.max_wait_ms,
+            "max_queue": settings.max_queue,
+        }
+        self.text: DynamicBatcher[torch.Tensor] = DynamicBatcher(
+            "text", self._infer_text, **common, **self._hooks("text")
+        )
+        self.image: DynamicBatcher[torch.Tensor] = DynamicBatcher(
+            "image", self._infer_image, **common, **self._hooks("image")
+        )
+
+    def _hooks(self, modality: str) -> dict[str, Callable[[int], None]]:
+        if self.metrics is None:
+            return {}
+        batch = self.metrics.batch_size.labels(modality)
+        depth = self.metrics.queue_depth.labels(modality)
+        items = self.metrics.items.labels(modality)
+
+        def on_batch(n: int) -> None:
+            batch.observe(n)
+            items.inc(n)
+
+        return {"on_batch": on_batch, "on_queue_depth": depth.set}
+
+    async def start(self) -> None:
+        await self.text.start()
+        await self.image.start()
+
+    async def stop(self) -> None:
+        await self.text.stop()
+        await self.image.stop()
+        self._prepare_executor.shutdown(wait=False, cancel_futures=True)
+        self._model_executor.shutdown(wait=True, cancel_futures=True)
+
+    @property
+    def dim(self) -> int:
+        return self.model.dim
+
+    # -- model calls (model thread) ---------------------------------------------------
+    def _infer_text(self, payloads: list[torch.Tensor]) -> np.ndarray:
+        tokens = payloads[0] if len(payloads) == 1 else torch.cat(payloads)
+        return self.model.encode_tokens(tokens)
+
+    def _infer_image(self, payloads: list[torch.Tensor]) -> np.ndarray:
+        pixels = payloads[0] if len(payloads) == 1 else torch.cat(payloads)
+        return self.model.encode_pixels(pixels)
+
+    # -- CPU work (prepare threads) ---------------------------------------------------
+    def _prepare_texts(self, texts: Sequence[str]) -> torch.Tensor:
+        return self.model.tokenize(texts)
+
+    def _prepare_images(self, images: Sequence[str], field: str) -> torch.Tensor:
+        s = self.settings
+        tensors = []
+        for i, data in enumerate(images):
+            name = f"{field}[{i}]" if field.endswith("s") else field
+            image = decode_image(data, field=name, max_bytes=s.max_image_bytes, max_pixels=s.max_image_pixels)
+            try:
+                tensors.append(self.model.preprocess(image))
+            except Exception as exc:  # an odd mode or palette PIL decodes but cannot convert
+                raise InvalidImage(f"{name}: cannot convert image ({type(exc).__name__})", field=name) from None
+        return torch.stack(tensors)
+
+    # -- public API (event loop) ------------------------------------------------------
+    def check_texts(self, texts: Sequence[str], field: str = "texts") -> None:
+        limit = self.settings.max_text_chars
+        for i, text in enumerate(texts):
+            if len(text) > limit:
+                name = f"{field}[{i}]" if field.endswith("s") else field
+                raise PayloadTooLarge(f"{name}: text has {len(text)} characters, the limit is {limit}", field=name)
+
+    def check_count(self, n: int) -> None:
+        limit = self.settings.max_items_per_request
+        if n > limit:
+            raise PayloadTooLarge(f"{n} items in one request, the limit is {limit}")
+        if n == 0:
+            raise InvalidInput("no texts or images given")
+
+    async def embed_texts(
+        self, texts: Sequence[str], *, field: str = "texts", disconnected: Disconnected | None = None
+    ) -> np.ndarray:
+        """L2-normalized float32 vectors, one row per text, in input order."""
+        self.check_texts(texts, field)
+        return await self.text.submit(
+            len(texts), lambda: self._prepare_texts(texts),
+            timeout=self.settings.request_timeout_s, disconnected=disconnected,
+        )
+
+    async def embed_images(
+        self, images: Sequence[str], *, field: str = "images", disconnected: Disconnected | None = None
+    ) -> np.ndarray:
+        """base64 images -> L2-normalized float32 vectors, in input order."""
+        return await self.image.submit(
+            len(images), lambda: self._prepare_images(images, field),
+            timeout=self.settings.request_timeout_s, disconnected=disconnected,
+        )

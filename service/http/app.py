@@ -1,0 +1,54 @@
+"""`create_app(settings)`: the FastAPI application, with no import-time singletons."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from service.http.errors import install_error_handlers
+from service.http.middleware import BodyLimitMiddleware, MetricsMiddleware
+from service.http.routes import router
+from service.metrics import Metrics
+from service.model import ClipModel
+from service.settings import Settings
+from service.state import ServiceState
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings, *, state: ServiceState | None = None, model: ClipModel | None = None) -> FastAPI:
+    """Build the app. The lifespan loads the model and index (unless `state` or `model`
+    is given, e.g. by the CLI that loaded them before binding the port, or by tests)
+    and starts the batchers."""
+    metrics = state.metrics if state is not None else Metrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        svc = state
+        if svc is None:
+            import anyio.to_thread
+
+            svc = await anyio.to_thread.run_sync(lambda: ServiceState.build(settings, model, metrics))
+        await svc.engine.start()
+        svc.started = True
+        app.state.service = svc
+        try:
+            yield
+        finally:
+            svc.started = False
+            await svc.engine.stop()
+
+    app = FastAPI(
+        title="clipsearch",
+        summary="CLIP embeddings and text<->image search",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    install_error_handlers(app)
+    app.include_router(router)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    return app

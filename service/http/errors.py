@@ -1,0 +1,106 @@
+"""The one place that maps errors to HTTP status codes and the one JSON error shape.
+
+Every error response is ``{"error": {"type", "message", "field"}}``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+
+from service.errors import (
+    ClipsearchError,
+    IndexLoadError,
+    InferenceError,
+    InvalidInput,
+    NotReady,
+    OutOfRange,
+    Overloaded,
+    PayloadTooLarge,
+    RequestTimeout,
+)
+
+log = logging.getLogger(__name__)
+
+# Most specific first: the first matching class wins.
+STATUS_BY_ERROR: tuple[tuple[type[ClipsearchError], int], ...] = (
+    (PayloadTooLarge, 413),
+    (OutOfRange, 422),
+    (InvalidInput, 400),
+    (Overloaded, 429),
+    (RequestTimeout, 504),
+    (NotReady, 503),
+    (IndexLoadError, 503),
+    (InferenceError, 500),
+)
+
+
+def error_response(status: int, type_: str, message: str, field: str | None = None,
+                   headers: dict[str, str] | None = None) -> Response:
+    body = {"error": {"type": type_, "message": message, "field": field}}
+    return Response(orjson.dumps(body), status_code=status, media_type="application/json", headers=headers)
+
+
+def status_for(exc: ClipsearchError) -> int:
+    for cls, status in STATUS_BY_ERROR:
+        if isinstance(exc, cls):
+            return status
+    return 500
+
+
+async def _domain_error(request: Request, exc: Exception) -> Response:
+    if not isinstance(exc, ClipsearchError):  # registered for this class only
+        return await _internal_error(request, exc)
+    status = status_for(exc)
+    headers = {"Retry-After": str(max(1, round(exc.retry_after)))} if isinstance(exc, Overloaded) else None
+    if status >= 500 and not isinstance(exc, (NotReady, IndexLoadError)):
+        # Internal: the client gets the kind of failure, never its internals.
+        return error_response(status, exc.code, "internal error while encoding; see the service log")
+    return error_response(status, exc.code, exc.message, exc.field, headers)
+
+
+def _field(loc: tuple[Any, ...]) -> str:
+    parts = [str(p) for p in loc if p != "body"]
+    out = ""
+    for p in parts:
+        out += f"[{p}]" if p.isdigit() else (f".{p}" if out else p)
+    return out
+
+
+async def _validation_error(request: Request, exc: Exception) -> Response:
+    if not isinstance(exc, RequestValidationError):
+        return await _internal_error(request, exc)
+    errors = exc.errors()
+    first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+    field = _field(tuple(first.get("loc", ())))
+    message = "; ".join(
+        f"{_field(tuple(e.get('loc', ()))) or 'body'}: {e.get('msg', 'invalid')}" for e in errors[:5]
+    )
+    return error_response(422, "validation_error", message, field or None)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    if not isinstance(exc, StarletteHTTPException):
+        return await _internal_error(request, exc)
+    names = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large", 401: "unauthorized",
+             403: "forbidden"}
+    return error_response(exc.status_code, names.get(exc.status_code, "http_error"), str(exc.detail),
+                          headers=getattr(exc, "headers", None))
+
+
+async def _internal_error(request: Request, exc: Exception) -> Response:
+    log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return error_response(500, "internal_error", "internal server error; see the service log")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(ClipsearchError, _domain_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _internal_error)

@@ -1,0 +1,139 @@
+"""Thin routes: validate, call the engine or the index, build the response."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable
+from typing import Any
+
+import numpy as np
+import orjson
+from fastapi import APIRouter
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.concurrency import run_in_threadpool
+from starlette.responses import Response
+
+from service.errors import OutOfRange
+from service.http.deps import Disconnected, State
+from service.http.schemas import (
+    EmbedRequest,
+    EmbedResponse,
+    ErrorResponse,
+    ImageSearchRequest,
+    SearchResponse,
+    TextSearchRequest,
+)
+from service.search import Hit, SearchParams
+
+router = APIRouter()
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse} for code in (400, 413, 422, 429, 503, 504)
+}
+
+
+def json_response(content: Any, status_code: int = 200) -> Response:
+    return Response(orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY), status_code=status_code,
+                    media_type="application/json")
+
+
+async def _gather_or_cancel(*aws: Awaitable[np.ndarray]) -> list[np.ndarray]:
+    """Like gather, but the first failure cancels the others (no orphaned work)."""
+    tasks = [asyncio.ensure_future(a) for a in aws]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        raise
+
+
+@router.post("/embed", response_model=EmbedResponse, responses=_ERRORS)
+async def embed(body: EmbedRequest, state: State, disconnected: Disconnected) -> Response:
+    """Embed texts and/or base64 images; L2-normalized vectors in input order."""
+    engine = state.engine
+    engine.check_count(len(body.texts) + len(body.images))
+    engine.check_texts(body.texts)
+    empty = np.zeros((0, engine.dim), np.float32)
+    jobs = []
+    if body.texts:
+        jobs.append(engine.embed_texts(body.texts, disconnected=disconnected))
+    if body.images:
+        jobs.append(engine.embed_images(body.images, disconnected=disconnected))
+    results = await _gather_or_cancel(*jobs)
+    texts = results.pop(0) if body.texts else empty
+    images = results.pop(0) if body.images else empty
+    return json_response({"model": state.model.info.spec, "dim": engine.dim, "texts": texts, "images": images})
+
+
+def _hits(hits: list[Hit]) -> list[dict[str, Any]]:
+    return [{"id": h.id, "score": h.score, "metadata": h.metadata, "text": h.text} for h in hits]
+
+
+def _check_k(k: int, state: State) -> None:
+    if k > state.settings.max_k:
+        raise OutOfRange(f"k: {k} is above the limit of {state.settings.max_k}", field="k")
+
+
+@router.post("/search/text", response_model=SearchResponse, responses=_ERRORS)
+async def search_text(body: TextSearchRequest, state: State, disconnected: Disconnected) -> Response:
+    """Text -> images: the query text's vector searched in the image index."""
+    _check_k(body.k, state)
+    current, index = state.index_for("image")
+    query = await state.engine.embed_texts([body.text], field="text", disconnected=disconnected)
+    params = SearchParams(nprobe=body.nprobe, ef_search=body.ef_search)
+    hits = await run_in_threadpool(index.search, query, body.k, params)
+    return json_response({"results": _hits(hits[0]), "index_version": current.version})
+
+
+@router.post("/search/image", response_model=SearchResponse, responses=_ERRORS)
+async def search_image(body: ImageSearchRequest, state: State, disconnected: Disconnected) -> Response:
+    """Image -> texts: the query image's vector searched in the text index."""
+    _check_k(body.k, state)
+    current, index = state.index_for("text")
+    query = await state.engine.embed_images([body.image], field="image", disconnected=disconnected)
+    params = SearchParams(nprobe=body.nprobe, ef_search=body.ef_search)
+    hits = await run_in_threadpool(index.search, query, body.k, params)
+    return json_response({"results": _hits(hits[0]), "index_version": current.version})
+
+
+@router.get("/healthz")
+async def healthz() -> Response:
+    """Liveness: 200 while the process serves HTTP."""
+    return json_response({"status": "ok"})
+
+
+@router.get("/readyz", responses={503: {"model": ErrorResponse}})
+async def readyz(state: State) -> Response:
+    """Readiness: 200 when the model and the configured indexes are loaded, else 503 with the reason."""
+    reason = state.not_ready_reason()
+    current = state.indexes.current
+    body = {
+        "ready": reason is None,
+        "reason": reason,
+        "model": state.model.info.spec,
+        "index_version": current.version if current else None,
+    }
+    return json_response(body, status_code=200 if reason is None else 503)
+
+
+@router.get("/metrics")
+async def metrics(state: State) -> Response:
+    """Prometheus metrics."""
+    return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+@router.get("/")
+async def info(state: State) -> Response:
+    """What is served: model, dimension, device, index version and sizes."""
+    current = state.indexes.current
+    return json_response({
+        "service": "clipsearch",
+        "model": state.model.info.__dict__,
+        "search_backend": state.backend,
+        "index": None if current is None else {
+            "version": current.version,
+            "path": str(current.path),
+            "counts": {m: i.count for m, i in current.indexes.items()},
+        },
+    })

@@ -1,0 +1,81 @@
+"""Client-supplied base64 images -> PIL images, with limits checked before decoding pixels.
+
+Accepts the standard and the urlsafe base64 alphabet (EasyNLP writes urlsafe), with or
+without padding, with or without a ``data:image/...;base64,`` prefix. Never fetches URLs.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import re
+import warnings
+
+from PIL import Image, UnidentifiedImageError
+
+from service.errors import InvalidBase64, InvalidImage, PayloadTooLarge
+
+_DATA_URI = re.compile(r"^data:[\w.+/-]*(;[\w=.+-]+)*;base64,", re.IGNORECASE)
+_URLSAFE = bytes.maketrans(b"-_", b"+/")
+_WHITESPACE = re.compile(rb"\s+")
+
+
+def decode_base64(data: str, *, field: str, max_bytes: int) -> bytes:
+    """Decode one base64 string (either alphabet, padding optional); errors name `field`."""
+    match = _DATA_URI.match(data)
+    if match:
+        data = data[match.end() :]
+    # A base64 string is 4/3 the size of its payload: reject oversize input before decoding.
+    if len(data) * 3 // 4 > max_bytes + 3:
+        raise PayloadTooLarge(f"{field}: image is larger than the limit of {max_bytes} bytes", field=field)
+    try:
+        raw = data.encode("ascii")
+    except UnicodeEncodeError:
+        raise InvalidBase64(f"{field}: not valid base64 (non-ASCII characters)", field=field) from None
+    raw = _WHITESPACE.sub(b"", raw).translate(_URLSAFE).rstrip(b"=")
+    if not raw:
+        raise InvalidBase64(f"{field}: empty image string", field=field)
+    if len(raw) % 4 == 1:
+        raise InvalidBase64(f"{field}: not valid base64 (bad length)", field=field)
+    raw += b"=" * (-len(raw) % 4)
+    try:
+        out = base64.b64decode(raw, validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidBase64(f"{field}: not valid base64", field=field) from None
+    if len(out) > max_bytes:
+        raise PayloadTooLarge(f"{field}: image is larger than the limit of {max_bytes} bytes", field=field)
+    return out
+
+
+def open_image(data: bytes, *, field: str, max_pixels: int) -> Image.Image:
+    """Decode image bytes fully; pixel count is checked from the header before decoding."""
+    try:
+        with warnings.catch_warnings():
+            # PIL warns (and later raises) on huge images; our own limit applies first.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            width, height = image.size
+            if width * height > max_pixels:
+                raise PayloadTooLarge(
+                    f"{field}: image has {width}x{height} pixels, too many pixels (the limit is {max_pixels})",
+                    field=field,
+                )
+            if width == 0 or height == 0:
+                raise InvalidImage(f"{field}: image has no pixels", field=field)
+            image.load()
+    except (PayloadTooLarge, InvalidImage):
+        raise
+    except UnidentifiedImageError:
+        raise InvalidImage(f"{field}: bytes are not a recognised image format", field=field) from None
+    except Image.DecompressionBombError:
+        raise PayloadTooLarge(f"{field}: image has too many pixels (a decompression bomb?)", field=field) from None
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:
+        # Truncated or corrupt files surface as any of these from PIL's decoders.
+        raise InvalidImage(f"{field}: image data is corrupt or truncated ({type(exc).__name__})", field=field) from None
+    return image
+
+
+def decode_image(data: str, *, field: str, max_bytes: int, max_pixels: int) -> Image.Image:
+    """base64 string -> decoded PIL image (mode as stored; the model's transform converts to RGB)."""
+    return open_image(decode_base64(data, field=field, max_bytes=max_bytes), field=field, max_pixels=max_pixels)

@@ -1,0 +1,289 @@
+"""The on-disk index format, shared by the service (reader) and the index builder (writer).
+
+An index directory (``--index-dir``) is either a single version directory or a
+versioned root::
+
+    DIR/
+      CURRENT                      # one line: the name of the served version
+      versions/
+        20261122T233000Z-1a2b3c/   # one complete, immutable version
+          manifest.json
+          image.faiss              # image vectors (text -> image search)
+          image.items.jsonl        # line i describes FAISS id i: {"id", "metadata"}
+          text.faiss               # text vectors (image -> text search)
+          text.items.jsonl         # {"id", "text", "metadata"}
+
+A version is written under a temporary name in ``versions/`` and renamed into place
+only when complete; ``CURRENT`` is then replaced atomically (temp file + rename), so a
+reader always sees a whole version and a rebuild swaps versions in one step. A
+directory that holds ``manifest.json`` itself is read as a single version.
+
+Vectors are float32, L2-normalized, searched by inner product (= cosine).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import shutil
+from collections.abc import Mapping, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import orjson
+from pydantic import BaseModel, Field, ValidationError
+
+from service.errors import IndexLoadError, IndexMismatch
+from service.fsutil import atomic_write_text
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+CURRENT_NAME = "CURRENT"
+VERSIONS_DIR = "versions"
+Modality = Literal["image", "text"]
+MODALITIES: tuple[Modality, ...] = ("image", "text")
+_VERSION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+class ModelRef(BaseModel):
+    """Which weights produced the vectors. `fingerprint` decides compatibility."""
+
+    spec: str
+    pretrained: str | None = None
+    fingerprint: str
+
+
+class IndexEntry(BaseModel):
+    count: int
+    index_type: str  # flat | hnsw | ivf | ivfpq | a FAISS factory string
+    factory: str
+    file: str
+    items: str
+    search_params: dict[str, int] = Field(default_factory=dict)  # nprobe / efSearch defaults
+    recall_at_10: float | None = None
+
+
+class Manifest(BaseModel):
+    format_version: int = FORMAT_VERSION
+    version: str
+    model: ModelRef
+    dim: int
+    metric: Literal["ip"] = "ip"
+    normalized: bool = True
+    indexes: dict[Modality, IndexEntry]
+    created_at: str
+    build: dict[str, Any] = Field(default_factory=dict)  # builder info: inputs, timings, errors
+
+    def check_compatible(self, fingerprint: str, dim: int) -> None:
+        """Raise `IndexMismatch` unless this index was built by the served model."""
+        if self.dim != dim:
+            raise IndexMismatch(
+                f"index version {self.version} has dim {self.dim}, the served model has dim {dim}"
+            )
+        if self.model.fingerprint != fingerprint:
+            raise IndexMismatch(
+                f"index version {self.version} was built with model {self.model.spec!r} "
+                f"({self.model.fingerprint}), the service runs {fingerprint}"
+            )
+
+
+def new_version_name() -> str:
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+    return f"{stamp}-{secrets.token_hex(3)}"
+
+
+def read_manifest(version_dir: Path) -> Manifest:
+    path = version_dir / MANIFEST_NAME
+    try:
+        manifest = Manifest.model_validate_json(path.read_bytes())
+    except FileNotFoundError:
+        raise IndexLoadError(f"{path}: manifest not found") from None
+    except (ValidationError, ValueError) as exc:
+        raise IndexLoadError(f"{path}: invalid manifest: {exc}") from None
+    if manifest.format_version != FORMAT_VERSION:
+        raise IndexLoadError(f"{path}: format_version {manifest.format_version}, expected {FORMAT_VERSION}")
+    return manifest
+
+
+def current_version_dir(index_dir: str | os.PathLike[str]) -> Path | None:
+    """The version directory `index_dir` points at, or None when nothing is published yet.
+
+    Raises `IndexLoadError` when `index_dir` does not exist or `CURRENT` names a
+    version that is not there.
+    """
+    root = Path(index_dir)
+    if not root.is_dir():
+        raise IndexLoadError(f"index directory {root} does not exist")
+    if (root / MANIFEST_NAME).is_file():
+        return root
+    pointer = root / CURRENT_NAME
+    if not pointer.is_file():
+        return None
+    name = pointer.read_text().strip()
+    if not _VERSION_NAME.match(name):
+        raise IndexLoadError(f"{pointer}: invalid version name {name!r}")
+    version_dir = root / VERSIONS_DIR / name
+    if not version_dir.is_dir():
+        raise IndexLoadError(f"{pointer} names version {name!r}, which does not exist")
+    return version_dir
+
+
+def publish_version(index_dir: str | os.PathLike[str], staged: Path, name: str, keep: int | None = None) -> Path:
+    """Move a complete staged version into `versions/` and point `CURRENT` at it.
+
+    `staged` must be a directory on the same file system (use `staging_dir`). With
+    `keep`, only the newest `keep` versions (the new one included) are retained; the
+    version being replaced stays until the next publish so in-flight readers finish.
+    """
+    root = Path(index_dir)
+    final = root / VERSIONS_DIR / name
+    if final.exists():
+        raise IndexLoadError(f"version {name} already exists in {root}")
+    read_manifest(staged)  # never publish something unreadable
+    os.replace(staged, final)
+    atomic_write_text(root / CURRENT_NAME, name + "\n")
+    if keep is not None and keep > 0:
+        prune_versions(root, keep)
+    return final
+
+
+def staging_dir(index_dir: str | os.PathLike[str]) -> Path:
+    """A fresh hidden directory under `versions/` for writing a version before publishing."""
+    versions = Path(index_dir) / VERSIONS_DIR
+    versions.mkdir(parents=True, exist_ok=True)
+    path = versions / f".staging-{secrets.token_hex(4)}"
+    path.mkdir()
+    return path
+
+
+def list_versions(index_dir: str | os.PathLike[str]) -> list[str]:
+    versions = Path(index_dir) / VERSIONS_DIR
+    if not versions.is_dir():
+        return []
+    return sorted(p.name for p in versions.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def prune_versions(index_dir: str | os.PathLike[str], keep: int) -> list[str]:
+    """Delete all but the newest `keep` versions, never the current one."""
+    root = Path(index_dir)
+    current = current_version_dir(root)
+    names = list_versions(root)
+    doomed = [n for n in names[: max(0, len(names) - keep)] if current is None or n != current.name]
+    for name in doomed:
+        shutil.rmtree(root / VERSIONS_DIR / name, ignore_errors=True)
+    return doomed
+
+
+# -- item metadata ---------------------------------------------------------------
+def write_items(path: Path, items: Sequence[Mapping[str, Any]]) -> None:
+    with open(path, "wb") as f:
+        for item in items:
+            f.write(orjson.dumps(item))
+            f.write(b"\n")
+
+
+def read_items(path: Path, expected: int) -> list[dict[str, Any]]:
+    try:
+        with open(path, "rb") as f:
+            items = [orjson.loads(line) for line in f if line.strip()]
+    except FileNotFoundError:
+        raise IndexLoadError(f"{path}: items file not found") from None
+    except orjson.JSONDecodeError as exc:
+        raise IndexLoadError(f"{path}: corrupt items file: {exc}") from None
+    if len(items) != expected:
+        raise IndexLoadError(f"{path}: {len(items)} items for {expected} vectors")
+    return items
+
+
+# -- writing a version from in-memory vectors -------------------------------------
+def build_faiss_index(vectors: np.ndarray, factory: str = "Flat") -> Any:
+    """A trained, filled FAISS inner-product index for L2-normalized `vectors`."""
+    import faiss
+
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    index = faiss.index_factory(vectors.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
+    if not index.is_trained:
+        index.train(vectors)
+    index.add(vectors)
+    return index
+
+
+def write_version(
+    out_dir: Path,
+    *,
+    model: ModelRef,
+    dim: int,
+    indexes: Mapping[Modality, tuple[Any, Sequence[Mapping[str, Any]], dict[str, Any]]],
+    version: str,
+    build: dict[str, Any] | None = None,
+) -> Manifest:
+    """Write FAISS indexes, their items and the manifest into `out_dir` (not yet published).
+
+    `indexes` maps a modality to (faiss index, items, entry fields) where entry fields
+    hold at least `index_type` and `factory`, optionally `search_params` and
+    `recall_at_10`.
+    """
+    import faiss
+
+    entries: dict[Modality, IndexEntry] = {}
+    for modality, (index, items, fields) in indexes.items():
+        if index.d != dim:
+            raise ValueError(f"{modality} index has dim {index.d}, expected {dim}")
+        if index.ntotal != len(items):
+            raise ValueError(f"{modality} index has {index.ntotal} vectors but {len(items)} items")
+        faiss.write_index(index, str(out_dir / f"{modality}.faiss"))
+        write_items(out_dir / f"{modality}.items.jsonl", items)
+        entries[modality] = IndexEntry(
+            count=int(index.ntotal), file=f"{modality}.faiss", items=f"{modality}.items.jsonl", **fields
+        )
+    manifest = Manifest(
+        version=version,
+        model=model,
+        dim=dim,
+        indexes=entries,
+        created_at=datetime.now(timezone.utc).isoformat(),
+        build=build or {},
+    )
+    # The manifest goes last: a version directory with a manifest is complete.
+    atomic_write_text(out_dir / MANIFEST_NAME, manifest.model_dump_json(indent=2))
+    return manifest
+
+
+def write_index_from_vectors(
+    index_dir: str | os.PathLike[str],
+    *,
+    model: ModelRef,
+    image: tuple[np.ndarray, Sequence[Mapping[str, Any]]] | None = None,
+    text: tuple[np.ndarray, Sequence[Mapping[str, Any]]] | None = None,
+    factory: str = "Flat",
+    search_params: dict[str, int] | None = None,
+    keep: int | None = None,
+) -> Path:
+    """Build and publish a new version from in-memory vectors and items (tests, small jobs).
+
+    Items are dicts with at least ``id``; text items should carry ``text``. Returns the
+    published version directory.
+    """
+    pairs = {m: v for m, v in (("image", image), ("text", text)) if v is not None}
+    if not pairs:
+        raise ValueError("need image and/or text vectors")
+    dims = {vecs.shape[1] for vecs, _ in pairs.values()}
+    if len(dims) != 1:
+        raise ValueError(f"image and text vectors have different dims {dims}")
+    index_type = "flat" if factory == "Flat" else factory
+    built: dict[Modality, tuple[Any, Sequence[Mapping[str, Any]], dict[str, Any]]] = {
+        m: (build_faiss_index(vecs, factory), items,
+            {"index_type": index_type, "factory": factory, "search_params": dict(search_params or {})})
+        for m, (vecs, items) in pairs.items()  # type: ignore[misc]
+    }
+    name = new_version_name()
+    staged = staging_dir(index_dir)
+    try:
+        write_version(staged, model=model, dim=dims.pop(), indexes=built, version=name)
+        return publish_version(index_dir, staged, name, keep=keep)
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise

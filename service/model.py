@@ -1,0 +1,279 @@
+"""The one seam to open_clip.
+
+Every part of clipsearch (service, index builder, fine-tuning) loads and runs the
+model through this module, so they all tokenize and preprocess identically and a
+vector from `/embed` equals a vector in an index built from the same checkpoint.
+
+Model specs:
+
+* ``ViT-B-32`` (any built-in open_clip name) with ``pretrained`` set to a tag
+  (``laion2b_s34b_b79k``), a checkpoint path, or ``none`` / empty for random weights
+  (seeded, so two loads of the same random spec give the same model);
+* ``hf-hub:org/repo`` (config and weights from the Hugging Face Hub; needs network or
+  a warm HF cache);
+* ``local-dir:/path`` (a directory holding ``open_clip_config.json`` and weights, the
+  format `save_local_dir` and the fine-tuning job write).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import open_clip
+import torch
+import torch.nn.functional as F  # noqa: N812
+from PIL import Image
+
+from service.errors import ModelLoadError
+from service.fsutil import atomic_dir, sha256_file
+
+log = logging.getLogger(__name__)
+
+LOCAL_DIR = "local-dir:"
+HF_HUB = "hf-hub:"
+CONFIG_NAME = "open_clip_config.json"
+WEIGHTS_NAME = "open_clip_model.safetensors"
+_WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pth", "*.pt")
+_RANDOM = {"", "none", "random"}
+RANDOM_SEED = 0
+
+# Our own built-in configs (the tiny demo/test model) become ordinary open_clip names.
+MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
+open_clip.add_model_config(MODEL_CONFIG_DIR)
+
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def resolve_device(device: str) -> torch.device:
+    """`auto` picks CUDA when it is there, else CPU; `cuda` without a GPU is an error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError("device 'cuda' was requested but CUDA is not available")
+    return dev
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """`auto` is fp32 on CPU and fp16 on GPU."""
+    if dtype == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    try:
+        return _DTYPES[dtype]
+    except KeyError:
+        raise ModelLoadError(f"unknown dtype {dtype!r}; expected one of auto, {', '.join(_DTYPES)}") from None
+
+
+def _find_weights(directory: Path) -> Path | None:
+    # Same preference as open_clip's own local-dir loader: safetensors first.
+    preferred = [WEIGHTS_NAME, "open_clip_pytorch_model.safetensors", "open_clip_pytorch_model.bin"]
+    for name in preferred:
+        if (directory / name).is_file():
+            return directory / name
+    found = sorted(p for pat in _WEIGHT_PATTERNS for p in directory.glob(pat))
+    return found[0] if found else None
+
+
+def model_fingerprint(spec: str, pretrained: str | None) -> str:
+    """A stable identity for the weights a spec loads; index manifests record it.
+
+    Checkpoint files are hashed (so a moved or renamed directory still matches and a
+    retrained one does not); tags and hub ids are named; random weights are seeded.
+    """
+    if spec.startswith(LOCAL_DIR):
+        directory = Path(spec[len(LOCAL_DIR) :]).expanduser()
+        weights = _find_weights(directory)
+        if weights is None:
+            raise ModelLoadError(f"{spec}: no weights file ({', '.join(_WEIGHT_PATTERNS)}) in {directory}")
+        return "sha256:" + sha256_file(weights)
+    if spec.startswith(HF_HUB):
+        return spec
+    if pretrained is None or pretrained.strip().lower() in _RANDOM:
+        return f"random:{spec}:seed{RANDOM_SEED}"
+    if os.path.isfile(pretrained):
+        return "sha256:" + sha256_file(pretrained)
+    return f"{spec}:{pretrained}"
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    spec: str
+    pretrained: str | None
+    fingerprint: str
+    dim: int
+    context_length: int
+    image_size: tuple[int, int]
+    device: str
+    dtype: str
+
+
+class ClipModel:
+    """A loaded open_clip model with its own tokenizer and inference preprocessing.
+
+    `tokenize` / `preprocess` are CPU work and thread-safe; `encode_tokens` /
+    `encode_pixels` run the model and return float32, L2-normalized numpy arrays.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        preprocess: Any,
+        tokenizer: Any,
+        *,
+        spec: str,
+        pretrained: str | None,
+        fingerprint: str,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> None:
+        self.model = model
+        self.preprocess_transform = preprocess
+        self.tokenizer = tokenizer
+        self.device = device
+        self.dtype = dtype
+        self.context_length = int(getattr(tokenizer, "context_length", 77) or 77)
+        size = getattr(model.visual, "image_size", 224)
+        self.image_size = (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
+        self.dim = int(self.encode_tokens(self.tokenize([""])).shape[1])
+        self.info = ModelInfo(
+            spec=spec,
+            pretrained=pretrained,
+            fingerprint=fingerprint,
+            dim=self.dim,
+            context_length=self.context_length,
+            image_size=self.image_size,
+            device=str(device),
+            dtype=str(dtype).removeprefix("torch."),
+        )
+
+    # -- CPU side -----------------------------------------------------------------
+    def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
+        """Token ids, shape (n, context_length), on the CPU."""
+        return self.tokenizer(list(texts))
+
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        """open_clip's own inference transform: (3, H, W) float32 on the CPU."""
+        return self.preprocess_transform(image)
+
+    # -- model side ---------------------------------------------------------------
+    @torch.inference_mode()
+    def encode_tokens(self, tokens: torch.Tensor) -> np.ndarray:
+        tokens = tokens.to(self.device, non_blocking=True)
+        feats = self.model.encode_text(tokens)
+        return _normalized_numpy(feats)
+
+    @torch.inference_mode()
+    def encode_pixels(self, pixels: torch.Tensor) -> np.ndarray:
+        pixels = pixels.to(self.device, dtype=self.dtype, non_blocking=True)
+        feats = self.model.encode_image(pixels)
+        return _normalized_numpy(feats)
+
+    # -- conveniences for offline jobs ------------------------------------------
+    def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
+        out = [self.encode_tokens(self.tokenize(texts[i : i + batch_size])) for i in range(0, len(texts), batch_size)]
+        return np.concatenate(out) if out else np.zeros((0, self.dim), np.float32)
+
+    def encode_images(self, images: Sequence[Image.Image], batch_size: int = 128) -> np.ndarray:
+        out = []
+        for i in range(0, len(images), batch_size):
+            pixels = torch.stack([self.preprocess(im) for im in images[i : i + batch_size]])
+            out.append(self.encode_pixels(pixels))
+        return np.concatenate(out) if out else np.zeros((0, self.dim), np.float32)
+
+    @property
+    def logit_scale(self) -> float:
+        scale = getattr(self.model, "logit_scale", None)
+        return float(scale.exp().item()) if scale is not None else 100.0
+
+
+def _normalized_numpy(feats: torch.Tensor) -> np.ndarray:
+    return F.normalize(feats.float(), dim=-1).cpu().numpy()
+
+
+def load_model(spec: str, pretrained: str | None = None, device: str = "auto", dtype: str = "auto") -> ClipModel:
+    """Load any open_clip spec (see module docstring) for inference.
+
+    Raises `ModelLoadError` with a message that names the spec on any failure, so the
+    service can refuse to start with a clear line instead of a traceback.
+    """
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    spec = spec.strip()
+    if not spec:
+        raise ModelLoadError("model spec is empty")
+    kwargs: dict[str, Any] = {}
+    random_weights = False
+    if spec.startswith(LOCAL_DIR):
+        directory = Path(spec[len(LOCAL_DIR) :]).expanduser()
+        if not (directory / CONFIG_NAME).is_file():
+            raise ModelLoadError(f"{spec}: {directory / CONFIG_NAME} not found")
+        if _find_weights(directory) is None:
+            raise ModelLoadError(f"{spec}: no weights file in {directory}")
+        spec = LOCAL_DIR + str(directory.resolve())
+    elif not spec.startswith(HF_HUB):
+        if spec.replace("/", "-") not in open_clip.list_models():
+            raise ModelLoadError(f"unknown open_clip model {spec!r}; see `open_clip.list_models()`")
+        if pretrained is None or pretrained.strip().lower() in _RANDOM:
+            random_weights = True
+            kwargs["pretrained_text"] = False
+        else:
+            kwargs["pretrained"] = pretrained
+    try:
+        fingerprint = model_fingerprint(spec, pretrained)
+        with torch.random.fork_rng(devices=[]):
+            if random_weights:
+                torch.manual_seed(RANDOM_SEED)
+            model, _, preprocess = open_clip.create_model_and_transforms(spec, device="cpu", **kwargs)
+        tokenizer = open_clip.get_tokenizer(spec)
+    except ModelLoadError:
+        raise
+    except Exception as exc:  # open_clip raises many kinds; all mean "cannot load this spec"
+        raise ModelLoadError(f"cannot load model {spec!r} (pretrained={pretrained!r}): {exc}") from exc
+    model = model.to(device=dev, dtype=torch_dtype).eval()
+    log.info("loaded %s (pretrained=%s) on %s as %s", spec, pretrained, dev, torch_dtype)
+    return ClipModel(
+        model,
+        preprocess,
+        tokenizer,
+        spec=spec,
+        pretrained=pretrained,
+        fingerprint=fingerprint,
+        device=dev,
+        dtype=torch_dtype,
+    )
+
+
+def save_local_dir(
+    model: torch.nn.Module,
+    model_cfg: dict[str, Any],
+    directory: str | os.PathLike[str],
+    preprocess_cfg: dict[str, Any] | None = None,
+    extra_files: dict[str, bytes] | None = None,
+) -> Path:
+    """Write `model` as a `local-dir:` checkpoint (config + safetensors), atomically.
+
+    The directory appears complete or not at all; an existing one is replaced whole.
+    """
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    visual = getattr(model, "visual", None)
+    pp = dict(preprocess_cfg or {})
+    if visual is not None:
+        pp.setdefault("mean", list(getattr(visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN))
+        pp.setdefault("std", list(getattr(visual, "image_std", None) or open_clip.OPENAI_DATASET_STD))
+    config = {"model_cfg": model_cfg, "preprocess_cfg": pp}
+    with atomic_dir(directory) as tmp:
+        state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+        save_file(state, str(tmp / WEIGHTS_NAME))
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2))
+        for name, data in (extra_files or {}).items():
+            (tmp / name).write_bytes(data)
+    return directory

@@ -1,0 +1,285 @@
+"""Search over a published index version, behind one interface with three backends.
+
+* ``faiss-cpu``: FAISS on the CPU (memory-mapped, read-only where FAISS allows);
+* ``faiss-gpu``: FAISS on the GPU when faiss-gpu is importable and CUDA is present
+  (flat and IVF indexes; HNSW stays on the CPU);
+* ``torch``: exact search in torch (matmul + top-k), on the GPU for machines without
+  faiss-gpu; it also runs on the CPU, which is how its logic is tested without a GPU.
+
+Search is stateless: nprobe / efSearch travel with each call as FAISS
+``SearchParameters``; nothing is ever set on the shared index object.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from service.errors import IndexLoadError
+from service.index_format import (
+    MODALITIES,
+    IndexEntry,
+    Manifest,
+    Modality,
+    current_version_dir,
+    read_items,
+    read_manifest,
+)
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "faiss-cpu", "faiss-gpu", "torch")
+
+
+@dataclass(frozen=True)
+class SearchParams:
+    nprobe: int | None = None
+    ef_search: int | None = None
+
+
+@dataclass(frozen=True)
+class Hit:
+    id: str
+    score: float
+    metadata: dict[str, Any]
+    text: str | None = None
+
+
+class SearchBackend(Protocol):
+    name: str
+    ntotal: int
+
+    def search(self, queries: np.ndarray, k: int, params: SearchParams) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, ids), each (n, k); ids of -1 mark empty slots."""
+        ...
+
+
+def _faiss() -> Any:
+    try:
+        import faiss
+    except ImportError:
+        raise IndexLoadError(
+            "FAISS is not installed: pip install 'clipsearch[cpu]' (or [gpu] for faiss-gpu)"
+        ) from None
+    return faiss
+
+
+def faiss_gpu_available() -> bool:
+    try:
+        faiss = _faiss()
+    except IndexLoadError:
+        return False
+    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+class FaissBackend:
+    """FAISS on CPU or GPU with per-call search parameters."""
+
+    def __init__(self, index: Any, *, gpu: bool = False) -> None:
+        faiss = _faiss()
+        self._faiss = faiss
+        self.name = "faiss-cpu"
+        self._ivf = faiss.try_extract_index_ivf(index)
+        self._hnsw = isinstance(index, faiss.IndexHNSW)
+        if gpu and not self._hnsw:
+            self._res = faiss.StandardGpuResources()
+            index = faiss.index_cpu_to_gpu(self._res, 0, index)
+            self.name = "faiss-gpu"
+        self.index = index
+        self.ntotal = int(index.ntotal)
+
+    def search(self, queries: np.ndarray, k: int, params: SearchParams) -> tuple[np.ndarray, np.ndarray]:
+        faiss = self._faiss
+        sp = None
+        if self._ivf is not None and params.nprobe:
+            sp = faiss.SearchParametersIVF(nprobe=int(params.nprobe))
+        elif self._hnsw and params.ef_search:
+            sp = faiss.SearchParametersHNSW(efSearch=int(params.ef_search))
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        scores, ids = self.index.search(queries, k, params=sp)
+        return scores, ids
+
+
+class TorchExactBackend:
+    """Exact inner-product search as one matmul + top-k, on any torch device."""
+
+    def __init__(self, vectors: np.ndarray, *, device: str = "cuda", dtype: str = "auto") -> None:
+        import torch
+
+        self._torch = torch
+        self.device = torch.device(device)
+        if dtype == "auto":
+            tdtype = torch.float16 if self.device.type == "cuda" else torch.float32
+        else:
+            tdtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+        self.vectors = torch.from_numpy(np.ascontiguousarray(vectors, dtype=np.float32)).to(self.device, tdtype)
+        self.ntotal = int(self.vectors.shape[0])
+        self.name = f"torch-{self.device.type}"
+
+    def search(self, queries: np.ndarray, k: int, params: SearchParams) -> tuple[np.ndarray, np.ndarray]:
+        torch = self._torch
+        with torch.inference_mode():
+            q = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32)).to(self.device, self.vectors.dtype)
+            scores = (q @ self.vectors.T).float()
+            kk = min(k, self.ntotal)
+            top = torch.topk(scores, kk, dim=1)
+            s = top.values.cpu().numpy()
+            i = top.indices.cpu().numpy().astype(np.int64)
+        if kk < k:  # pad like FAISS does, so callers see one convention
+            s = np.pad(s, ((0, 0), (0, k - kk)), constant_values=-np.inf)
+            i = np.pad(i, ((0, 0), (0, k - kk)), constant_values=-1)
+        return s, i
+
+
+def _read_faiss(path: Path) -> Any:
+    faiss = _faiss()
+    if not path.is_file():
+        raise IndexLoadError(f"{path}: index file not found")
+    try:
+        return faiss.read_index(str(path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
+    except RuntimeError:
+        pass  # some index types cannot be memory-mapped; read them into memory
+    try:
+        return faiss.read_index(str(path))
+    except RuntimeError as exc:
+        raise IndexLoadError(f"{path}: unreadable FAISS index: {str(exc).splitlines()[0]}") from None
+
+
+def _reconstruct_all(index: Any) -> np.ndarray:
+    faiss = _faiss()
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None:
+        ivf.make_direct_map()
+    return index.reconstruct_n(0, index.ntotal)
+
+
+def choose_backend(requested: str, device: str) -> str:
+    """`auto`: faiss-gpu if usable, else torch on a CUDA device, else faiss-cpu."""
+    if requested not in BACKENDS:
+        raise IndexLoadError(f"unknown search backend {requested!r}; expected one of {', '.join(BACKENDS)}")
+    if requested != "auto":
+        return requested
+    if device.startswith("cuda"):
+        return "faiss-gpu" if faiss_gpu_available() else "torch"
+    return "faiss-cpu"
+
+
+class LoadedIndex:
+    """One modality's index with its items; thread-safe for concurrent searches."""
+
+    def __init__(self, modality: Modality, entry: IndexEntry, backend: SearchBackend, items: list[dict[str, Any]]):
+        self.modality = modality
+        self.entry = entry
+        self.backend = backend
+        self.items = items
+
+    @property
+    def count(self) -> int:
+        return self.backend.ntotal
+
+    def search(self, queries: np.ndarray, k: int, params: SearchParams | None = None) -> list[list[Hit]]:
+        defaults = self.entry.search_params
+        params = params or SearchParams()
+        params = SearchParams(
+            nprobe=params.nprobe or defaults.get("nprobe"),
+            ef_search=params.ef_search or defaults.get("efSearch"),
+        )
+        k_eff = max(1, min(k, self.count))
+        scores, ids = self.backend.search(queries, k_eff, params)
+        out: list[list[Hit]] = []
+        for row_scores, row_ids in zip(scores, ids, strict=True):
+            hits = []
+            for score, idx in zip(row_scores, row_ids, strict=True):
+                if idx < 0:  # FAISS pads with -1 when fewer than k results exist
+                    continue
+                item = self.items[int(idx)]
+                hits.append(Hit(id=str(item["id"]), score=float(score), metadata=item.get("metadata") or {},
+                                text=item.get("text")))
+            out.append(hits)
+        return out
+
+
+class IndexSet:
+    """The indexes of one published version. Immutable once loaded: a reload builds a new one."""
+
+    def __init__(self, manifest: Manifest, path: Path, indexes: dict[Modality, LoadedIndex]):
+        self.manifest = manifest
+        self.path = path
+        self.indexes = indexes
+
+    @property
+    def version(self) -> str:
+        return self.manifest.version
+
+    def get(self, modality: Modality) -> LoadedIndex | None:
+        return self.indexes.get(modality)
+
+
+def load_index_set(
+    version_dir: Path,
+    *,
+    fingerprint: str,
+    dim: int,
+    backend: str = "faiss-cpu",
+    device: str = "cpu",
+) -> IndexSet:
+    """Load and check one version directory. Raises IndexLoadError / IndexMismatch."""
+    manifest = read_manifest(version_dir)
+    manifest.check_compatible(fingerprint, dim)
+    indexes: dict[Modality, LoadedIndex] = {}
+    for modality in MODALITIES:
+        entry = manifest.indexes.get(modality)
+        if entry is None:
+            continue
+        index = _read_faiss(version_dir / entry.file)
+        if index.d != manifest.dim or index.ntotal != entry.count:
+            raise IndexLoadError(
+                f"{version_dir / entry.file}: {index.ntotal} vectors of dim {index.d}, "
+                f"manifest says {entry.count} of dim {manifest.dim}"
+            )
+        items = read_items(version_dir / entry.items, entry.count)
+        impl: SearchBackend
+        if backend == "torch":
+            impl = TorchExactBackend(_reconstruct_all(index), device=device)
+        elif backend == "faiss-gpu":
+            impl = FaissBackend(index, gpu=True)
+        else:
+            impl = FaissBackend(index)
+        indexes[modality] = LoadedIndex(modality, entry, impl, items)
+        log.info("loaded %s index %s: %d vectors via %s", modality, manifest.version, entry.count, impl.name)
+    return IndexSet(manifest, version_dir, indexes)
+
+
+class IndexHolder:
+    """Holds the served IndexSet and why none is served; swapping is one reference assignment.
+
+    A search takes `holder.current` once and uses that object to the end, so a swap
+    never changes an index under a search in flight.
+    """
+
+    def __init__(self, index_dir: Path | None) -> None:
+        self.index_dir = index_dir
+        self.current: IndexSet | None = None
+        self.error: str | None = None
+        self._lock = threading.Lock()
+
+    def load(self, *, fingerprint: str, dim: int, backend: str, device: str) -> IndexSet | None:
+        """Load the current version of `index_dir`; on failure keep the served one and record why."""
+        if self.index_dir is None:
+            return None
+        with self._lock:
+            version_dir = current_version_dir(self.index_dir)
+            if version_dir is None:
+                self.error = f"no index version published in {self.index_dir} yet"
+                return None
+            if self.current is not None and self.current.path == version_dir:
+                return self.current
+            loaded = load_index_set(version_dir, fingerprint=fingerprint, dim=dim, backend=backend, device=device)
+            self.current = loaded
+            self.error = None
+            return loaded

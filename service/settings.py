@@ -1,0 +1,72 @@
+"""The one settings class: environment variables `CLIPSEARCH_*`, and the same knobs as CLI flags."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Service configuration. Every field is `CLIPSEARCH_<NAME>` in the environment."""
+
+    model_config = SettingsConfigDict(env_prefix="CLIPSEARCH_", extra="ignore", env_file=None)
+
+    # model
+    model: str = Field(
+        "clipsearch-tiny",
+        description="open_clip spec: a built-in name (ViT-B-32), hf-hub:org/repo or local-dir:/path",
+    )
+    pretrained: str | None = Field(
+        None, description="for built-in names: a pretrained tag, a checkpoint path, or none (random weights)"
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where the model runs")
+    dtype: Literal["auto", "fp32", "fp16", "bf16"] = Field("auto", description="auto: fp32 on CPU, fp16 on GPU")
+
+    # index
+    index_dir: Path | None = Field(None, description="index directory (a version, or a root with CURRENT)")
+    search_backend: Literal["auto", "faiss-cpu", "faiss-gpu", "torch"] = Field(
+        "auto", description="auto: faiss-gpu, else torch on a GPU, else faiss-cpu"
+    )
+
+    # HTTP
+    host: str = Field("0.0.0.0", description="bind address")
+    port: int = Field(8000, ge=1, le=65535, description="bind port")
+    log_level: str = Field("info", description="Python log level")
+
+    # batching
+    max_batch_size: int = Field(64, ge=1, le=8192, description="most items per model call")
+    max_wait_ms: float = Field(
+        0.0, ge=0, le=1000, description="extra wait for a batch to fill; 0 = pure greedy batching"
+    )
+    max_queue: int = Field(2048, ge=1, description="most items waiting per modality before 429")
+    request_timeout_s: float = Field(30.0, gt=0, description="a request waiting longer gets 504")
+    preprocess_workers: int = Field(
+        default_factory=lambda: min(32, os.cpu_count() or 1),
+        ge=1,
+        description="threads that decode, preprocess and tokenize off the event loop",
+    )
+
+    # limits
+    max_items_per_request: int = Field(64, ge=1, description="texts + images in one /embed request")
+    max_text_chars: int = Field(2000, ge=1, description="longest text accepted, in characters")
+    max_image_bytes: int = Field(10 * 1024 * 1024, ge=1, description="largest decoded image, in bytes")
+    max_image_pixels: int = Field(40_000_000, ge=1, description="largest image, width x height")
+    max_k: int = Field(1000, ge=1, description="most search results one request may ask for")
+
+    admin_token: SecretStr | None = Field(None, description="token for /admin routes; unset disables them")
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        if self.max_items_per_request > self.max_queue:
+            raise ValueError("max_items_per_request must not exceed max_queue (such a request could never run)")
+        return self
+
+    @property
+    def max_body_bytes(self) -> int:
+        """Largest request body: all items at their size limits, in base64, plus slack."""
+        per_item = max(self.max_image_bytes * 4 // 3 + 64, self.max_text_chars * 6 + 16)
+        return self.max_items_per_request * per_item + 64 * 1024

@@ -1,0 +1,93 @@
+"""What a running service holds: settings, engine, indexes, metrics. No HTTP here."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from service.engine import Engine
+from service.errors import IndexLoadError, NotReady
+from service.index_format import Modality
+from service.metrics import Metrics
+from service.model import ClipModel, load_model
+from service.search import IndexHolder, IndexSet, LoadedIndex, choose_backend
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServiceState:
+    settings: Settings
+    model: ClipModel
+    engine: Engine
+    indexes: IndexHolder
+    metrics: Metrics
+    backend: str
+    started: bool = field(default=False)
+
+    @classmethod
+    def build(cls, settings: Settings, model: ClipModel | None = None, metrics: Metrics | None = None
+              ) -> ServiceState:
+        """Load the model (unless given) and the index; raises ModelLoadError / IndexLoadError.
+
+        An index built with another model is not fatal: it is refused, logged, and
+        readiness reports why, while `/embed` keeps working.
+        """
+        metrics = metrics or Metrics()
+        if model is None:
+            model = load_model(settings.model, settings.pretrained, settings.device, settings.dtype)
+        if model.info.fingerprint.startswith("random:"):
+            log.warning("serving %s with RANDOM weights: vectors are meaningless outside tests and demos",
+                        model.info.spec)
+        metrics.model_info.info({k: str(v) for k, v in model.info.__dict__.items()})
+        backend = choose_backend(settings.search_backend, model.info.device)
+        state = cls(settings, model, Engine(model, settings, metrics), IndexHolder(settings.index_dir),
+                    metrics, backend)
+        state.load_index(fatal=True)
+        return state
+
+    def load_index(self, *, fatal: bool) -> IndexSet | None:
+        """(Re)load the current index version. Corrupt: raise if `fatal`, else keep the old one."""
+        if self.indexes.index_dir is None:
+            return None
+        try:
+            loaded = self.indexes.load(fingerprint=self.model.info.fingerprint, dim=self.model.dim,
+                                       backend=self.backend, device=self.model.info.device)
+        except IndexLoadError as exc:
+            self.metrics.index_load_failures.inc()
+            log.error("index refused: %s", exc.message)
+            mismatch = exc.code == "index_mismatch"
+            if fatal and not mismatch:
+                raise
+            if self.indexes.current is None:
+                self.indexes.error = f"index refused: {exc.message}"
+            return self.indexes.current
+        if loaded is not None:
+            self.metrics.index_version.info({"version": loaded.version, "path": str(loaded.path)})
+            for modality, index in loaded.indexes.items():
+                self.metrics.index_size.labels(modality).set(index.count)
+        return loaded
+
+    def not_ready_reason(self) -> str | None:
+        if not self.started:
+            return "model is loading"
+        if self.indexes.index_dir is not None and self.indexes.current is None:
+            return self.indexes.error or "index not loaded"
+        return None
+
+    def index_for(self, modality: Modality) -> tuple[IndexSet, LoadedIndex]:
+        """The served index of one modality, or NotReady saying why there is none."""
+        current = self.indexes.current
+        if current is None:
+            if self.indexes.index_dir is None:
+                raise NotReady("no index configured (set CLIPSEARCH_INDEX_DIR)")
+            raise NotReady(self.indexes.error or "index not loaded")
+        index = current.get(modality)
+        if index is None:
+            raise NotReady(f"index version {current.version} has no {modality} index")
+        return current, index
+
+    def index_dir(self) -> Path | None:
+        return self.indexes.index_dir

@@ -1,0 +1,101 @@
+"""Shared fixtures: a tiny random open_clip checkpoint, synthetic images, a running app."""
+
+from __future__ import annotations
+
+import base64
+import io
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from service.model import ClipModel, load_model
+from service.tiny import write_tiny_model
+
+torch.set_num_threads(2)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_spec(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A random tiny model written as a local-dir: checkpoint, as fine-tuning would."""
+    return write_tiny_model(tmp_path_factory.mktemp("models") / "tiny", seed=1234)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_spec: str) -> ClipModel:
+    return load_model(tiny_spec, device="cpu")
+
+
+def make_image(seed: int, size: tuple[int, int] = (96, 80), mode: str = "RGB") -> Image.Image:
+    """A deterministic synthetic picture: a coloured background with a random block."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    arr = np.empty((h, w, 3), np.uint8)
+    arr[:] = rng.integers(0, 256, 3)
+    x0, y0 = rng.integers(0, w // 2), rng.integers(0, h // 2)
+    arr[y0 : y0 + h // 2, x0 : x0 + w // 2] = rng.integers(0, 256, 3)
+    arr = np.clip(arr.astype(np.int16) + rng.integers(-20, 20, arr.shape), 0, 255).astype(np.uint8)
+    image = Image.fromarray(arr, "RGB")
+    if mode == "RGBA":
+        alpha = Image.fromarray(rng.integers(0, 256, (h, w), dtype=np.uint8), "L")
+        image = image.convert("RGBA")
+        image.putalpha(alpha)
+    elif mode != "RGB":
+        image = image.convert(mode)
+    return image
+
+
+def encode_image(image: Image.Image, fmt: str = "JPEG", urlsafe: bool = False) -> str:
+    buf = io.BytesIO()
+    image.save(buf, format=fmt)
+    data = buf.getvalue()
+    return (base64.urlsafe_b64encode if urlsafe else base64.b64encode)(data).decode()
+
+
+def image_bytes(image: Image.Image, fmt: str = "JPEG") -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+@pytest.fixture
+def make_client() -> Callable[..., Any]:
+    """Returns an async context manager: a client on an app with its lifespan running."""
+    from contextlib import asynccontextmanager
+
+    from service.http.app import create_app
+    from service.settings import Settings
+    from service.state import ServiceState
+
+    @asynccontextmanager
+    async def factory(model: ClipModel, **settings: Any) -> AsyncIterator[httpx.AsyncClient]:
+        cfg = Settings(model=model.info.spec, device="cpu", **settings)
+        state = ServiceState.build(cfg, model=model)
+        app = create_app(cfg, state=state)
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=60) as client:
+                client.app = app  # type: ignore[attr-defined]
+                client.state = state  # type: ignore[attr-defined]
+                yield client
+
+    return factory
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    return Path(__file__).parent / "data"

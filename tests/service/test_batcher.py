@@ -1,0 +1,204 @@
+"""The dynamic batcher, model-agnostic: a fake model whose output is a known function of its input."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from service.batcher import DynamicBatcher
+from service.errors import InferenceError, Overloaded, RequestTimeout, ShuttingDown
+
+
+def fake_model(calls: list[int], delay: float = 0.0, fail_when=None):
+    """Row i of the output is [x, 2x] for input row value x; records each batch size."""
+
+    def infer(payloads: list[np.ndarray]) -> np.ndarray:
+        x = np.concatenate(payloads)
+        calls.append(len(x))
+        if delay:
+            time.sleep(delay)
+        if fail_when is not None and fail_when(x):
+            raise RuntimeError("boom: CUDA out of memory (internal detail)")
+        return np.stack([x, 2 * x], axis=1).astype(np.float32)
+
+    return infer
+
+
+@pytest.fixture
+def executors():
+    model, prep = ThreadPoolExecutor(1), ThreadPoolExecutor(4)
+    yield model, prep
+    model.shutdown(wait=False, cancel_futures=True)
+    prep.shutdown(wait=False, cancel_futures=True)
+
+
+async def _started(infer, executors, **kw) -> DynamicBatcher:
+    b: DynamicBatcher = DynamicBatcher("test", infer, model_executor=executors[0], prepare_executor=executors[1], **kw)
+    await b.start()
+    return b
+
+
+def _payload(start: int, n: int) -> np.ndarray:
+    return np.arange(start, start + n, dtype=np.float32)
+
+
+async def test_concurrent_requests_are_merged_and_exact(executors) -> None:
+    calls: list[int] = []
+    b = await _started(fake_model(calls, delay=0.02), executors, max_batch_size=16)
+    sizes = [1, 3, 2, 5, 1, 1, 4, 2, 7, 1] * 3
+    starts = np.cumsum([0, *sizes[:-1]]) * 10
+    results = await asyncio.gather(*[
+        b.submit(n, lambda s=int(s), n=n: _payload(s, n), timeout=10) for s, n in zip(starts, sizes, strict=True)
+    ])
+    for s, n, r in zip(starts, sizes, results, strict=True):
+        x = _payload(int(s), n)
+        np.testing.assert_array_equal(r, np.stack([x, 2 * x], axis=1))
+    assert sum(calls) == sum(sizes)
+    assert len(calls) < len(sizes)  # fewer model calls than requests
+    assert max(calls) <= 16 and max(calls) > 1
+    await b.stop()
+
+
+async def test_request_larger_than_a_batch_is_split(executors) -> None:
+    calls: list[int] = []
+    b = await _started(fake_model(calls), executors, max_batch_size=4)
+    r = await b.submit(10, lambda: _payload(100, 10), timeout=10)
+    np.testing.assert_array_equal(r[:, 0], _payload(100, 10))
+    assert calls == [4, 4, 2]
+    await b.stop()
+
+
+async def test_failed_batch_fails_every_waiter_and_service_continues(executors) -> None:
+    calls: list[int] = []
+    gate = threading.Event()
+
+    def infer(payloads):
+        gate.wait(5)
+        return fake_model(calls, fail_when=lambda x: (x < 0).any())(payloads)
+
+    b = await _started(infer, executors, max_batch_size=64)
+    # The first request occupies the model; the next ones queue up and form one batch
+    # containing a poisoned row.
+    first = asyncio.ensure_future(b.submit(1, lambda: _payload(1, 1), timeout=10))
+    await asyncio.sleep(0.05)
+    rest = [asyncio.ensure_future(b.submit(2, lambda s=s: _payload(s, 2), timeout=10)) for s in (10, 20, -5)]
+    await asyncio.sleep(0.1)
+    gate.set()
+    assert (await first)[0, 0] == 1
+    outcomes = await asyncio.gather(*rest, return_exceptions=True)
+    assert all(isinstance(o, InferenceError) for o in outcomes), outcomes
+    assert "CUDA" not in str(outcomes[0])  # internals stay in the log
+    ok = await b.submit(1, lambda: _payload(7, 1), timeout=10)
+    assert ok[0, 1] == 14
+    await b.stop()
+
+
+async def test_prepare_error_fails_only_that_request(executors) -> None:
+    calls: list[int] = []
+    b = await _started(fake_model(calls), executors)
+
+    def bad() -> np.ndarray:
+        raise ValueError("bad item")
+
+    with pytest.raises(ValueError, match="bad item"):
+        await b.submit(1, bad, timeout=5)
+    assert calls == [] and b.pending_rows == 0
+    assert (await b.submit(1, lambda: _payload(3, 1), timeout=5))[0, 0] == 3
+    await b.stop()
+
+
+async def test_full_queue_answers_overloaded(executors) -> None:
+    gate = threading.Event()
+    calls: list[int] = []
+
+    def infer(payloads):
+        gate.wait(5)
+        return fake_model(calls)(payloads)
+
+    b = await _started(infer, executors, max_batch_size=4, max_queue=6)
+    running = asyncio.ensure_future(b.submit(4, lambda: _payload(0, 4), timeout=10))
+    await asyncio.sleep(0.05)  # taken by the model; the queue is empty again
+    queued = asyncio.ensure_future(b.submit(5, lambda: _payload(10, 5), timeout=10))
+    await asyncio.sleep(0.05)
+    with pytest.raises(Overloaded) as exc:
+        await b.submit(2, lambda: _payload(20, 2), timeout=10)
+    assert exc.value.retry_after > 0
+    gate.set()
+    assert (await running).shape == (4, 2) and (await queued).shape == (5, 2)
+    await b.stop()
+
+
+async def test_timeout_resolves_and_skips_the_rows(executors) -> None:
+    gate = threading.Event()
+    calls: list[int] = []
+
+    def infer(payloads):
+        gate.wait(5)
+        return fake_model(calls)(payloads)
+
+    b = await _started(infer, executors, max_batch_size=8)
+    blocker = asyncio.ensure_future(b.submit(1, lambda: _payload(0, 1), timeout=10))
+    await asyncio.sleep(0.05)
+    t0 = time.monotonic()
+    with pytest.raises(RequestTimeout):
+        await b.submit(3, lambda: _payload(10, 3), timeout=0.2)
+    assert time.monotonic() - t0 < 1.0
+    gate.set()
+    await blocker
+    await b.submit(1, lambda: _payload(50, 1), timeout=5)
+    assert calls == [1, 1]  # the timed-out rows never reached the model
+    await b.stop()
+
+
+async def test_disconnected_client_is_dropped_before_the_model(executors) -> None:
+    gate = threading.Event()
+    calls: list[int] = []
+
+    def infer(payloads):
+        gate.wait(5)
+        return fake_model(calls)(payloads)
+
+    b = await _started(infer, executors)
+    blocker = asyncio.ensure_future(b.submit(1, lambda: _payload(0, 1), timeout=10))
+    await asyncio.sleep(0.05)
+    gone = asyncio.Event()
+    waiter = asyncio.ensure_future(b.submit(2, lambda: _payload(5, 2), timeout=10, disconnected=gone.wait))
+    await asyncio.sleep(0.05)
+    gone.set()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    gate.set()
+    await blocker
+    await b.submit(1, lambda: _payload(9, 1), timeout=5)
+    assert calls == [1, 1]
+    await b.stop()
+
+
+async def test_stop_resolves_every_waiter(executors) -> None:
+    gate = threading.Event()
+
+    def infer(payloads):
+        gate.wait(5)
+        return fake_model([])(payloads)
+
+    b = await _started(infer, executors, max_batch_size=2)
+    waiters = [asyncio.ensure_future(b.submit(2, lambda s=s: _payload(s, 2), timeout=10)) for s in range(5)]
+    await asyncio.sleep(0.1)
+    await b.stop()
+    gate.set()
+    outcomes = await asyncio.wait_for(asyncio.gather(*waiters, return_exceptions=True), 5)
+    assert all(isinstance(o, ShuttingDown) for o in outcomes), outcomes
+    with pytest.raises(ShuttingDown):
+        await b.submit(1, lambda: _payload(0, 1), timeout=1)
+
+
+async def test_wrong_row_count_from_model_is_an_error(executors) -> None:
+    b = await _started(lambda p: np.zeros((1, 2), np.float32), executors)
+    with pytest.raises(InferenceError):
+        await b.submit(3, lambda: _payload(0, 3), timeout=5)
+    await b.stop()

@@ -1,0 +1,85 @@
+"""base64 and image decoding: every accepted spelling, every rejection names its field."""
+
+from __future__ import annotations
+
+import base64
+
+import pytest
+
+from service.errors import InvalidBase64, InvalidImage, PayloadTooLarge
+from service.images import decode_base64, decode_image
+from tests.conftest import image_bytes, make_image
+
+RAW = image_bytes(make_image(3), "PNG")
+STD = base64.b64encode(RAW).decode()
+URL = base64.urlsafe_b64encode(RAW).decode()
+
+
+@pytest.mark.parametrize(
+    "encoded",
+    [
+        STD,
+        URL,
+        STD.rstrip("="),
+        URL.rstrip("="),
+        "data:image/png;base64," + STD,
+        "DATA:image/png;charset=x;base64," + URL.rstrip("="),
+        "\n".join(STD[i : i + 76] for i in range(0, len(STD), 76)),  # MIME line breaks
+    ],
+)
+def test_accepted_spellings(encoded: str) -> None:
+    assert decode_base64(encoded, field="images[0]", max_bytes=10**7) == RAW
+
+
+# A payload whose standard encoding contains both '+' and '/'.
+MIXED = bytes(range(256)) * 3
+
+
+def test_both_alphabets_decode_the_same_bytes() -> None:
+    std = base64.b64encode(MIXED).decode()
+    url = base64.urlsafe_b64encode(MIXED).decode()
+    assert "+" in std and "/" in std and std != url
+    assert decode_base64(std, field="x", max_bytes=10**6) == decode_base64(url, field="x", max_bytes=10**6) == MIXED
+
+
+@pytest.mark.parametrize("bad", ["", "====", "abc$def", "a", "ü" * 8, "data:image/png;base64,"])
+def test_bad_base64_names_field(bad: str) -> None:
+    with pytest.raises(InvalidBase64) as exc:
+        decode_base64(bad, field="images[2]", max_bytes=10**6)
+    assert exc.value.field == "images[2]" and "images[2]" in exc.value.message
+
+
+def test_oversize_before_decoding() -> None:
+    with pytest.raises(PayloadTooLarge, match=r"images\[1\]"):
+        decode_base64(STD, field="images[1]", max_bytes=len(RAW) - 1)
+    assert decode_base64(STD, field="images[1]", max_bytes=len(RAW)) == RAW
+
+
+def test_not_an_image() -> None:
+    with pytest.raises(InvalidImage, match="not a recognised image"):
+        decode_image(base64.b64encode(b"hello world, not a picture").decode(), field="image",
+                     max_bytes=10**6, max_pixels=10**7)
+
+
+def test_truncated_image() -> None:
+    data = image_bytes(make_image(5, (200, 200)), "JPEG")
+    with pytest.raises(InvalidImage, match="corrupt or truncated"):
+        decode_image(base64.b64encode(data[: len(data) // 2]).decode(), field="image",
+                     max_bytes=10**6, max_pixels=10**7)
+
+
+def test_pixel_limit_checked_from_header() -> None:
+    data = image_bytes(make_image(5, (300, 200)), "PNG")
+    with pytest.raises(PayloadTooLarge, match="300x200"):
+        decode_image(base64.b64encode(data).decode(), field="image", max_bytes=10**7, max_pixels=300 * 200 - 1)
+
+
+def test_decompression_bomb_rejected_cheaply() -> None:
+    # A 20000x20000 PNG of one colour compresses to a few hundred KB but would need 1.2 GB decoded.
+    from PIL import Image
+
+    bomb = Image.new("L", (20000, 20000))
+    data = image_bytes(bomb, "PNG")
+    assert len(data) < 2_000_000
+    with pytest.raises(PayloadTooLarge, match="too many pixels"):
+        decode_image(base64.b64encode(data).decode(), field="image", max_bytes=10**7, max_pixels=40_000_000)
