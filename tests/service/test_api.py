@@ -1,0 +1,320 @@
+"""The HTTP API against exact references: open_clip itself and a brute-force top-k."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import threading
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+from PIL import Image
+
+from service.index_format import ModelRef, write_index_from_vectors
+from service.model import ClipModel
+from tests.conftest import encode_image, image_bytes, make_image
+
+TEXTS = ["a red circle", "a photo of a dog", "", "二只小猫", "x" * 300]
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_spec: str):
+    model, _, preprocess = open_clip.create_model_and_transforms(tiny_spec)
+    return model.eval(), preprocess, open_clip.get_tokenizer(tiny_spec)
+
+
+def ref_text(reference, texts: list[str]) -> np.ndarray:
+    model, _, tok = reference
+    with torch.no_grad():
+        x = model.encode_text(tok(texts))
+    return (x / x.norm(dim=-1, keepdim=True)).numpy()
+
+
+def ref_image(reference, data: bytes) -> np.ndarray:
+    model, preprocess, _ = reference
+    with torch.no_grad():
+        x = model.encode_image(preprocess(Image.open(io.BytesIO(data))).unsqueeze(0))
+    return (x / x.norm(dim=-1, keepdim=True)).numpy()[0]
+
+
+def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (np.asarray(a) * np.asarray(b)).sum(axis=-1)
+
+
+@pytest.fixture
+def index_dir(tmp_path: Path, tiny_model: ClipModel) -> tuple[Path, np.ndarray, np.ndarray, list[str]]:
+    """An index of 40 synthetic images and 40 captions, encoded by the served model."""
+    images = [image_bytes(make_image(100 + i), "JPEG") for i in range(40)]
+    captions = [f"picture number {i} with colour {c}" for i, c in enumerate(["red", "green", "blue", "gold"] * 10)]
+    img_vecs = tiny_model.encode_images([Image.open(io.BytesIO(b)) for b in images])
+    txt_vecs = tiny_model.encode_texts(captions)
+    ref = ModelRef(spec=tiny_model.info.spec, fingerprint=tiny_model.info.fingerprint)
+    write_index_from_vectors(
+        tmp_path / "idx", model=ref,
+        image=(img_vecs, [{"id": f"img-{i}", "metadata": {"n": i}} for i in range(40)]),
+        text=(txt_vecs, [{"id": f"cap-{i}", "text": c, "metadata": {}} for i, c in enumerate(captions)]),
+    )
+    return tmp_path / "idx", img_vecs, txt_vecs, captions
+
+
+async def test_embed_texts_equal_open_clip(make_client, tiny_model, reference) -> None:
+    async with make_client(tiny_model) as client:
+        r = await client.post("/embed", json={"texts": TEXTS})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["dim"] == 64 and body["model"] == tiny_model.info.spec and body["images"] == []
+    got = np.array(body["texts"], np.float32)
+    assert cosines(got, ref_text(reference, TEXTS)).min() >= 0.9999
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+
+
+@pytest.mark.parametrize(("mode", "fmt", "spelling"), [
+    ("RGB", "JPEG", "std"), ("RGB", "PNG", "urlsafe"), ("L", "JPEG", "nopad"), ("RGBA", "PNG", "datauri"),
+    ("L", "PNG", "urlsafe-nopad"),
+])
+async def test_embed_images_equal_open_clip(make_client, tiny_model, reference, mode, fmt, spelling) -> None:
+    data = image_bytes(make_image(11, (150, 110), mode), fmt)
+    encoded = (base64.urlsafe_b64encode if "urlsafe" in spelling else base64.b64encode)(data).decode()
+    if "nopad" in spelling:
+        encoded = encoded.rstrip("=")
+    if spelling == "datauri":
+        encoded = f"data:image/{fmt.lower()};base64,{encoded}"
+    async with make_client(tiny_model) as client:
+        r = await client.post("/embed", json={"images": [encoded]})
+    assert r.status_code == 200, r.text
+    got = np.array(r.json()["images"][0], np.float32)
+    assert cosines(got, ref_image(reference, data)) >= 0.9999
+
+
+async def test_embed_mixed_keeps_order(make_client, tiny_model, reference) -> None:
+    imgs = [image_bytes(make_image(s), "JPEG") for s in (1, 2, 3)]
+    async with make_client(tiny_model) as client:
+        r = await client.post("/embed", json={"texts": TEXTS[:2], "images": [base64.b64encode(b).decode()
+                                                                             for b in imgs]})
+    body = r.json()
+    assert len(body["texts"]) == 2 and len(body["images"]) == 3
+    assert cosines(body["texts"], ref_text(reference, TEXTS[:2])).min() >= 0.9999
+    for got, data in zip(body["images"], imgs, strict=True):
+        assert cosines(got, ref_image(reference, data)) >= 0.9999
+
+
+async def test_concurrent_requests_batch_and_match_sequential(make_client, tiny_model, reference) -> None:
+    texts = [f"query number {i}" for i in range(48)]
+    images = [encode_image(make_image(200 + i)) for i in range(16)]
+    async with make_client(tiny_model, max_batch_size=32) as client:
+        state = client.state
+        sequential = [np.array((await client.post("/embed", json={"texts": [t]})).json()["texts"][0]) for t in texts]
+        calls_before = state.engine.text.stats.batches
+        responses = await asyncio.gather(*[client.post("/embed", json={"texts": [t]}) for t in texts],
+                                         *[client.post("/embed", json={"images": [im]}) for im in images])
+        text_calls = state.engine.text.stats.batches - calls_before
+        metrics = (await client.get("/metrics")).text
+    assert all(r.status_code == 200 for r in responses)
+    concurrent = [np.array(r.json()["texts"][0]) for r in responses[:48]]
+    np.testing.assert_allclose(concurrent, sequential, atol=1e-5)
+    assert cosines(concurrent, ref_text(reference, texts)).min() >= 0.9999
+    assert text_calls < len(texts)  # merged into fewer model calls
+    assert max(state.engine.text.stats.batch_sizes) > 1
+    assert 'clipsearch_batch_size_count{modality="text"}' in metrics
+    assert 'clipsearch_requests_total{method="POST",route="/embed",status="200"}' in metrics
+
+
+async def test_search_text_equals_brute_force(make_client, tiny_model, reference, index_dir) -> None:
+    path, img_vecs, _, _ = index_dir
+    queries = ["a red picture", "number 7", "blue"]
+    async with make_client(tiny_model, index_dir=path) as client:
+        assert (await client.get("/readyz")).status_code == 200
+        for q, qv in zip(queries, ref_text(reference, queries), strict=True):
+            r = await client.post("/search/text", json={"text": q, "k": 7})
+            assert r.status_code == 200, r.text
+            results = r.json()["results"]
+            expected = np.argsort(-(img_vecs @ qv), kind="stable")[:7]
+            assert [h["id"] for h in results] == [f"img-{i}" for i in expected]
+            np.testing.assert_allclose([h["score"] for h in results], (img_vecs @ qv)[expected], atol=1e-4)
+            assert results[0]["metadata"] == {"n": int(expected[0])}
+
+
+async def test_search_image_equals_brute_force(make_client, tiny_model, reference, index_dir) -> None:
+    path, _, txt_vecs, captions = index_dir
+    data = image_bytes(make_image(999), "PNG")
+    qv = ref_image(reference, data)
+    async with make_client(tiny_model, index_dir=path) as client:
+        r = await client.post("/search/image", json={"image": base64.b64encode(data).decode(), "k": 5})
+    assert r.status_code == 200, r.text
+    expected = np.argsort(-(txt_vecs @ qv), kind="stable")[:5]
+    results = r.json()["results"]
+    assert [h["id"] for h in results] == [f"cap-{i}" for i in expected]
+    assert [h["text"] for h in results] == [captions[i] for i in expected]
+
+
+async def test_k_above_index_size_returns_all(make_client, tiny_model, index_dir) -> None:
+    async with make_client(tiny_model, index_dir=index_dir[0]) as client:
+        r = await client.post("/search/text", json={"text": "x", "k": 500})
+    assert r.status_code == 200 and len(r.json()["results"]) == 40
+
+
+async def test_model_failure_fails_every_waiter_and_service_recovers(make_client, tiny_model, monkeypatch) -> None:
+    original = tiny_model.encode_tokens
+    broken = threading.Event()
+    broken.set()
+
+    def flaky(tokens):
+        if broken.is_set():
+            raise RuntimeError("CUDA error: device-side assert (secret internals)")
+        return original(tokens)
+
+    monkeypatch.setattr(tiny_model, "encode_tokens", flaky)
+    async with make_client(tiny_model) as client:
+        responses = await asyncio.wait_for(
+            asyncio.gather(*[client.post("/embed", json={"texts": [f"t{i}"]}) for i in range(20)]), 30)
+        assert {r.status_code for r in responses} == {500}
+        assert all(r.json()["error"]["type"] == "inference_error" for r in responses)
+        assert "secret" not in responses[0].text
+        broken.clear()
+        assert (await client.post("/embed", json={"texts": ["ok"]})).status_code == 200
+        assert (await client.get("/readyz")).status_code == 200
+
+
+async def test_overload_gets_429_with_retry_after(make_client, tiny_model, monkeypatch) -> None:
+    gate = threading.Event()
+    original = tiny_model.encode_tokens
+
+    def slow(tokens):
+        gate.wait(10)
+        return original(tokens)
+
+    monkeypatch.setattr(tiny_model, "encode_tokens", slow)
+    async with make_client(tiny_model, max_queue=8, max_items_per_request=8, max_batch_size=4) as client:
+        first = asyncio.ensure_future(client.post("/embed", json={"texts": ["a"] * 4}))
+        await asyncio.sleep(0.2)
+        queued = asyncio.ensure_future(client.post("/embed", json={"texts": ["b"] * 8}))
+        await asyncio.sleep(0.2)
+        r = await client.post("/embed", json={"texts": ["c"]})
+        assert r.status_code == 429, r.text
+        assert int(r.headers["retry-after"]) >= 1
+        assert r.json()["error"]["type"] == "overloaded"
+        gate.set()
+        assert (await first).status_code == 200 and (await queued).status_code == 200
+
+
+async def test_timeout_gets_504(make_client, tiny_model, monkeypatch) -> None:
+    gate = threading.Event()
+    original = tiny_model.encode_tokens
+    monkeypatch.setattr(tiny_model, "encode_tokens", lambda t: (gate.wait(5), original(t))[1])
+    async with make_client(tiny_model, request_timeout_s=0.3) as client:
+        r = await client.post("/embed", json={"texts": ["slow"]})
+        gate.set()
+    assert r.status_code == 504 and r.json()["error"]["type"] == "timeout"
+
+
+async def test_readiness_follows_index_state(make_client, tiny_model, tmp_path, index_dir) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    async with make_client(tiny_model) as client:  # no index configured: ready, search 503
+        assert (await client.get("/readyz")).status_code == 200
+        r = await client.post("/search/text", json={"text": "x"})
+        assert r.status_code == 503 and "no index configured" in r.json()["error"]["message"]
+    async with make_client(tiny_model, index_dir=empty) as client:  # nothing published yet
+        r = await client.get("/readyz")
+        assert r.status_code == 503 and "no index version published" in r.json()["reason"]
+        assert (await client.post("/embed", json={"texts": ["still works"]})).status_code == 200
+    # An index built by another model: refused, not ready, /embed still serves.
+    other = tmp_path / "other"
+    write_index_from_vectors(other, model=ModelRef(spec="ViT-B-32", fingerprint="ViT-B-32:openai"),
+                             image=(index_dir[1], [{"id": str(i)} for i in range(40)]))
+    async with make_client(tiny_model, index_dir=other) as client:
+        r = await client.get("/readyz")
+        assert r.status_code == 503 and "built with model 'ViT-B-32'" in r.json()["reason"]
+        s = await client.post("/search/text", json={"text": "x"})
+        assert s.status_code == 503 and s.json()["error"]["type"] == "not_ready"
+        assert (await client.post("/embed", json={"texts": ["x"]})).status_code == 200
+        metrics = (await client.get("/metrics")).text
+        assert "clipsearch_index_load_failures_total 1.0" in metrics
+
+
+async def test_index_with_only_images_answers_503_for_image_search(make_client, tiny_model, tmp_path) -> None:
+    ref = ModelRef(spec=tiny_model.info.spec, fingerprint=tiny_model.info.fingerprint)
+    vecs = tiny_model.encode_texts(["a", "b"])
+    write_index_from_vectors(tmp_path, model=ref, image=(vecs, [{"id": "a"}, {"id": "b"}]))
+    async with make_client(tiny_model, index_dir=tmp_path) as client:
+        assert (await client.post("/search/text", json={"text": "a", "k": 1})).json()["results"][0]["id"] == "a"
+        r = await client.post("/search/image", json={"image": encode_image(make_image(1))})
+        assert r.status_code == 503 and "no text index" in r.json()["error"]["message"]
+
+
+GOOD = encode_image(make_image(1))
+NOT_IMAGE = base64.b64encode(b"%PDF-1.4 not an image at all").decode()
+TRUNCATED = base64.b64encode(image_bytes(make_image(2, (300, 300)))[:500]).decode()
+BIG_PIXELS = base64.b64encode(image_bytes(Image.new("L", (3000, 3000)), "PNG")).decode()
+
+BAD_REQUESTS = [
+    # (method, path, body or raw bytes, status, error type, field)
+    ("POST", "/embed", {}, 400, "invalid_input", None),
+    ("POST", "/embed", {"texts": [], "images": []}, 400, "invalid_input", None),
+    ("POST", "/embed", {"texts": "not a list"}, 422, "validation_error", "texts"),
+    ("POST", "/embed", {"texts": [1, 2]}, 422, "validation_error", "texts[0]"),
+    ("POST", "/embed", {"text": ["typo"]}, 422, "validation_error", "text"),
+    ("POST", "/embed", {"images": [GOOD, "!!!not base64!!!"]}, 400, "invalid_base64", "images[1]"),
+    ("POST", "/embed", {"images": [NOT_IMAGE]}, 400, "invalid_image", "images[0]"),
+    ("POST", "/embed", {"images": [GOOD, GOOD, TRUNCATED]}, 400, "invalid_image", "images[2]"),
+    ("POST", "/embed", {"images": [BIG_PIXELS]}, 413, "payload_too_large", "images[0]"),
+    ("POST", "/embed", {"texts": ["ok", "y" * 5000]}, 413, "payload_too_large", "texts[1]"),
+    ("POST", "/embed", {"texts": ["t"] * 65}, 413, "payload_too_large", None),
+    ("POST", "/embed", b"{not json", 422, "validation_error", None),
+    ("POST", "/embed", b"", 422, "validation_error", None),
+    ("POST", "/embed", b"[1,2,3]", 422, "validation_error", None),
+    ("POST", "/embed", b"\xff\xfe garbage bytes", 422, "validation_error", None),
+    ("POST", "/search/text", {"text": "x", "k": 0}, 422, "validation_error", "k"),
+    ("POST", "/search/text", {"text": "x", "k": 5000}, 422, "validation_error", "k"),
+    ("POST", "/search/text", {"k": 3}, 422, "validation_error", "text"),
+    ("POST", "/search/text", {"text": None}, 422, "validation_error", "text"),
+    ("POST", "/search/image", {"image": "aGVsbG8"}, 400, "invalid_image", "image"),
+    ("POST", "/search/image", {"image": ""}, 400, "invalid_base64", "image"),
+    ("POST", "/search/image", {"image": GOOD, "nprobe": -1}, 422, "validation_error", "nprobe"),
+    ("GET", "/embed", None, 405, "method_not_allowed", None),
+    ("GET", "/nope", None, 404, "not_found", None),
+]
+
+
+async def test_bad_input_gets_documented_4xx_and_service_stays_ready(make_client, tiny_model, index_dir) -> None:
+    async with make_client(tiny_model, index_dir=index_dir[0], max_image_pixels=4_000_000) as client:
+        for method, path, body, status, kind, field in BAD_REQUESTS:
+            if isinstance(body, bytes):
+                r = await client.request(method, path, content=body, headers={"content-type": "application/json"})
+            else:
+                r = await client.request(method, path, json=body)
+            assert r.status_code == status, (path, body if not isinstance(body, dict) else list(body), r.text)
+            err = r.json()["error"]
+            assert err["type"] == kind, (path, r.text)
+            if field is not None:
+                assert err["field"] == field, (path, r.text)
+            assert err["message"]
+        assert (await client.get("/readyz")).status_code == 200
+        assert (await client.post("/embed", json={"texts": ["fine"]})).status_code == 200
+
+
+async def test_oversize_body_rejected_before_parsing(make_client, tiny_model) -> None:
+    async with make_client(tiny_model, max_items_per_request=1, max_image_bytes=1000, max_text_chars=10) as client:
+        r = await client.post("/embed", content=b'{"texts": ["' + b"a" * 200_000 + b'"]}',
+                              headers={"content-type": "application/json"})
+        assert r.status_code == 413 and r.json()["error"]["type"] == "payload_too_large"
+
+        async def chunks():  # no Content-Length: counted while streaming
+            for _ in range(50):
+                yield b"a" * 10_000
+
+        r = await client.post("/embed", content=chunks(), headers={"content-type": "application/json"})
+        assert r.status_code == 413
+
+
+async def test_healthz_and_info(make_client, tiny_model) -> None:
+    async with make_client(tiny_model) as client:
+        assert (await client.get("/healthz")).json() == {"status": "ok"}
+        info = (await client.get("/")).json()
+        assert info["model"]["dim"] == 64 and info["index"] is None
+        schema = (await client.get("/openapi.json")).json()
+        assert {"/embed", "/search/text", "/search/image"} <= set(schema["paths"])
