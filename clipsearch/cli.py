@@ -60,6 +60,9 @@ def serve(
     max_image_bytes: Annotated[int | None, typer.Option(help="largest image in bytes [10 MiB]")] = None,
     max_image_pixels: Annotated[int | None, typer.Option(help="largest image in pixels [40M]")] = None,
     max_k: Annotated[int | None, typer.Option(help="most search results [1000]")] = None,
+    preprocess_workers: Annotated[int | None, typer.Option(help="decode/tokenize threads [cores]")] = None,
+    torch_threads: Annotated[int | None, typer.Option(help="CPU threads for the model [cores - 1]")] = None,
+    access_log: Annotated[bool | None, typer.Option(help="log every request [off]")] = None,
     log_level: Annotated[str | None, typer.Option(help="debug | info | warning | error")] = None,
 ) -> None:
     overrides: dict[str, Any] = {k: v for k, v in locals().items() if v is not None}
@@ -90,6 +93,7 @@ def serve(
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level.lower(),
+        access_log=settings.access_log,
         timeout_graceful_shutdown=int(settings.request_timeout_s) + 5,
     )
 

@@ -141,6 +141,7 @@ class ClipModel:
         self.context_length = int(getattr(tokenizer, "context_length", 77) or 77)
         size = getattr(model.visual, "image_size", 224)
         self.image_size = (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
+        self.trims_padding = _supports_trimmed_text(model)
         self.dim = int(self.encode_tokens(self.tokenize([""])).shape[1])
         self.info = ModelInfo(
             spec=spec,
@@ -165,8 +166,15 @@ class ClipModel:
     # -- model side ---------------------------------------------------------------
     @torch.inference_mode()
     def encode_tokens(self, tokens: torch.Tensor) -> np.ndarray:
-        tokens = tokens.to(self.device, non_blocking=True)
-        feats = self.model.encode_text(tokens)
+        """Token ids -> vectors. Padding past the batch's longest text is cut off where
+        the architecture makes that exact (causal mask, EOT pooling); see `trim_padding`."""
+        if self.trims_padding:
+            tokens = trim_padding(tokens)
+            tokens = tokens.to(self.device, non_blocking=True)
+            feats = _encode_text_trimmed(self.model, tokens)
+        else:
+            tokens = tokens.to(self.device, non_blocking=True)
+            feats = self.model.encode_text(tokens)
         return _normalized_numpy(feats)
 
     @torch.inference_mode()
@@ -191,6 +199,43 @@ class ClipModel:
     def logit_scale(self) -> float:
         scale = getattr(self.model, "logit_scale", None)
         return float(scale.exp().item()) if scale is not None else 100.0
+
+
+def _supports_trimmed_text(model: torch.nn.Module) -> bool:
+    """Cutting trailing padding is exact only for open_clip's own text transformer with a
+    causal mask (later positions cannot influence earlier ones) and pooling at the EOT
+    token (which trimming keeps). HF text towers and 'last'/'mean' pooling keep full length."""
+    return (
+        isinstance(model, open_clip.CLIP)
+        and getattr(model, "attn_mask", None) is not None
+        and getattr(model, "text_pool_type", None) in ("argmax", "eos")
+        and getattr(model, "positional_embedding", None) is not None
+    )
+
+
+def trim_padding(tokens: torch.Tensor, pad_id: int = 0) -> torch.Tensor:
+    """Drop the columns after the longest sequence's last non-pad token."""
+    used = (tokens != pad_id).any(dim=0).nonzero()
+    length = int(used[-1]) + 1 if len(used) else 1
+    return tokens[:, :length] if length < tokens.shape[1] else tokens
+
+
+def _encode_text_trimmed(model: Any, tokens: torch.Tensor) -> torch.Tensor:
+    # open_clip's CLIP.encode_text, with the positional embedding and causal mask cut to
+    # the (trimmed) sequence length. tests/service/test_model.py checks it against
+    # encode_text on full-context tokens.
+    length = tokens.shape[1]
+    cast_dtype = model.transformer.get_cast_dtype()
+    x = model.token_embedding(tokens).to(cast_dtype)
+    x = x + model.positional_embedding[:length].to(cast_dtype)
+    x = model.transformer(x, attn_mask=model.attn_mask[:length, :length])
+    x = model.ln_final(x)
+    x = open_clip.transformer.text_global_pool(
+        x, tokens, model.text_pool_type, eos_token_id=getattr(model, "text_eos_id", None)
+    )
+    if model.text_projection is not None:
+        x = model.text_projection(x) if isinstance(model.text_projection, torch.nn.Linear) else x @ model.text_projection
+    return x
 
 
 def _normalized_numpy(feats: torch.Tensor) -> np.ndarray:

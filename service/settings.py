@@ -36,6 +36,7 @@ class Settings(BaseSettings):
     host: str = Field("0.0.0.0", description="bind address")
     port: int = Field(8000, ge=1, le=65535, description="bind port")
     log_level: str = Field("info", description="Python log level")
+    access_log: bool = Field(False, description="log every request (metrics count them anyway)")
 
     # batching
     max_batch_size: int = Field(64, ge=1, le=8192, description="most items per model call")
@@ -48,6 +49,10 @@ class Settings(BaseSettings):
         default_factory=lambda: min(32, os.cpu_count() or 1),
         ge=1,
         description="threads that decode, preprocess and tokenize off the event loop",
+    )
+
+    torch_threads: int | None = Field(
+        None, ge=1, description="CPU threads for model math; default cores - 1, leaving one for HTTP"
     )
 
     # limits

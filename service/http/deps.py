@@ -11,14 +11,14 @@ from service.errors import NotReady
 from service.state import ServiceState
 
 
-def get_state(request: Request) -> ServiceState:
+async def get_state(request: Request) -> ServiceState:
     state = getattr(request.app.state, "service", None)
     if state is None:
         raise NotReady("service is starting")
     return state
 
 
-def get_disconnect_watcher(request: Request) -> Callable[[], Awaitable[None]]:
+async def get_disconnect_watcher(request: Request) -> Callable[[], Awaitable[None]]:
     """An awaitable that returns when the client has gone away (after the body is read)."""
 
     async def wait() -> None:

@@ -39,6 +39,8 @@ def json_response(content: Any, status_code: int = 200) -> Response:
 
 async def _gather_or_cancel(*aws: Awaitable[np.ndarray]) -> list[np.ndarray]:
     """Like gather, but the first failure cancels the others (no orphaned work)."""
+    if len(aws) == 1:  # the common case: no extra tasks
+        return [await aws[0]]
     tasks = [asyncio.ensure_future(a) for a in aws]
     try:
         return list(await asyncio.gather(*tasks))

@@ -113,3 +113,18 @@ def test_gpu_half_precision_close_to_fp32(tiny_spec: str, tiny_model: ClipModel)
     got = gpu.encode_texts(TEXTS)
     ref = tiny_model.encode_texts(TEXTS)
     assert (got * ref).sum(axis=1).min() > 0.999
+
+
+def test_trimmed_padding_equals_full_context(tiny_model: ClipModel) -> None:
+    """Short batches run at their longest text's length; vectors equal the full 77-token ones."""
+    assert tiny_model.trims_padding
+    texts = ["a", "a red circle on a blue square", "", "x " * 100, "猫"]
+    for batch in (texts, texts[:1], texts[:3]):
+        tokens = tiny_model.tokenize(batch)
+        with torch.no_grad():
+            full = tiny_model.model.encode_text(tokens)
+        full = (full / full.norm(dim=-1, keepdim=True)).numpy()
+        np.testing.assert_allclose(tiny_model.encode_tokens(tokens), full, atol=2e-6)
+    from service.model import trim_padding
+
+    assert trim_padding(tiny_model.tokenize(["a"])).shape[1] == 3  # <sot> a <eot>

@@ -1,0 +1,99 @@
+"""`clipsearch serve` as a user runs it: a real uvicorn process on a loopback port."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import open_clip
+import pytest
+import torch
+
+from tests.conftest import encode_image, make_image
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "clipsearch", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT, env={**os.environ, **(env or {})})
+
+
+@pytest.mark.parametrize("args", [("--help",), ("serve", "--help")])
+def test_help(args) -> None:
+    r = run_cli(*args)
+    assert r.returncode == 0 and "Usage" in r.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--model", "no-such-model"), "unknown open_clip model"),
+        (("--model", "local-dir:/nonexistent"), "not found"),
+        (("--index-dir", "/nonexistent/index"), "does not exist"),
+        (("--max-batch-size", "0"), "invalid settings"),
+    ],
+)
+def test_serve_fails_fast_with_a_clear_message(args, message) -> None:
+    r = run_cli("serve", *args, "--port", str(free_port()))
+    assert r.returncode == 2, r.stderr
+    assert message in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+@pytest.mark.slow
+def test_served_vectors_equal_open_clip(tiny_spec: str) -> None:
+    """Done-when: for a local-dir model made outside the project, /embed equals open_clip."""
+    port = free_port()
+    env = {**os.environ, "CLIPSEARCH_MODEL": tiny_spec, "CLIPSEARCH_PORT": str(port),
+           "CLIPSEARCH_HOST": "127.0.0.1", "CLIPSEARCH_DEVICE": "cpu"}
+    proc = subprocess.Popen([sys.executable, "-m", "clipsearch", "serve"], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+            assert time.monotonic() < deadline, "service did not become ready"
+            time.sleep(0.3)
+        image = make_image(42)
+        body = {"texts": ["a red circle", "猫"], "images": [encode_image(image)]}
+        r = httpx.post(f"{base}/embed", json=body, timeout=30)
+        assert r.status_code == 200, r.text
+        model, _, preprocess = open_clip.create_model_and_transforms(tiny_spec)
+        tokenizer = open_clip.get_tokenizer(tiny_spec)
+        import base64
+        import io
+
+        from PIL import Image
+
+        decoded = Image.open(io.BytesIO(base64.b64decode(body["images"][0])))
+        with torch.no_grad():
+            t = model.eval().encode_text(tokenizer(body["texts"]))
+            i = model.encode_image(preprocess(decoded).unsqueeze(0))
+        t = (t / t.norm(dim=-1, keepdim=True)).numpy()
+        i = (i / i.norm(dim=-1, keepdim=True)).numpy()
+        got = r.json()
+        assert (np.array(got["texts"]) * t).sum(axis=1).min() >= 0.9999
+        assert (np.array(got["images"]) * i).sum() >= 0.9999
+        assert "clipsearch_batch_size" in httpx.get(f"{base}/metrics").text
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
