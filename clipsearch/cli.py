@@ -33,6 +33,15 @@ def _root() -> None:
     """CLIP embeddings and text<->image search as a service."""
 
 
+def _register_subcommands() -> None:
+    from index_builder.cli import app as index_app
+
+    app.add_typer(index_app, name="index")
+
+
+_register_subcommands()
+
+
 def _setup_logging(level: str) -> None:
     # open_clip logs chatty INFO lines on the root logger: keep the root at WARNING and
     # give our own packages the requested level.
@@ -46,6 +55,7 @@ def serve(
     model: Annotated[str | None, typer.Option(help="open_clip model spec")] = None,
     pretrained: Annotated[str | None, typer.Option(help="pretrained tag, checkpoint path, or none")] = None,
     index_dir: Annotated[Path | None, typer.Option(help="index directory to serve")] = None,
+    index_poll_s: Annotated[float | None, typer.Option(help="seconds between looks for a new index [5]")] = None,
     host: Annotated[str | None, typer.Option(help="bind address [0.0.0.0]")] = None,
     port: Annotated[int | None, typer.Option(help="bind port [8000]")] = None,
     device: Annotated[str | None, typer.Option(help="auto | cpu | cuda")] = None,

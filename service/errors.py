@@ -91,6 +91,20 @@ class IndexMismatch(IndexLoadError):
     code = "index_mismatch"
 
 
+class IndexRefused(ClipsearchError):
+    """An explicit reload found a corrupt or mismatched version; the old one keeps serving."""
+
+    code = "index_refused"
+
+
+class Unauthorized(ClipsearchError):
+    code = "unauthorized"
+
+
+class Forbidden(ClipsearchError):
+    code = "forbidden"
+
+
 class InferenceError(ClipsearchError):
     """The model call for a batch failed. Every request in that batch gets this error."""
 

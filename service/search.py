@@ -266,20 +266,44 @@ class IndexHolder:
         self.index_dir = index_dir
         self.current: IndexSet | None = None
         self.error: str | None = None
+        self.refused: Path | None = None  # a version already refused: not retried by polling
         self._lock = threading.Lock()
 
-    def load(self, *, fingerprint: str, dim: int, backend: str, device: str) -> IndexSet | None:
-        """Load the current version of `index_dir`; on failure keep the served one and record why."""
+    def pending_version(self) -> Path | None:
+        """The published version directory if it differs from the served one, else None."""
+        if self.index_dir is None:
+            return None
+        version_dir = current_version_dir(self.index_dir)
+        if version_dir is None or (self.current is not None and self.current.path == version_dir):
+            return None
+        return version_dir
+
+    def load(self, *, fingerprint: str, dim: int, backend: str, device: str, force: bool = False
+             ) -> IndexSet | None:
+        """Load the published version of `index_dir` if it is new.
+
+        On failure the served IndexSet stays and the exception propagates; the refused
+        version is remembered so polling does not retry it (`force` does).
+        """
         if self.index_dir is None:
             return None
         with self._lock:
             version_dir = current_version_dir(self.index_dir)
             if version_dir is None:
-                self.error = f"no index version published in {self.index_dir} yet"
-                return None
+                if self.current is None:
+                    self.error = f"no index version published in {self.index_dir} yet"
+                return self.current
             if self.current is not None and self.current.path == version_dir:
                 return self.current
-            loaded = load_index_set(version_dir, fingerprint=fingerprint, dim=dim, backend=backend, device=device)
-            self.current = loaded
+            if version_dir == self.refused and not force:
+                return self.current
+            try:
+                loaded = load_index_set(version_dir, fingerprint=fingerprint, dim=dim, backend=backend,
+                                        device=device)
+            except Exception:
+                self.refused = version_dir
+                raise
+            self.current = loaded  # one reference assignment: searches in flight keep the old set
             self.error = None
+            self.refused = None
             return loaded

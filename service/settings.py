@@ -28,6 +28,9 @@ class Settings(BaseSettings):
 
     # index
     index_dir: Path | None = Field(None, description="index directory (a version, or a root with CURRENT)")
+    index_poll_s: float = Field(
+        5.0, ge=0, description="how often to look for a newly published index version; 0 = only /admin/reload"
+    )
     search_backend: Literal["auto", "faiss-cpu", "faiss-gpu", "torch"] = Field(
         "auto", description="auto: faiss-gpu, else torch on a GPU, else faiss-cpu"
     )

@@ -5,10 +5,9 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from service.engine import Engine
-from service.errors import IndexLoadError, NotReady
+from service.errors import IndexLoadError, IndexRefused, NotReady
 from service.index_format import Modality
 from service.metrics import Metrics
 from service.model import ClipModel, load_model
@@ -55,23 +54,32 @@ class ServiceState:
         state.load_index(fatal=True)
         return state
 
-    def load_index(self, *, fatal: bool) -> IndexSet | None:
-        """(Re)load the current index version. Corrupt: raise if `fatal`, else keep the old one."""
+    def load_index(self, *, fatal: bool, force: bool = False) -> IndexSet | None:
+        """(Re)load the published index version if it is new.
+
+        A corrupt or mismatched version is refused with a log line and a metric, and
+        the served one keeps serving. At start-up (`fatal`) an unreadable index is an
+        error; a mismatched one only makes the service not ready.
+        """
         if self.indexes.index_dir is None:
             return None
+        before = self.indexes.current
         try:
             loaded = self.indexes.load(fingerprint=self.model.info.fingerprint, dim=self.model.dim,
-                                       backend=self.backend, device=self.model.info.device)
+                                       backend=self.backend, device=self.model.info.device, force=force)
         except IndexLoadError as exc:
             self.metrics.index_load_failures.inc()
-            log.error("index refused: %s", exc.message)
-            mismatch = exc.code == "index_mismatch"
-            if fatal and not mismatch:
-                raise
+            served = f"; still serving {before.version}" if before is not None else ""
+            log.error("index version refused: %s%s", exc.message, served)
             if self.indexes.current is None:
                 self.indexes.error = f"index refused: {exc.message}"
+            if force:
+                raise IndexRefused(exc.message) from None
+            if fatal and exc.code != "index_mismatch":
+                raise
             return self.indexes.current
-        if loaded is not None:
+        if loaded is not None and loaded is not before:
+            log.info("serving index version %s from %s", loaded.version, loaded.path)
             self.metrics.index_version.info({"version": loaded.version, "path": str(loaded.path)})
             for modality, index in loaded.indexes.items():
                 self.metrics.index_size.labels(modality).set(index.count)
@@ -96,5 +104,3 @@ class ServiceState:
             raise NotReady(f"index version {current.version} has no {modality} index")
         return current, index
 
-    def index_dir(self) -> Path | None:
-        return self.indexes.index_dir

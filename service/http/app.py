@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import gc
 import logging
 from collections.abc import AsyncIterator
@@ -18,6 +20,18 @@ from service.settings import Settings
 from service.state import ServiceState
 
 log = logging.getLogger(__name__)
+
+
+async def _poll_index(svc: ServiceState, interval: float) -> None:
+    """Swap to a newly published index version; a bad one is logged, counted and skipped."""
+    import anyio.to_thread
+
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            await anyio.to_thread.run_sync(lambda: svc.load_index(fatal=False))
+        except Exception:  # never let the poller die: the next tick tries again
+            log.exception("index poll failed")
 
 
 def create_app(settings: Settings, *, state: ServiceState | None = None, model: ClipModel | None = None) -> FastAPI:
@@ -41,10 +55,17 @@ def create_app(settings: Settings, *, state: ServiceState | None = None, model: 
         gc.freeze()
         svc.started = True
         app.state.service = svc
+        poller = None
+        if settings.index_dir is not None and settings.index_poll_s > 0:
+            poller = asyncio.create_task(_poll_index(svc, settings.index_poll_s), name="index-poller")
         try:
             yield
         finally:
             svc.started = False
+            if poller is not None:
+                poller.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await poller
             await svc.engine.stop()
 
     app = FastAPI(

@@ -16,7 +16,9 @@ from starlette.responses import Response
 
 from service.errors import (
     ClipsearchError,
+    Forbidden,
     IndexLoadError,
+    IndexRefused,
     InferenceError,
     InvalidInput,
     NotReady,
@@ -24,6 +26,7 @@ from service.errors import (
     Overloaded,
     PayloadTooLarge,
     RequestTimeout,
+    Unauthorized,
 )
 
 log = logging.getLogger(__name__)
@@ -37,6 +40,9 @@ STATUS_BY_ERROR: tuple[tuple[type[ClipsearchError], int], ...] = (
     (RequestTimeout, 504),
     (NotReady, 503),
     (IndexLoadError, 503),
+    (IndexRefused, 409),
+    (Unauthorized, 401),
+    (Forbidden, 403),
     (InferenceError, 500),
 )
 

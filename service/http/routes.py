@@ -14,7 +14,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
 from service.errors import OutOfRange
-from service.http.deps import Disconnected, State
+from service.http.deps import AdminAuth, Disconnected, State
 from service.http.schemas import (
     EmbedRequest,
     EmbedResponse,
@@ -97,6 +97,19 @@ async def search_image(body: ImageSearchRequest, state: State, disconnected: Dis
     params = SearchParams(nprobe=body.nprobe, ef_search=body.ef_search)
     hits = await run_in_threadpool(index.search, query, body.k, params)
     return json_response({"results": _hits(hits[0]), "index_version": current.version})
+
+
+@router.post("/admin/reload", responses={401: {"model": ErrorResponse}, 403: {"model": ErrorResponse},
+                                         409: {"model": ErrorResponse}})
+async def admin_reload(state: State, _: AdminAuth) -> Response:
+    """Load the index version `CURRENT` names now (also retries a refused one); 409 if refused."""
+    before = state.indexes.current
+    loaded = await run_in_threadpool(lambda: state.load_index(fatal=False, force=True))
+    return json_response({
+        "index_version": loaded.version if loaded else None,
+        "previous_version": before.version if before else None,
+        "reloaded": loaded is not before,
+    })
 
 
 @router.get("/healthz")

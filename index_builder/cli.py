@@ -1,0 +1,93 @@
+"""`clipsearch index build | info` (also `python -m index_builder build | info`)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(
+    name="index",
+    help="Build versioned FAISS indexes that a running service hot-reloads.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+_BUILD_HELP = (
+    "Encode a corpus with the service's own model seam and publish a new index version.\n\n"
+    "Inputs: EasyNLP TSV (text<TAB>base64image; single-column texts or images; other layouts via "
+    "--input-schema), image directories (recursive, id = relative path) and JSONL "
+    '({"id", "image": path or base64, "text", "metadata"}). Bad records are skipped and reported; '
+    "--max-errors N makes more than N a failure.\n\n"
+    "The version is written under DIR/versions/ and DIR/CURRENT is switched atomically only when it "
+    "is complete; a running `clipsearch serve --index-dir DIR` picks it up. Interrupted? Rerun the "
+    "same command: it resumes from the last complete shard in DIR/.work/."
+)
+
+
+@app.command(help=_BUILD_HELP)
+def build(
+    input: Annotated[list[Path], typer.Option("--input", "-i", help="TSV/JSONL file or image directory; repeatable")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="index directory DIR (versions/ + CURRENT)")],
+    model: Annotated[str, typer.Option(help="open_clip spec, as for `serve`")] = "clipsearch-tiny",
+    pretrained: Annotated[str | None, typer.Option(help="pretrained tag, checkpoint path, or none")] = None,
+    index_type: Annotated[str, typer.Option(help="auto | flat | hnsw | ivf | ivfpq")] = "auto",
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto | fp32 | fp16 | bf16")] = "auto",
+    format: Annotated[str, typer.Option("--format", help="auto | tsv | dir | jsonl")] = "auto",
+    input_schema: Annotated[str | None, typer.Option(help="TSV columns, e.g. id,text,image (EasyNLP style ok)")] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="items per model call")] = 256,
+    workers: Annotated[int, typer.Option(min=0, help="image decode processes (0: threads in-process)")] = 0,
+    shard_size: Annotated[int, typer.Option(min=1, help="records per resumable shard")] = 4096,
+    max_errors: Annotated[int | None, typer.Option(help="fail when more records than this are bad")] = None,
+    keep: Annotated[int, typer.Option(min=1, help="index versions to keep, the new one included")] = 3,
+    recall_target: Annotated[float, typer.Option(min=0.0, max=1.0, help="recall@10 to tune nprobe/efSearch to")] = 0.95,
+    memory_budget: Annotated[str, typer.Option(help="index memory budget for auto, e.g. 4GB")] = "4GB",
+    flat_max: Annotated[int, typer.Option(min=1, help="auto uses an exact flat index up to this many vectors")] = 20_000,
+    progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
+    quiet: Annotated[bool, typer.Option(help="only warnings and the summary")] = False,
+) -> None:
+    from index_builder.build import BuildError, BuildOptions, run_build
+    from index_builder.indexing import parse_bytes
+    from index_builder.readers import InputError
+    from service.errors import ClipsearchError
+
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("index_builder").setLevel(logging.WARNING if quiet else logging.INFO)
+    try:
+        opts = BuildOptions(
+            inputs=input, output=output, model=model, pretrained=pretrained, device=device, dtype=dtype,
+            index_type=index_type, fmt=format, schema=input_schema, batch_size=batch_size, workers=workers,
+            shard_size=shard_size, max_errors=max_errors, keep=keep, recall_target=recall_target,
+            memory_budget=parse_bytes(memory_budget), flat_max=flat_max, progress=progress and not quiet,
+        )
+        summary = run_build(opts)
+    except (BuildError, InputError, ClipsearchError, ValueError) as exc:
+        message = exc.message if isinstance(exc, ClipsearchError) else str(exc)
+        typer.echo(f"clipsearch index build: {message}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(summary.render())
+
+
+@app.command(help="Print the manifest of the version DIR serves (DIR/CURRENT), or of a version directory.")
+def info(directory: Annotated[Path, typer.Argument(help="index directory or version directory")]) -> None:
+    from service.errors import IndexLoadError
+    from service.index_format import current_version_dir, list_versions, read_manifest
+
+    try:
+        version_dir = current_version_dir(directory)
+        if version_dir is None:
+            typer.echo(f"{directory}: no version published yet", err=True)
+            raise typer.Exit(1)
+        manifest = read_manifest(version_dir)
+    except IndexLoadError as exc:
+        typer.echo(f"clipsearch index info: {exc.message}", err=True)
+        raise typer.Exit(1) from None
+    out = manifest.model_dump()
+    out["path"] = str(version_dir)
+    out["versions"] = list_versions(directory)
+    typer.echo(json.dumps(out, indent=2, ensure_ascii=False))

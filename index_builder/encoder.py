@@ -1,0 +1,164 @@
+"""Encoder stage: records -> vectors, through the service's own model seam.
+
+Images are decoded and preprocessed (the model's own open_clip transform, the same
+validation and limits as the service) in worker processes that run ahead of the
+model: decoding of the next shard overlaps encoding of the current one. Bad records
+are not fatal: each one comes back as an `ItemError` with its source.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+from collections.abc import Sequence
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from index_builder.readers import Record
+from service.errors import ClipsearchError
+from service.images import decode_image, open_image
+from service.model import ClipModel
+
+_TRANSFORM: Any = None
+_LIMITS: tuple[int, int] = (0, 0)
+
+
+def _init_worker(transform: Any, limits: tuple[int, int]) -> None:
+    global _TRANSFORM, _LIMITS
+    torch.set_num_threads(1)
+    _TRANSFORM, _LIMITS = transform, limits
+
+
+def _decode_one(image_b64: str | None, image_path: str | None) -> tuple[np.ndarray | None, str | None]:
+    """One image -> (C,H,W) float32 array, or (None, reason). Runs in a worker."""
+    max_bytes, max_pixels = _LIMITS
+    try:
+        if image_path is not None:
+            try:
+                with open(image_path, "rb") as f:
+                    data = f.read(max_bytes + 1)
+            except OSError as exc:
+                return None, f"cannot read image file ({exc.strerror or exc})"
+            if len(data) > max_bytes:
+                return None, f"image file is larger than {max_bytes} bytes"
+            image = open_image(data, field="image", max_pixels=max_pixels)
+        elif image_b64 is not None:
+            image = decode_image(image_b64, field="image", max_bytes=max_bytes, max_pixels=max_pixels)
+        else:
+            return None, "no image"
+        return _TRANSFORM(image).numpy(), None
+    except ClipsearchError as exc:
+        return None, exc.message.removeprefix("image: ")
+    except Exception as exc:  # a decoder or transform failure on one file must not stop the job
+        return None, f"cannot preprocess image ({type(exc).__name__}: {exc})"
+
+
+def _decode_many(jobs: Sequence[tuple[str | None, str | None]]) -> list[tuple[np.ndarray | None, str | None]]:
+    return [_decode_one(b64, path) for b64, path in jobs]
+
+
+@dataclass
+class ItemError:
+    source: str
+    field: str
+    reason: str
+
+
+@dataclass
+class ShardResult:
+    image_vectors: np.ndarray
+    image_items: list[dict[str, Any]]
+    text_vectors: np.ndarray
+    text_items: list[dict[str, Any]]
+    errors: list[ItemError] = field(default_factory=list)
+    records: int = 0
+
+
+class PendingShard:
+    """A shard whose image decoding is under way in the pool."""
+
+    def __init__(self, records: list[Record], futures: list[Future[list[tuple[np.ndarray | None, str | None]]]],
+                 image_records: list[Record]):
+        self.records = records
+        self.futures = futures
+        self.image_records = image_records
+
+
+class Encoder:
+    def __init__(self, model: ClipModel, *, workers: int = 0, batch_size: int = 256,
+                 max_image_bytes: int = 20 * 1024 * 1024, max_image_pixels: int = 100_000_000) -> None:
+        self.model = model
+        self.batch_size = batch_size
+        self._chunk = 16
+        limits = (max_image_bytes, max_image_pixels)
+        self._pool: Executor
+        if workers > 0:
+            # spawn, not fork: forking a process that already runs torch's thread pools can hang.
+            ctx = multiprocessing.get_context("spawn")
+            self._pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
+                                             initargs=(model.preprocess_transform, limits))
+        else:
+            _init_worker(model.preprocess_transform, limits)
+            self._pool = ThreadPoolExecutor(2)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def start(self, records: list[Record]) -> PendingShard:
+        """Submit the shard's image decoding; returns at once."""
+        image_records = [r for r in records if r.error is None and (r.image_b64 is not None or r.image_path)]
+        jobs = [(r.image_b64, r.image_path) for r in image_records]
+        futures = [self._pool.submit(_decode_many, jobs[i : i + self._chunk]) for i in range(0, len(jobs), self._chunk)]
+        return PendingShard(records, futures, image_records)
+
+    def finish(self, pending: PendingShard) -> ShardResult:
+        """Encode texts, wait for decoded images and encode them; report bad items."""
+        errors: list[ItemError] = []
+        text_records: list[Record] = []
+        for rec in pending.records:
+            if rec.error is not None:
+                errors.append(ItemError(rec.source, "record", rec.error))
+                continue
+            if rec.text is not None:
+                if rec.text.strip():
+                    text_records.append(rec)
+                else:
+                    errors.append(ItemError(rec.source, "text", "empty text"))
+        texts = [r.text or "" for r in text_records]
+        text_vectors = self.model.encode_texts(texts, batch_size=self.batch_size)
+        text_items = [_item(r, with_text=True) for r in text_records]
+
+        image_vectors: list[np.ndarray] = []
+        image_items: list[dict[str, Any]] = []
+        batch: list[np.ndarray] = []
+        decoded = (res for fut in pending.futures for res in fut.result())
+        for rec, (pixels, reason) in zip(pending.image_records, decoded, strict=True):
+            if pixels is None:
+                errors.append(ItemError(rec.source, "image", reason or "bad image"))
+                continue
+            batch.append(pixels)
+            image_items.append(_item(rec, with_text=rec.text is not None and bool(rec.text.strip())))
+            if len(batch) == self.batch_size:
+                image_vectors.append(self.model.encode_pixels(torch.from_numpy(np.stack(batch))))
+                batch = []
+        if batch:
+            image_vectors.append(self.model.encode_pixels(torch.from_numpy(np.stack(batch))))
+        dim = self.model.dim
+        return ShardResult(
+            image_vectors=np.concatenate(image_vectors) if image_vectors else np.zeros((0, dim), np.float32),
+            image_items=image_items,
+            text_vectors=text_vectors,
+            text_items=text_items,
+            errors=errors,
+            records=len(pending.records),
+        )
+
+
+def _item(rec: Record, *, with_text: bool) -> dict[str, Any]:
+    item: dict[str, Any] = {"id": rec.id, "metadata": rec.metadata}
+    if with_text:
+        item["text"] = rec.text
+    return item

@@ -1,0 +1,236 @@
+"""Reader stage: turn inputs into a deterministic stream of `Record`s.
+
+Formats (detected, or forced with `--format`):
+
+* ``tsv``   EasyNLP's layout, ``text<TAB>base64image`` per line (urlsafe or standard
+  base64). ``--input-schema`` names the columns, e.g. ``id,text,image`` or EasyNLP's
+  ``text:str:1,image:str:1``; ``_`` skips a column. Without a schema: 1 column is
+  texts or base64 images (told apart by the first line), 2 are ``text,image``, 3 are
+  ``id,text,image``.
+* ``dir``   a directory of image files, recursive; id = path relative to the directory.
+* ``jsonl`` records ``{"id", "image": path or base64, "text", "metadata": {...}}``;
+  a relative image path is taken relative to the JSONL file.
+
+Readers do no decoding: bad base64 or a corrupt file is found by the encoder, which
+reports it with the record's `source` (``file:line`` or path).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+FORMATS = ("auto", "tsv", "dir", "jsonl")
+_COLUMNS = {"id", "text", "image", "_"}
+
+
+@dataclass
+class Record:
+    id: str
+    source: str  # where it came from, for error reports: "corpus.tsv:17" or a path
+    text: str | None = None
+    image_b64: str | None = None
+    image_path: str | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None  # a problem the reader already found (bad JSON, missing column)
+
+
+class InputError(ValueError):
+    """An input that cannot be read at all (missing file, unknown format, bad schema)."""
+
+
+def detect_format(path: Path) -> str:
+    if path.is_dir():
+        return "dir"
+    if not path.is_file():
+        raise InputError(f"input {path} does not exist")
+    if path.suffix.lower() in {".jsonl", ".ndjson"}:
+        return "jsonl"
+    if path.suffix.lower() in {".tsv", ".txt", ".csv"}:
+        return "tsv"
+    with open(path, "rb") as f:
+        head = f.read(1).lstrip()
+    return "jsonl" if head.startswith(b"{") else "tsv"
+
+
+def parse_schema(schema: str) -> list[str]:
+    """`id,text,image` or EasyNLP's `text:str:1,image:str:1` -> column names."""
+    names = [part.split(":", 1)[0].strip().lower() for part in schema.split(",") if part.strip()]
+    aliases = {"img": "image", "base64": "image", "image_b64": "image", "caption": "text", "skip": "_"}
+    names = [aliases.get(n, n) for n in names]
+    bad = [n for n in names if n not in _COLUMNS]
+    if bad or not names or not ({"text", "image"} & set(names)):
+        raise InputError(f"bad --input-schema {schema!r}: columns are id, text, image or _ (skip)")
+    if len([n for n in names if n != "_"]) != len({n for n in names if n != "_"}):
+        raise InputError(f"bad --input-schema {schema!r}: a column is named twice")
+    return names
+
+
+def _looks_like_base64_image(value: str) -> bool:
+    import base64
+    import binascii
+
+    v = value.strip()
+    if v.startswith("data:image/"):
+        return True
+    if len(v) < 64 or " " in v:
+        return False
+    head = v[:64].replace("-", "+").replace("_", "/")
+    try:
+        raw = base64.b64decode(head[: len(head) // 4 * 4], validate=True)
+    except (binascii.Error, ValueError):
+        return False
+    signatures = (b"\xff\xd8\xff", b"\x89PNG", b"GIF8", b"RIFF", b"BM", b"II*\x00", b"MM\x00*")
+    return raw.startswith(signatures)
+
+
+def _default_schema(path: Path) -> list[str]:
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            line = line.rstrip("\r\n")
+            if not line.strip():
+                continue
+            cols = line.split("\t")
+            if len(cols) == 1:
+                return ["image"] if _looks_like_base64_image(cols[0]) else ["text"]
+            if len(cols) == 2:
+                return ["text", "image"]
+            if len(cols) == 3:
+                return ["id", "text", "image"]
+            raise InputError(f"{path}: {len(cols)} columns; give --input-schema (columns: id, text, image, _)")
+    return ["text"]
+
+
+def read_tsv(path: Path, schema: list[str] | None, id_prefix: str) -> Iterator[Record]:
+    columns = schema or _default_schema(path)
+    with open(path, encoding="utf-8", errors="replace", newline="") as f:
+        for line_no, line in enumerate(f, start=1):
+            line = line.rstrip("\r\n")
+            if not line.strip():
+                continue
+            source = f"{path.name}:{line_no}"
+            cols = line.split("\t")
+            rec = Record(id=f"{id_prefix}{line_no}", source=source)
+            if len(cols) != len(columns):
+                rec.error = f"{len(cols)} columns, expected {len(columns)} ({','.join(columns)})"
+                yield rec
+                continue
+            for name, value in zip(columns, cols, strict=True):
+                if name == "id":
+                    rec.id = value.strip() or rec.id
+                elif name == "text":
+                    rec.text = value
+                elif name == "image":
+                    rec.image_b64 = value.strip()
+            yield rec
+
+
+def read_dir(path: Path) -> Iterator[Record]:
+    files = sorted(
+        p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
+    )
+    for p in files:
+        rel = p.relative_to(path).as_posix()
+        yield Record(id=rel, source=str(p), image_path=str(p), metadata={"path": rel})
+
+
+def read_jsonl(path: Path, id_prefix: str) -> Iterator[Record]:
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            source = f"{path.name}:{line_no}"
+            rec = Record(id=f"{id_prefix}{line_no}", source=source)
+            try:
+                obj = orjson.loads(raw)
+            except orjson.JSONDecodeError as exc:
+                rec.error = f"invalid JSON ({exc})"
+                yield rec
+                continue
+            if not isinstance(obj, dict):
+                rec.error = "a JSONL record must be an object"
+                yield rec
+                continue
+            if obj.get("id") is not None:
+                rec.id = str(obj["id"])
+            text, image, meta = obj.get("text"), obj.get("image"), obj.get("metadata")
+            if text is not None and not isinstance(text, str):
+                rec.error = "'text' must be a string"
+            elif image is not None and not isinstance(image, str):
+                rec.error = "'image' must be a path or a base64 string"
+            elif meta is not None and not isinstance(meta, dict):
+                rec.error = "'metadata' must be an object"
+            elif text is None and image is None:
+                rec.error = "record has neither 'text' nor 'image'"
+            rec.text = text
+            rec.metadata = dict(meta or {})
+            if isinstance(image, str):
+                if _looks_like_base64_image(image) or len(image) > 4096:
+                    rec.image_b64 = image
+                else:
+                    p = Path(image)
+                    rec.image_path = str(p if p.is_absolute() else path.parent / p)
+            yield rec
+
+
+def read_inputs(inputs: list[Path], fmt: str = "auto", schema: str | None = None) -> Iterator[Record]:
+    """All records of all inputs, in a fixed order (resume relies on it)."""
+    if fmt not in FORMATS:
+        raise InputError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    columns = parse_schema(schema) if schema else None
+    multi = len(inputs) > 1
+    for path in inputs:
+        kind = detect_format(path) if fmt == "auto" else fmt
+        prefix = f"{path.stem}:" if multi else ""
+        if kind == "dir":
+            if not path.is_dir():
+                raise InputError(f"{path} is not a directory")
+            yield from read_dir(path)
+        elif kind == "jsonl":
+            yield from read_jsonl(path, prefix)
+        else:
+            yield from read_tsv(path, columns, prefix)
+
+
+def describe_inputs(inputs: list[Path]) -> list[dict[str, Any]]:
+    """Name, size and modification time of each input: part of the resume key and the manifest."""
+    out = []
+    for path in inputs:
+        if path.is_dir():
+            files = [p for p in path.rglob("*") if p.is_file()]
+            out.append({"path": str(path.resolve()), "kind": "dir", "files": len(files),
+                        "bytes": sum(p.stat().st_size for p in files),
+                        "mtime_ns": max((p.stat().st_mtime_ns for p in files), default=0)})
+        elif path.is_file():
+            st = path.stat()
+            out.append({"path": str(path.resolve()), "kind": "file", "bytes": st.st_size, "mtime_ns": st.st_mtime_ns})
+        else:
+            raise InputError(f"input {path} does not exist")
+    return out
+
+
+def count_records(inputs: list[Path], fmt: str = "auto") -> int | None:
+    """A cheap upper bound for the progress bar: lines of files, image files of directories."""
+    total = 0
+    for path in inputs:
+        kind = detect_format(path) if fmt == "auto" else fmt
+        if kind == "dir":
+            total += sum(1 for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        else:
+            with open(path, "rb") as f:
+                total += sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
+            if os.path.getsize(path) and not _ends_with_newline(path):
+                total += 1
+    return total
+
+
+def _ends_with_newline(path: Path) -> bool:
+    with open(path, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) == b"\n"

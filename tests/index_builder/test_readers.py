@@ -1,0 +1,86 @@
+"""Reader stage: formats, schemas and detection."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from index_builder.readers import InputError, count_records, parse_schema, read_inputs
+from tests.conftest import encode_image, make_image
+
+IMG = encode_image(make_image(1))
+
+
+def test_pair_tsv_and_ids(tmp_path: Path) -> None:
+    p = tmp_path / "c.tsv"
+    p.write_text(f"a cat\t{IMG}\n\nsecond\t{IMG}\n")
+    recs = list(read_inputs([p]))
+    assert [(r.id, r.text, r.source) for r in recs] == [("1", "a cat", "c.tsv:1"), ("3", "second", "c.tsv:3")]
+    assert all(r.image_b64 == IMG for r in recs)
+    assert count_records([p]) == 3
+
+
+def test_single_column_detection(tmp_path: Path) -> None:
+    texts, images = tmp_path / "t.tsv", tmp_path / "i.tsv"
+    texts.write_text("hello\nworld\n")
+    images.write_text(f"{IMG}\n")
+    assert [r.text for r in read_inputs([texts])] == ["hello", "world"]
+    (rec,) = read_inputs([images])
+    assert rec.image_b64 == IMG and rec.text is None
+
+
+@pytest.mark.parametrize("schema", ["id,image,text", "id:str:1,image:str:1,text:str:1"])
+def test_schema(tmp_path: Path, schema: str) -> None:
+    p = tmp_path / "c.tsv"
+    p.write_text(f"x-1\t{IMG}\tcap\n")
+    (rec,) = read_inputs([p], schema=schema)
+    assert (rec.id, rec.text, rec.image_b64) == ("x-1", "cap", IMG)
+
+
+@pytest.mark.parametrize("schema", ["foo,bar", "text,text", "", "id"])
+def test_bad_schema(schema: str) -> None:
+    with pytest.raises(InputError):
+        parse_schema(schema)
+
+
+def test_wrong_column_count_is_a_record_error(tmp_path: Path) -> None:
+    p = tmp_path / "c.tsv"
+    p.write_text(f"a\t{IMG}\nonly one column\n")
+    recs = list(read_inputs([p]))
+    assert recs[0].error is None and "1 columns, expected 2" in (recs[1].error or "")
+
+
+def test_directory_recursive(tmp_path: Path) -> None:
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    make_image(1).save(tmp_path / "a" / "x.jpg")
+    make_image(2).save(tmp_path / "a" / "b" / "y.PNG")
+    (tmp_path / "a" / "notes.txt").write_text("ignored")
+    recs = list(read_inputs([tmp_path / "a"]))
+    assert [r.id for r in recs] == ["b/y.PNG", "x.jpg"]
+
+
+def test_jsonl(tmp_path: Path) -> None:
+    make_image(3).save(tmp_path / "pic.jpg")
+    lines = [
+        {"id": "r1", "image": "pic.jpg", "text": "a pic", "metadata": {"k": 1}},
+        {"id": "r2", "image": IMG},
+        {"text": "text only"},
+        [1, 2],
+        {"id": "r5"},
+    ]
+    p = tmp_path / "c.jsonl"
+    p.write_text("\n".join(json.dumps(x) for x in lines) + "\n{broken\n")
+    recs = list(read_inputs([p]))
+    assert recs[0].image_path == str(tmp_path / "pic.jpg") and recs[0].metadata == {"k": 1}
+    assert recs[1].image_b64 == IMG
+    assert recs[2].id == "3" and recs[2].text == "text only"
+    assert "must be an object" in (recs[3].error or "")
+    assert "neither" in (recs[4].error or "")
+    assert "invalid JSON" in (recs[5].error or "")
+
+
+def test_missing_input() -> None:
+    with pytest.raises(InputError):
+        list(read_inputs([Path("/no/such/file.tsv")]))
