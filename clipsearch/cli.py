@@ -34,9 +34,11 @@ def _root() -> None:
 
 
 def _register_subcommands() -> None:
+    from finetune.cli import register
     from index_builder.cli import app as index_app
 
     app.add_typer(index_app, name="index")
+    register(app)
 
 
 _register_subcommands()

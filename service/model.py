@@ -322,3 +322,71 @@ def save_local_dir(
         for name, data in (extra_files or {}).items():
             (tmp / name).write_bytes(data)
     return directory
+
+
+@dataclass
+class TrainableClip:
+    """What fine-tuning needs: the fp32 torch model, both transforms, tokenizer and config."""
+
+    model: torch.nn.Module
+    preprocess_train: Any
+    preprocess_val: Any
+    tokenizer: Any
+    model_cfg: dict[str, Any]
+    preprocess_cfg: dict[str, Any]
+    spec: str
+    pretrained: str | None
+
+    def as_clip_model(self, device: torch.device | None = None) -> ClipModel:
+        """An inference view of the same weights (shared, not copied), as the service sees them."""
+        dev = device or next(self.model.parameters()).device
+        return ClipModel(self.model, self.preprocess_val, self.tokenizer, spec=self.spec, pretrained=self.pretrained,
+                         fingerprint="in-training", device=dev, dtype=torch.float32)
+
+
+def _model_config(spec: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    if spec.startswith(LOCAL_DIR):
+        cfg = json.loads((Path(spec[len(LOCAL_DIR) :]) / CONFIG_NAME).read_text())
+        return cfg["model_cfg"], cfg.get("preprocess_cfg", {})
+    if spec.startswith(HF_HUB):
+        from open_clip.factory import _get_hf_config
+
+        cfg = _get_hf_config(spec[len(HF_HUB) :])
+        return cfg["model_cfg"], cfg.get("preprocess_cfg", {})
+    cfg = open_clip.get_model_config(spec.replace("/", "-"))
+    if cfg is None:
+        raise ModelLoadError(f"unknown open_clip model {spec!r}")
+    return cfg, {}
+
+
+def load_for_training(spec: str, pretrained: str | None = None, device: str = "auto", seed: int = 0
+                      ) -> TrainableClip:
+    """Load a spec for fine-tuning (fp32, train transforms too). Random specs are seeded by `seed`."""
+    dev = resolve_device(device)
+    spec = spec.strip()
+    kwargs: dict[str, Any] = {}
+    if spec.startswith(LOCAL_DIR):
+        directory = Path(spec[len(LOCAL_DIR) :]).expanduser()
+        if not (directory / CONFIG_NAME).is_file() or _find_weights(directory) is None:
+            raise ModelLoadError(f"{spec}: needs {CONFIG_NAME} and a weights file")
+        spec = LOCAL_DIR + str(directory.resolve())
+    elif not spec.startswith(HF_HUB):
+        if spec.replace("/", "-") not in open_clip.list_models():
+            raise ModelLoadError(f"unknown open_clip model {spec!r}; see `open_clip.list_models()`")
+        if pretrained is not None and pretrained.strip().lower() not in _RANDOM:
+            kwargs["pretrained"] = pretrained
+        else:
+            kwargs["pretrained_text"] = False
+    try:
+        model_cfg, pp_cfg = _model_config(spec)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(spec, device="cpu",
+                                                                                            **kwargs)
+        tokenizer = open_clip.get_tokenizer(spec)
+    except ModelLoadError:
+        raise
+    except Exception as exc:
+        raise ModelLoadError(f"cannot load model {spec!r} (pretrained={pretrained!r}): {exc}") from exc
+    return TrainableClip(model.to(dev), preprocess_train, preprocess_val, tokenizer, model_cfg, pp_cfg, spec,
+                         pretrained)

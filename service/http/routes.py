@@ -13,14 +13,19 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
+from service import zeroshot
 from service.errors import OutOfRange
 from service.http.deps import AdminAuth, Disconnected, State
 from service.http.schemas import (
+    ClassifyRequest,
+    ClassifyResponse,
     EmbedRequest,
     EmbedResponse,
     ErrorResponse,
     ImageSearchRequest,
     SearchResponse,
+    SimilarityRequest,
+    SimilarityResponse,
     TextSearchRequest,
 )
 from service.search import Hit, SearchParams
@@ -97,6 +102,34 @@ async def search_image(body: ImageSearchRequest, state: State, disconnected: Dis
     params = SearchParams(nprobe=body.nprobe, ef_search=body.ef_search)
     hits = await run_in_threadpool(index.search, query, body.k, params)
     return json_response({"results": _hits(hits[0]), "index_version": current.version})
+
+
+@router.post("/classify", response_model=ClassifyResponse, responses=_ERRORS)
+async def classify(body: ClassifyRequest, state: State, disconnected: Disconnected) -> Response:
+    """Zero-shot classification: labels sorted by softmax(logit_scale x cosine) of image and prompts."""
+    engine = state.engine
+    engine.check_count(len(body.labels) + 1)
+    texts = zeroshot.prompts(body.labels, body.template)
+    engine.check_texts(texts, field="labels")
+    image, labels = await _gather_or_cancel(
+        engine.embed_images([body.image], field="image", disconnected=disconnected),
+        engine.embed_texts(texts, field="labels", disconnected=disconnected),
+    )
+    return json_response({"labels": zeroshot.classify(image[0], labels, body.labels, state.model.logit_scale)})
+
+
+@router.post("/similarity", response_model=SimilarityResponse, responses=_ERRORS)
+async def similarity(body: SimilarityRequest, state: State, disconnected: Disconnected) -> Response:
+    """Cosine matrix (images x texts) and per-image softmax probabilities over the texts."""
+    engine = state.engine
+    engine.check_count(len(body.texts) + len(body.images))
+    engine.check_texts(body.texts)
+    images, texts = await _gather_or_cancel(
+        engine.embed_images(body.images, disconnected=disconnected),
+        engine.embed_texts(body.texts, disconnected=disconnected),
+    )
+    cos, probs = zeroshot.similarity(images, texts, state.model.logit_scale)
+    return json_response({"cosine": cos, "probabilities": probs, "logit_scale": state.model.logit_scale})
 
 
 @router.post("/admin/reload", responses={401: {"model": ErrorResponse}, 403: {"model": ErrorResponse},

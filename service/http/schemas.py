@@ -58,3 +58,30 @@ class ErrorDetail(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorDetail
+
+
+class ClassifyRequest(_Request):
+    image: str = Field(description="base64 image to classify")
+    labels: list[str] = Field(min_length=1, description="candidate labels")
+    template: str = Field("a photo of a {}", description="prompt template; {} is replaced by each label")
+
+
+class LabelScore(BaseModel):
+    label: str
+    probability: float
+    score: float
+
+
+class ClassifyResponse(BaseModel):
+    labels: list[LabelScore]
+
+
+class SimilarityRequest(_Request):
+    texts: list[str] = Field(min_length=1)
+    images: list[str] = Field(min_length=1, description="base64 images")
+
+
+class SimilarityResponse(BaseModel):
+    cosine: list[list[float]] = Field(description="images x texts cosine similarities")
+    probabilities: list[list[float]] = Field(description="per image, softmax over texts of logit_scale x cosine")
+    logit_scale: float
