@@ -57,7 +57,7 @@ def jpeg_b64(size: tuple[int, int], seed: int = 0) -> str:
 class Server:
     def __init__(self, argv: list[str], env: dict[str, str], port: int) -> None:
         self.base = f"http://127.0.0.1:{port}"
-        self.log = tempfile.TemporaryFile()
+        self.log = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the server process
         self.proc = subprocess.Popen(argv, cwd=ROOT, env={**os.environ, **env}, stdout=self.log,
                                      stderr=subprocess.STDOUT)
 

@@ -29,7 +29,7 @@ def _fail(message: str, code: int = 1) -> typer.Exit:
     return typer.Exit(code)
 
 
-def _load(model: str, pretrained: str | None, device: str):  # noqa: ANN202
+def _load(model: str, pretrained: str | None, device: str):
     from service.errors import ModelLoadError
     from service.model import load_model
 
@@ -42,7 +42,7 @@ def _load(model: str, pretrained: str | None, device: str):  # noqa: ANN202
 def train(
     train: Annotated[Path, typer.Option("--train", help="training TSV: text<TAB>base64image (or id,text,image)")],
     output: Annotated[Path, typer.Option("--output", "-o", help="output dir: best/, checkpoints/, metrics.jsonl")],
-    valid: Annotated[Path | None, typer.Option("--valid", help="validation TSV, scored by mean recall each epoch")] = None,
+    valid: Annotated[Path | None, typer.Option("--valid", help="validation TSV, scored by mean recall")] = None,
     model: Model = "clipsearch-tiny",
     pretrained: Pretrained = None,
     device: Device = "auto",

@@ -14,8 +14,8 @@ QUERIES = {"en": ["a red circle", "two blue squares", "a large yellow star on a 
 
 
 def run_demo(*, workdir: Path, port: int, host: str, n_train: int, epochs: int, lang: str, serve: bool) -> dict:
-    from finetune.evaluate import evaluate
     from finetune.data import PairFile
+    from finetune.evaluate import evaluate
     from finetune.synth import write_tsv
     from finetune.train import TrainOptions, train
     from index_builder.build import BuildOptions, run_build
@@ -50,7 +50,10 @@ def run_demo(*, workdir: Path, port: int, host: str, n_train: int, epochs: int, 
     served = load_index_set(summary.version_dir, fingerprint=model.info.fingerprint, dim=model.dim)
     say("      what the service will answer:")
     for q in QUERIES[lang][:2]:
-        hits = served.get("image").search(model.encode_texts([q]), 3)[0]
+        image_index = served.get("image")
+        if image_index is None:
+            break
+        hits = image_index.search(model.encode_texts([q]), 3)[0]
         say(f"      {q!r} -> " + " | ".join(h.text or h.id for h in hits))
     elapsed = time.perf_counter() - t0
     say(f"[5/5] done in {elapsed:.0f} s. Try it:")
@@ -62,7 +65,8 @@ def run_demo(*, workdir: Path, port: int, host: str, n_train: int, epochs: int, 
   curl -s {base}/search/image -H 'content-type: application/json' \\
        -d "{{\\"image\\": \\"$(head -1 {data / 'valid.tsv'} | cut -f2)\\", \\"k\\": 3}}"
   curl -s {base}/classify -H 'content-type: application/json' \\
-       -d "{{\\"image\\": \\"$(head -1 {data / 'valid.tsv'} | cut -f2)\\", \\"labels\\": [\\"circle\\", \\"square\\", \\"triangle\\", \\"star\\"]}}"
+       -d "{{\\"image\\": \\"$(head -1 {data / 'valid.tsv'} | cut -f2)\\", \\
+\\"labels\\": [\\"circle\\", \\"square\\", \\"triangle\\", \\"star\\"]}}"
   curl -s {base}/readyz
 """)
     info = {"recall": res, "build": summary.render(), "model": spec, "index": str(index), "seconds": elapsed}

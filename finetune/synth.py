@@ -55,7 +55,8 @@ class Scene:
             where = f"{BACKGROUNDS[self.background][1]}背景" if with_background else ""
             where += POSITIONS[self.position] if with_position else ""
             size = f"{SIZES[self.size]}的" if with_size else ""
-            return f"{where}{'有' if where else ''}{COUNTS[self.count][1]}{size}{COLOURS[self.colour][1]}{SHAPES[self.shape]}"
+            thing = f"{COUNTS[self.count][1]}{size}{COLOURS[self.colour][1]}{SHAPES[self.shape]}"
+            return f"{where}有{thing}" if where else thing
         noun = self.shape + ("s" if self.count > 1 else "")
         article = COUNTS[self.count][0] if self.count > 1 else "a"
         words = [article] + ([self.size] if with_size else []) + [self.colour, noun]
@@ -122,7 +123,8 @@ def synth_rows(n: int, seed: int = 0, lang: str = "en", image_size: int = 128) -
         scene = random_scene(rng)
         buf = io.BytesIO()
         render(scene, rng, image_size).save(buf, format="JPEG", quality=90)
-        parts = tuple(bool(x) for x in rng.random(3) < 0.5)
+        flags = rng.random(3) < 0.5
+        parts = (bool(flags[0]), bool(flags[1]), bool(flags[2]))
         rows.append((scene.caption(lang, parts), base64.urlsafe_b64encode(buf.getvalue()).decode(), scene))
     return rows
 

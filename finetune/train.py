@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import orjson
 import torch
-import torch.nn.functional as F  # noqa: N812
+import torch.nn.functional as F
 
 from finetune.data import PairDataset, PairFile, collate
 from finetune.evaluate import evaluate
@@ -74,7 +74,8 @@ def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_s
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    decay, no_decay = [], []
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
@@ -84,7 +85,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
     return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
 
 
-def lr_lambda(warmup: int, total: int):  # noqa: ANN201 - a schedule closure
+def lr_lambda(warmup: int, total: int):
     def f(step: int) -> float:
         if step < warmup:
             return (step + 1) / max(1, warmup)
@@ -123,7 +124,7 @@ def train(opts: TrainOptions) -> dict[str, Any]:
     ckpt_dir = opts.output / "checkpoints"
     ckpt_dir.mkdir(exist_ok=True)
     trainable = load_for_training(opts.model, opts.pretrained, opts.device, seed=opts.seed)
-    model = trainable.model
+    model: Any = trainable.model  # open_clip CLIP: typed attributes (visual, logit_scale) torch cannot express
     device = next(model.parameters()).device
     if opts.freeze_vision:
         for p in model.visual.parameters():
@@ -228,7 +229,8 @@ def train(opts: TrainOptions) -> dict[str, Any]:
             if step % opts.logging_steps == 0 or step == 1:
                 now = time.perf_counter()
                 metrics.write({"step": step, "epoch": epoch + 1, "loss": round(loss.item(), 5),
-                               "lr": scheduler.get_last_lr()[0], "logit_scale": round(model.logit_scale.exp().item(), 3),
+                               "lr": scheduler.get_last_lr()[0],
+                               "logit_scale": round(model.logit_scale.exp().item(), 3),
                                "samples_per_s": round(samples / max(now - t_log, 1e-9), 1)})
                 t_log, samples = now, 0
             if opts.save_steps and step % opts.save_steps == 0:

@@ -104,7 +104,8 @@ class BuildSummary:
                      + (f"   (resumed {self.resumed_shards} shards)" if self.resumed_shards else ""))
         for modality, info in self.indexes.items():
             recall = info.get("recall_at_10")
-            lines.append(f"{modality} index: {info['count']} vectors, {info['factory']}, params {info['search_params']}, "
+            lines.append(f"{modality} index: {info['count']} vectors, {info['factory']}, "
+                         f"params {info['search_params']}, "
                          f"recall@10 {'exact' if info['index_type'] == 'flat' else f'{recall:.3f}'}")
         return "\n".join(lines)
 
@@ -212,7 +213,9 @@ def run_build(opts: BuildOptions, model: ClipModel | None = None) -> BuildSummar
                          + (f"; first: {errors[0].source}: {errors[0].reason}" if errors else ""))
 
     built: dict[Modality, BuiltIndex] = {}
-    for modality, vecs, others in (("image", image_vecs, text_vecs), ("text", text_vecs, image_vecs)):
+    jobs: tuple[tuple[Modality, np.ndarray, np.ndarray], ...] = (
+        ("image", image_vecs, text_vecs), ("text", text_vecs, image_vecs))
+    for modality, vecs, others in jobs:
         if len(vecs):
             log.info("building %s index over %d vectors", modality, len(vecs))
             built[modality] = build_and_tune(vecs, others if len(others) else None, index_type=opts.index_type,

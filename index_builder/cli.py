@@ -47,7 +47,7 @@ def build(
     keep: Annotated[int, typer.Option(min=1, help="index versions to keep, the new one included")] = 3,
     recall_target: Annotated[float, typer.Option(min=0.0, max=1.0, help="recall@10 to tune nprobe/efSearch to")] = 0.95,
     memory_budget: Annotated[str, typer.Option(help="index memory budget for auto, e.g. 4GB")] = "4GB",
-    flat_max: Annotated[int, typer.Option(min=1, help="auto uses an exact flat index up to this many vectors")] = 20_000,
+    flat_max: Annotated[int, typer.Option(min=1, help="auto: exact flat index up to this many vectors")] = 20_000,
     progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
     quiet: Annotated[bool, typer.Option(help="only warnings and the summary")] = False,
 ) -> None:

@@ -18,10 +18,11 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-import faiss
+import faiss as _faiss
 import numpy as np
 
 log = logging.getLogger(__name__)
+faiss: Any = _faiss  # its bundled type hints lag the library (SearchParametersHNSW, kwargs)
 
 INDEX_TYPES = ("auto", "flat", "hnsw", "ivf", "ivfpq")
 HNSW_M = 32

@@ -49,7 +49,7 @@ class Engine:
             "image", self._infer_image, **common, **self._hooks("image")
         )
 
-    def _hooks(self, modality: str) -> dict[str, Callable[[int], None]]:
+    def _hooks(self, modality: str) -> dict[str, Any]:
         if self.metrics is None:
             return {}
         batch = self.metrics.batch_size.labels(modality)

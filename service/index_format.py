@@ -267,7 +267,8 @@ def write_index_from_vectors(
     Items are dicts with at least ``id``; text items should carry ``text``. Returns the
     published version directory.
     """
-    pairs = {m: v for m, v in (("image", image), ("text", text)) if v is not None}
+    candidates: tuple[tuple[Modality, Any], ...] = (("image", image), ("text", text))
+    pairs = {m: v for m, v in candidates if v is not None}
     if not pairs:
         raise ValueError("need image and/or text vectors")
     dims = {vecs.shape[1] for vecs, _ in pairs.values()}
@@ -277,7 +278,7 @@ def write_index_from_vectors(
     built: dict[Modality, tuple[Any, Sequence[Mapping[str, Any]], dict[str, Any]]] = {
         m: (build_faiss_index(vecs, factory), items,
             {"index_type": index_type, "factory": factory, "search_params": dict(search_params or {})})
-        for m, (vecs, items) in pairs.items()  # type: ignore[misc]
+        for m, (vecs, items) in pairs.items()
     }
     name = new_version_name()
     staged = staging_dir(index_dir)

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import open_clip
 import torch
-import torch.nn.functional as F  # noqa: N812
+import torch.nn.functional as F
 from PIL import Image
 
 from service.errors import ModelLoadError
@@ -133,7 +133,7 @@ class ClipModel:
         device: torch.device,
         dtype: torch.dtype,
     ) -> None:
-        self.model = model
+        self.model: Any = model  # an open_clip model: encode_text / encode_image / logit_scale
         self.preprocess_transform = preprocess
         self.tokenizer = tokenizer
         self.device = device
@@ -234,7 +234,8 @@ def _encode_text_trimmed(model: Any, tokens: torch.Tensor) -> torch.Tensor:
         x, tokens, model.text_pool_type, eos_token_id=getattr(model, "text_eos_id", None)
     )
     if model.text_projection is not None:
-        x = model.text_projection(x) if isinstance(model.text_projection, torch.nn.Linear) else x @ model.text_projection
+        proj = model.text_projection
+        x = proj(x) if isinstance(proj, torch.nn.Linear) else x @ proj
     return x
 
 

@@ -213,7 +213,8 @@ def test_approximate_index_reaches_recall_target(index_type: str) -> None:
     exact.add(vecs)
     _, truth = exact.search(fresh, 10)
     key, value = next(iter(built.search_params.items()))
-    params = faiss.SearchParametersHNSW(efSearch=value) if key == "efSearch" else faiss.SearchParametersIVF(nprobe=value)
+    params = (faiss.SearchParametersHNSW(efSearch=value) if key == "efSearch"
+              else faiss.SearchParametersIVF(nprobe=value))
     _, got = built.index.search(fresh, 10, params=params)
     recall = np.mean([len(set(g) & set(t)) / 10 for g, t in zip(got, truth, strict=True)])
     assert recall >= target - 0.03

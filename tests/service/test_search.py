@@ -104,7 +104,7 @@ def test_k_larger_than_index_drops_empty_slots(tmp_path: Path) -> None:
 def test_backends_pad_with_minus_one() -> None:
     db = unit_vectors(3)
     t = TorchExactBackend(db, device="cpu")
-    s, i = t.search(unit_vectors(1, seed=4), 5, SearchParams())
+    _, i = t.search(unit_vectors(1, seed=4), 5, SearchParams())
     assert list(i[0, 3:]) == [-1, -1]
     import faiss
 
@@ -174,7 +174,7 @@ def test_corrupt_index_files_are_refused(published) -> None:
     root, _, _ = published
     version = current_version_dir(root)
     (version / "image.faiss").write_bytes(b"garbage")
-    with pytest.raises(IndexLoadError, match="image.faiss"):
+    with pytest.raises(IndexLoadError, match=r"image\.faiss"):
         load_index_set(version, fingerprint=MODEL.fingerprint, dim=DIM)
 
 
