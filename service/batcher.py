@@ -150,55 +150,56 @@ class DynamicBatcher(Generic[P]):
             )
         deadline = time.monotonic() + timeout
         loop = asyncio.get_running_loop()
+        # One watcher for both waits (preparing, then queued/encoding): a task per request, not two.
+        watcher = asyncio.ensure_future(disconnected()) if disconnected is not None else None
         self._reserved_rows += n
         try:
-            payload = await self._with_deadline(
-                asyncio.ensure_future(loop.run_in_executor(self._prepare_executor, prepare)),
-                deadline,
-                disconnected,
-                cancel_on_exit=False,
-            )
+            try:
+                prepared = asyncio.ensure_future(loop.run_in_executor(self._prepare_executor, prepare))
+                payload = await self._with_deadline(prepared, deadline, watcher, cancel_on_exit=False)
+            finally:
+                self._reserved_rows -= n
+            if self._closed:
+                raise ShuttingDown(f"{self.name} batcher is shutting down")
+            job = _Job(payload=payload, n=n, future=loop.create_future())
+            self._queue.append(_Chunk(job, 0, n))
+            self._queued_rows += n
+            self._on_queue_depth(self._queued_rows)
+            self._wakeup.set()
+            return await self._with_deadline(job.future, deadline, watcher, cancel_on_exit=True)
         finally:
-            self._reserved_rows -= n
-        if self._closed:
-            raise ShuttingDown(f"{self.name} batcher is shutting down")
-        job = _Job(payload=payload, n=n, future=loop.create_future())
-        self._queue.append(_Chunk(job, 0, n))
-        self._queued_rows += n
-        self._on_queue_depth(self._queued_rows)
-        self._wakeup.set()
-        return await self._with_deadline(job.future, deadline, disconnected, cancel_on_exit=True)
+            if watcher is not None and not watcher.done():
+                watcher.cancel()
 
     async def _with_deadline(
         self,
         fut: asyncio.Future[Any],
         deadline: float,
-        disconnected: Callable[[], Awaitable[Any]] | None,
+        watcher: asyncio.Future[Any] | None,
         *,
         cancel_on_exit: bool,
     ) -> Any:
-        watcher = asyncio.ensure_future(disconnected()) if disconnected is not None else None
         waiting: set[asyncio.Future[Any]] = {fut} if watcher is None else {fut, watcher}
         try:
             done, _ = await asyncio.wait(waiting, timeout=max(0.0, deadline - time.monotonic()),
                                          return_when=asyncio.FIRST_COMPLETED)
         except asyncio.CancelledError:
-            if cancel_on_exit:
-                fut.cancel()
+            self._abandon(fut, cancel_on_exit)
             raise
-        finally:
-            if watcher is not None and not watcher.done():
-                watcher.cancel()
         if fut in done:
             return fut.result()
-        if not cancel_on_exit:
-            # A thread-pool job cannot be stopped; consume its outcome so nothing is logged as lost.
-            fut.add_done_callback(lambda f: f.cancelled() or f.exception())
-        else:
-            fut.cancel()  # queued chunks of this job are skipped before the model
+        self._abandon(fut, cancel_on_exit)
         if watcher is not None and watcher in done:
             raise asyncio.CancelledError("client disconnected")
         raise RequestTimeout(f"{self.name} request timed out after waiting for the model")
+
+    @staticmethod
+    def _abandon(fut: asyncio.Future[Any], cancel: bool) -> None:
+        if cancel:
+            fut.cancel()  # queued chunks of this job are skipped before the model
+        else:
+            # A thread-pool job cannot be stopped; consume its outcome so nothing is logged as lost.
+            fut.add_done_callback(lambda f: f.cancelled() or f.exception())
 
     # -- the model side -----------------------------------------------------------
     def _take_batch(self) -> list[_Chunk]:

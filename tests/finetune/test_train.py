@@ -190,3 +190,30 @@ def test_chinese_captions_train_and_search(tmp_path, make_client) -> None:
                               for line in (tmp_path / "zh_valid.tsv").read_text().splitlines()])
     order = np.argsort(-(iv @ qv), kind="stable")[:5]
     assert [h["text"] for h in hits] == [caps[i] for i in order]
+
+
+def test_offline_classify_and_similarity_cli(trained, tmp_path) -> None:
+    out, _ = trained
+    from finetune.synth import Scene, render
+
+    render(Scene("circle", "red", "large", "center", "white", 1), np.random.default_rng(0)).save(tmp_path / "r.png")
+    spec = f"local-dir:{out / 'best'}"
+    r = subprocess.run([sys.executable, "-m", "clipsearch", "classify", "--image", str(tmp_path / "r.png"),
+                        "--labels", "red circle,blue square,green star", "--model", spec, "--device", "cpu"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 0, r.stderr
+    labels = json.loads(r.stdout)["labels"]
+    assert abs(sum(x["probability"] for x in labels) - 1) < 1e-5
+    model = load_model(spec, device="cpu")
+    from service import zeroshot
+
+    names = ["red circle", "blue square", "green star"]
+    expected = zeroshot.classify(model.encode_images([Image.open(tmp_path / "r.png")])[0],
+                                 model.encode_texts(zeroshot.prompts(names, "a photo of a {}")), names,
+                                 model.logit_scale)
+    assert [x["label"] for x in labels] == [x["label"] for x in expected]
+    s = subprocess.run([sys.executable, "-m", "clipsearch", "similarity", "--text", "a red circle", "--text",
+                        "a blue square", "--image", str(tmp_path / "r.png"), "--model", spec, "--device", "cpu"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=120)
+    body = json.loads(s.stdout)
+    assert np.array(body["cosine"]).shape == (1, 2) and abs(sum(body["probabilities"][0]) - 1) < 1e-4

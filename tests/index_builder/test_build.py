@@ -330,3 +330,18 @@ async def test_admin_disabled_without_token(tiny_model, make_client) -> None:
     async with make_client(tiny_model) as client:
         r = await client.post("/admin/reload", headers={"authorization": "Bearer x"})
         assert r.status_code == 403 and "CLIPSEARCH_ADMIN_TOKEN" in r.json()["error"]["message"]
+
+
+def test_decode_in_worker_processes_gives_the_same_index(tmp_path, tiny_model) -> None:
+    """--workers N decodes in spawned processes; the vectors equal the in-process path."""
+    corpus = tmp_path / "c.tsv"
+    write_corpus(corpus, 24, bad=True)
+    inproc = run_build(opts(tmp_path / "a", [corpus], tiny_model, index_type="flat"), model=tiny_model)
+    pooled = run_build(opts(tmp_path / "b", [corpus], tiny_model, index_type="flat", workers=2, shard_size=10),
+                       model=tiny_model)
+    assert pooled.skipped == inproc.skipped == 4
+    for modality in ("image", "text"):
+        a, ai = load_vectors(inproc.version_dir, modality)
+        b, bi = load_vectors(pooled.version_dir, modality)
+        assert ai == bi
+        np.testing.assert_allclose(a, b, atol=1e-6)
