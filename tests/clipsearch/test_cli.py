@@ -31,10 +31,16 @@ def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120)
                           timeout=timeout, cwd=ROOT, env={**os.environ, **(env or {})})
 
 
-@pytest.mark.parametrize("args", [("--help",), ("serve", "--help")])
-def test_help(args) -> None:
-    r = run_cli(*args)
-    assert r.returncode == 0 and "Usage" in r.stdout
+COMMANDS = [(), ("serve",), ("index",), ("index", "build"), ("index", "info"), ("train",), ("evaluate",),
+            ("predict",), ("classify",), ("similarity",), ("data",), ("data", "synth"), ("demo",)]
+
+
+def test_every_command_has_help() -> None:
+    for cmd in COMMANDS:
+        r = run_cli(*cmd, "--help", env={"COLUMNS": "200"})
+        assert r.returncode == 0 and "Usage" in r.stdout, (cmd, r.stderr)
+        described = r.stdout.split("Usage", 1)[1]
+        assert len(described.strip().splitlines()) > 3, cmd  # says more than its usage line
 
 
 @pytest.mark.parametrize(
