@@ -79,3 +79,13 @@ def create_app(settings: Settings, *, state: ServiceState | None = None, model: 
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     return app
+
+
+def app_from_env() -> FastAPI:
+    """For ASGI servers run directly: `uvicorn --factory service.http.app:app_from_env`.
+
+    Settings come from CLIPSEARCH_* variables; the model and index load in the lifespan.
+    `clipsearch serve` is preferred: it loads them before binding the port and exits
+    with a one-line reason when it cannot.
+    """
+    return create_app(Settings())
