@@ -1,6 +1,6 @@
 """The build job: reader -> encoder -> shard writer -> index -> publish.
 
-Embeddings go to a work area, ``DIR/.work/<job key>/shard-NNNNNN.npz``, one shard per
+Embeddings go to a work area (`index_builder.writer`), one shard per
 `shard_size` input records, each written atomically. The job key hashes the inputs
 (paths, sizes, mtimes), the reader options and the model fingerprint, so rerunning
 the same command after an interruption skips the records of the complete shards
@@ -11,7 +11,6 @@ starts afresh. The work area is removed after a successful publish.
 from __future__ import annotations
 
 import hashlib
-import io
 import itertools
 import logging
 import shutil
@@ -28,7 +27,8 @@ import orjson
 from index_builder.encoder import Encoder, ItemError, ShardResult
 from index_builder.indexing import BuiltIndex, build_and_tune
 from index_builder.readers import Record, count_records, describe_inputs, read_inputs
-from service.fsutil import atomic_write_bytes, sha256_file
+from index_builder.writer import ShardStore
+from service.fsutil import sha256_file
 from service.index_format import (
     Manifest,
     Modality,
@@ -41,8 +41,6 @@ from service.index_format import (
 from service.model import ClipModel, load_model
 
 log = logging.getLogger(__name__)
-
-WORK_DIR = ".work"
 
 
 class BuildError(RuntimeError):
@@ -118,26 +116,6 @@ def job_key(opts: BuildOptions, inputs: list[dict[str, Any]], fingerprint: str) 
     return hashlib.sha256(orjson.dumps(desc, option=orjson.OPT_SORT_KEYS)).hexdigest()[:16]
 
 
-def _write_shard(path: Path, shard: ShardResult) -> None:
-    buf = io.BytesIO()
-    meta = {
-        "image_items": shard.image_items, "text_items": shard.text_items, "records": shard.records,
-        "errors": [e.__dict__ for e in shard.errors],
-    }
-    np.savez(buf, image=shard.image_vectors, text=shard.text_vectors,
-             meta=np.frombuffer(orjson.dumps(meta), dtype=np.uint8))
-    atomic_write_bytes(path, buf.getvalue())
-
-
-def _read_shard(path: Path) -> ShardResult:
-    with np.load(path) as z:
-        meta = orjson.loads(z["meta"].tobytes())
-        return ShardResult(
-            image_vectors=z["image"], image_items=meta["image_items"], text_vectors=z["text"],
-            text_items=meta["text_items"], errors=[ItemError(**e) for e in meta["errors"]], records=meta["records"],
-        )
-
-
 def _chunks(records: Iterator[Record], size: int) -> Iterator[list[Record]]:
     while chunk := list(itertools.islice(records, size)):
         yield chunk
@@ -158,15 +136,9 @@ def run_build(opts: BuildOptions, model: ClipModel | None = None) -> BuildSummar
     inputs_desc = describe_inputs(opts.inputs)
     key = job_key(opts, inputs_desc, model.info.fingerprint)
     opts.output.mkdir(parents=True, exist_ok=True)
-    work = opts.output / WORK_DIR / key
-    work.mkdir(parents=True, exist_ok=True)
-    # Work areas of other (older) jobs are stale: inputs or model changed since.
-    for other in (opts.output / WORK_DIR).iterdir():
-        if other.name != key:
-            shutil.rmtree(other, ignore_errors=True)
-
-    done = sorted(work.glob("shard-*.npz"))
-    shards: list[ShardResult] = [_read_shard(p) for p in done]
+    store = ShardStore(opts.output, key)
+    shards: list[ShardResult] = store.complete()
+    done = list(shards)
     skip_records = sum(s.records for s in shards)
     errors: list[ItemError] = [e for s in shards for e in s.errors]
     total = count_records(opts.inputs, opts.fmt)
@@ -189,7 +161,7 @@ def run_build(opts: BuildOptions, model: ClipModel | None = None) -> BuildSummar
             nxt = encoder.start(chunk) if chunk is not None else None  # decode ahead
             if pending is not None:
                 shard = encoder.finish(pending)
-                _write_shard(work / f"shard-{index:06d}.npz", shard)
+                store.write(index, shard)
                 index += 1
                 shards.append(shard)
                 errors.extend(shard.errors)
@@ -260,7 +232,7 @@ def run_build(opts: BuildOptions, model: ClipModel | None = None) -> BuildSummar
     except BaseException:
         shutil.rmtree(staged, ignore_errors=True)
         raise
-    shutil.rmtree(work, ignore_errors=True)
+    store.remove()
     encoded_total = len(image_items) + len(text_items)
     return BuildSummary(
         version=name,

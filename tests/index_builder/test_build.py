@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-import index_builder.build as build_mod
+import index_builder.writer as writer_mod
 from index_builder.build import BuildError, BuildOptions, run_build
 from index_builder.indexing import build_and_tune, plan_index
 from service.index_format import (
@@ -144,7 +144,7 @@ def test_interrupted_build_resumes_to_the_same_index(tmp_path, tiny_model, monke
     clean = run_build(opts(tmp_path / "clean", [corpus], tiny_model, shard_size=8, index_type="flat"),
                       model=tiny_model)
 
-    real_write = build_mod._write_shard
+    real_write = writer_mod.write_shard
     written: list[Path] = []
 
     def dying_write(path, shard):
@@ -153,12 +153,12 @@ def test_interrupted_build_resumes_to_the_same_index(tmp_path, tiny_model, monke
         real_write(path, shard)
         written.append(path)
 
-    monkeypatch.setattr(build_mod, "_write_shard", dying_write)
+    monkeypatch.setattr(writer_mod, "write_shard", dying_write)
     o = opts(tmp_path / "resumed", [corpus], tiny_model, shard_size=8, index_type="flat")
     with pytest.raises(KeyboardInterrupt):
         run_build(o, model=tiny_model)
     assert current_version_dir(o.output) is None  # nothing half-published
-    monkeypatch.setattr(build_mod, "_write_shard", real_write)
+    monkeypatch.setattr(writer_mod, "write_shard", real_write)
     resumed = run_build(o, model=tiny_model)
     assert resumed.resumed_shards == 3 and resumed.extra["encoded_this_run"] == 2 * (50 - 24)
     for modality in ("image", "text"):
@@ -173,14 +173,14 @@ def test_changed_input_does_not_resume_stale_shards(tmp_path, tiny_model, monkey
     corpus = tmp_path / "c.tsv"
     write_corpus(corpus, 20)
     o = opts(tmp_path, [corpus], tiny_model, shard_size=8)
-    real_write = build_mod._write_shard
+    real_write = writer_mod.write_shard
 
     def dying_write(path, shard):
         if path.name == "shard-000001.npz":
             raise KeyboardInterrupt("killed")
         real_write(path, shard)
 
-    monkeypatch.setattr(build_mod, "_write_shard", dying_write)
+    monkeypatch.setattr(writer_mod, "write_shard", dying_write)
     with pytest.raises(KeyboardInterrupt):
         run_build(o, model=tiny_model)
     monkeypatch.undo()

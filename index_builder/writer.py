@@ -1,0 +1,64 @@
+"""Writer stage: encoded shards to a resumable work area.
+
+``DIR/.work/<job key>/shard-NNNNNN.npz`` holds one shard's image and text vectors, its
+items, its bad-record reports and how many input records it covers. Each file is
+written atomically, so after an interruption every shard on disk is complete, and a
+rerun with the same job key continues after the last one.
+"""
+
+from __future__ import annotations
+
+import io
+import shutil
+from pathlib import Path
+
+import numpy as np
+import orjson
+
+from index_builder.encoder import ItemError, ShardResult
+from service.fsutil import atomic_write_bytes
+
+WORK_DIR = ".work"
+
+
+class ShardStore:
+    def __init__(self, output: Path, job_key: str) -> None:
+        self.root = output / WORK_DIR
+        self.dir = self.root / job_key
+        self.dir.mkdir(parents=True, exist_ok=True)
+        # Work areas of other jobs are stale: their inputs or model changed since.
+        for other in self.root.iterdir():
+            if other != self.dir:
+                shutil.rmtree(other, ignore_errors=True)
+
+    def complete(self) -> list[ShardResult]:
+        """The shards a previous run of this job finished, in order."""
+        return [read_shard(p) for p in sorted(self.dir.glob("shard-*.npz"))]
+
+    def write(self, index: int, shard: ShardResult) -> Path:
+        path = self.dir / f"shard-{index:06d}.npz"
+        write_shard(path, shard)
+        return path
+
+    def remove(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def write_shard(path: Path, shard: ShardResult) -> None:
+    buf = io.BytesIO()
+    meta = {
+        "image_items": shard.image_items, "text_items": shard.text_items, "records": shard.records,
+        "errors": [e.__dict__ for e in shard.errors],
+    }
+    np.savez(buf, image=shard.image_vectors, text=shard.text_vectors,
+             meta=np.frombuffer(orjson.dumps(meta), dtype=np.uint8))
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def read_shard(path: Path) -> ShardResult:
+    with np.load(path) as z:
+        meta = orjson.loads(z["meta"].tobytes())
+        return ShardResult(
+            image_vectors=z["image"], image_items=meta["image_items"], text_vectors=z["text"],
+            text_items=meta["text_items"], errors=[ItemError(**e) for e in meta["errors"]], records=meta["records"],
+        )
