@@ -26,6 +26,14 @@ log = logging.getLogger(__name__)
 Disconnected = Callable[[], Awaitable[Any]]
 
 
+def item_name(field: str, i: int) -> str:
+    """How errors name an item: `texts[3]` in a list field, plain `image` in a single-item one.
+
+    List fields of the API are plural (texts, images, labels); single ones are not.
+    """
+    return f"{field}[{i}]" if field.endswith("s") else field
+
+
 class Engine:
     def __init__(self, model: ClipModel, settings: Settings, metrics: Metrics | None = None) -> None:
         self.model = model
@@ -93,7 +101,7 @@ class Engine:
         s = self.settings
         tensors = []
         for i, data in enumerate(images):
-            name = f"{field}[{i}]" if field.endswith("s") else field
+            name = item_name(field, i)
             image = decode_image(data, field=name, max_bytes=s.max_image_bytes, max_pixels=s.max_image_pixels)
             try:
                 tensors.append(self.model.preprocess(image))
@@ -106,7 +114,7 @@ class Engine:
         limit = self.settings.max_text_chars
         for i, text in enumerate(texts):
             if len(text) > limit:
-                name = f"{field}[{i}]" if field.endswith("s") else field
+                name = item_name(field, i)
                 raise PayloadTooLarge(f"{name}: text has {len(text)} characters, the limit is {limit}", field=name)
 
     def check_count(self, n: int) -> None:

@@ -60,7 +60,6 @@ async def embed(body: EmbedRequest, state: State, disconnected: Disconnected) ->
     """Embed texts and/or base64 images; L2-normalized vectors in input order."""
     engine = state.engine
     engine.check_count(len(body.texts) + len(body.images))
-    engine.check_texts(body.texts)
     empty = np.zeros((0, engine.dim), np.float32)
     jobs = []
     if body.texts:
