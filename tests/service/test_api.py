@@ -318,3 +318,28 @@ async def test_healthz_and_info(make_client, tiny_model) -> None:
         assert info["model"]["dim"] == 64 and info["index"] is None
         schema = (await client.get("/openapi.json")).json()
         assert {"/embed", "/search/text", "/search/image"} <= set(schema["paths"])
+
+
+async def test_local_dir_written_without_clipsearch_serves_open_clips_vectors(tmp_path, make_client) -> None:
+    """Done-when: a random local-dir model made outside the project (plain open_clip + safetensors)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from service.model import load_model
+
+    cfg = {"embed_dim": 48, "vision_cfg": {"image_size": 48, "layers": 1, "width": 48, "patch_size": 12,
+                                           "head_width": 24},
+           "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 48, "heads": 2, "layers": 1}}
+    torch.manual_seed(77)
+    model = open_clip.CLIP(**cfg).eval()
+    (tmp_path / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg, "preprocess_cfg": {}}))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "open_clip_model.safetensors"))
+    spec = f"local-dir:{tmp_path}"
+    ref = (model, open_clip.create_model_and_transforms(spec)[2], open_clip.get_tokenizer(spec))
+    data = image_bytes(make_image(5, (200, 120)), "JPEG")
+    async with make_client(load_model(spec, device="cpu")) as client:
+        body = (await client.post("/embed", json={"texts": TEXTS, "images": [base64.b64encode(data).decode()]})).json()
+    assert body["dim"] == 48
+    assert cosines(body["texts"], ref_text(ref, TEXTS)).min() >= 0.9999
+    assert cosines(body["images"][0], ref_image(ref, data)) >= 0.9999
