@@ -179,27 +179,39 @@ class DynamicBatcher(Generic[P]):
         *,
         cancel_on_exit: bool,
     ) -> Any:
-        waiting: set[asyncio.Future[Any]] = {fut} if watcher is None else {fut, watcher}
-        try:
-            done, _ = await asyncio.wait(waiting, timeout=max(0.0, deadline - time.monotonic()),
-                                         return_when=asyncio.FIRST_COMPLETED)
-        except asyncio.CancelledError:
-            self._abandon(fut, cancel_on_exit)
-            raise
-        if fut in done:
-            return fut.result()
-        self._abandon(fut, cancel_on_exit)
-        if watcher is not None and watcher in done:
-            raise asyncio.CancelledError("client disconnected")
-        raise RequestTimeout(f"{self.name} request timed out after waiting for the model")
+        """Await `fut` until `deadline` or until `watcher` (the client left) completes.
 
-    @staticmethod
-    def _abandon(fut: asyncio.Future[Any], cancel: bool) -> None:
-        if cancel:
-            fut.cancel()  # queued chunks of this job are skipped before the model
-        else:
-            # A thread-pool job cannot be stopped; consume its outcome so nothing is logged as lost.
-            fut.add_done_callback(lambda f: f.cancelled() or f.exception())
+        A timer and a done-callback cancel `fut`; for a queued job that also drops its
+        rows before they reach the model.
+        """
+        loop = asyncio.get_running_loop()
+        why: list[str] = []
+
+        def stop(reason: str) -> None:
+            if not fut.done():
+                why.append(reason)
+                fut.cancel()
+
+        timer = loop.call_at(loop.time() + max(0.0, deadline - time.monotonic()), stop, "timeout")
+
+        def on_gone(_: asyncio.Future[Any]) -> None:
+            stop("disconnect")
+
+        if watcher is not None:
+            watcher.add_done_callback(on_gone)
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            if not cancel_on_exit:
+                # A thread-pool job cannot be stopped; consume its outcome so nothing is logged as lost.
+                fut.add_done_callback(lambda f: f.cancelled() or f.exception())
+            if why == ["timeout"]:
+                raise RequestTimeout(f"{self.name} request timed out after waiting for the model") from None
+            raise  # the client left, or the request itself was cancelled
+        finally:
+            timer.cancel()
+            if watcher is not None:
+                watcher.remove_done_callback(on_gone)
 
     # -- the model side -----------------------------------------------------------
     def _take_batch(self) -> list[_Chunk]:
