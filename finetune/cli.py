@@ -155,12 +155,12 @@ def classify(
     device: Device = "auto",
 ) -> None:
     """Zero-shot classification of one image (the offline twin of POST /classify)."""
+    from finetune.data import decode_offline_image
     from service import zeroshot
-    from service.images import decode_image
 
     clip = _load(model, pretrained, device)
     names = [x.strip() for x in labels.split(",") if x.strip()]
-    pil = decode_image(_read_image_b64(image), field="image", max_bytes=50 << 20, max_pixels=200_000_000)
+    pil = decode_offline_image(_read_image_b64(image))
     result = zeroshot.classify(clip.encode_images([pil])[0], clip.encode_texts(zeroshot.prompts(names, template)),
                                names, clip.logit_scale)
     typer.echo(json.dumps({"labels": result}, indent=2, ensure_ascii=False))
@@ -174,12 +174,11 @@ def similarity(
     device: Device = "auto",
 ) -> None:
     """Cosine matrix (images x texts) and per-image softmax probabilities (the twin of POST /similarity)."""
+    from finetune.data import decode_offline_image
     from service import zeroshot
-    from service.images import decode_image
 
     clip = _load(model, pretrained, device)
-    pils = [decode_image(_read_image_b64(p), field=str(p), max_bytes=50 << 20, max_pixels=200_000_000)
-            for p in images]
+    pils = [decode_offline_image(_read_image_b64(p), field=str(p)) for p in images]
     cos, probs = zeroshot.similarity(clip.encode_images(pils), clip.encode_texts(texts), clip.logit_scale)
     typer.echo(json.dumps({"cosine": cos.round(6).tolist(), "probabilities": probs.round(6).tolist(),
                            "logit_scale": clip.logit_scale}, indent=2))

@@ -86,12 +86,17 @@ class PairDataset(torch.utils.data.Dataset):
         if not row.text.strip():
             return None
         try:
-            image = decode_image(row.image_b64, field="image", max_bytes=MAX_IMAGE_BYTES, max_pixels=MAX_IMAGE_PIXELS)
+            image = decode_offline_image(row.image_b64)
             pixels = self.transform(image)
         except (ClipsearchError, OSError, ValueError) as exc:
             log.warning("%s:%d skipped: %s", self.pairs.path.name, row.line, exc)
             return None
         return pixels, self.tokenizer([row.text])[0]
+
+
+def decode_offline_image(image_b64: str, field: str = "image") -> Any:
+    """Decode an image for an offline job: the service's decoder, with the offline jobs' larger limits."""
+    return decode_image(image_b64, field=field, max_bytes=MAX_IMAGE_BYTES, max_pixels=MAX_IMAGE_PIXELS)
 
 
 def collate(batch: list[tuple[torch.Tensor, torch.Tensor] | None]) -> tuple[torch.Tensor, torch.Tensor] | None:

@@ -13,8 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from finetune.data import PairFile, image_key
-from service.images import decode_image
+from finetune.data import PairFile, decode_offline_image, image_key
 from service.model import ClipModel
 
 KS = (1, 5, 10)
@@ -69,7 +68,7 @@ def encode_pairs(model: ClipModel, pairs: PairFile, batch_size: int = 256
         key = image_key(row.image_b64)
         if key not in image_index:
             try:
-                pil = decode_image(row.image_b64, field="image", max_bytes=20 << 20, max_pixels=100_000_000)
+                pil = decode_offline_image(row.image_b64)
             except Exception:  # a bad image is skipped, as in training
                 skipped += 1
                 continue

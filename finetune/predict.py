@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from finetune.data import decode_offline_image
 from index_builder.readers import read_inputs
 from service.errors import ClipsearchError
-from service.images import decode_image
 from service.model import ClipModel
 
 MODALITIES = ("auto", "text", "image", "both")
@@ -67,8 +67,7 @@ def predict(model: ClipModel, input_path: Path, output_path: Path, modality: str
                 bad.append((r.source, r.error or "no image"))
                 continue
             try:
-                pixels.append(model.preprocess(decode_image(r.image_b64, field="image", max_bytes=20 << 20,
-                                                            max_pixels=100_000_000)))
+                pixels.append(model.preprocess(decode_offline_image(r.image_b64)))
                 owners.append(i)
             except ClipsearchError as exc:
                 bad.append((r.source, exc.message))
