@@ -9,6 +9,14 @@ ARG CUDA_IMAGE=nvidia/cuda:12.4.1-cudnn-runtime-ubuntu22.04
 ARG TORCH_VERSION=2.6.0
 ARG TORCHVISION_VERSION=0.21.0
 
+# ---------------------------------------------------------------- package sources (shared by both builds)
+FROM scratch AS src
+COPY pyproject.toml README.md /src/
+COPY clipsearch /src/clipsearch
+COPY service /src/service
+COPY index_builder /src/index_builder
+COPY finetune /src/finetune
+
 # ---------------------------------------------------------------- CPU build
 FROM python:${PYTHON_VERSION}-slim AS cpu-build
 ARG TORCH_VERSION
@@ -19,12 +27,8 @@ ENV PATH=/opt/venv/bin:$PATH
 # The CPU wheel of torch is ~200 MB instead of the ~2.5 GB CUDA build from PyPI.
 RUN pip install --index-url https://download.pytorch.org/whl/cpu \
     torch==${TORCH_VERSION} torchvision==${TORCHVISION_VERSION}
+COPY --from=src /src /src
 WORKDIR /src
-COPY pyproject.toml README.md ./
-COPY clipsearch ./clipsearch
-COPY service ./service
-COPY index_builder ./index_builder
-COPY finetune ./finetune
 # hadolint ignore=DL3013
 RUN pip install '.[cpu]'
 
@@ -61,12 +65,8 @@ RUN python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 RUN pip install --index-url https://download.pytorch.org/whl/cu124 \
     torch==${TORCH_VERSION} torchvision==${TORCHVISION_VERSION}
+COPY --from=src /src /src
 WORKDIR /src
-COPY pyproject.toml README.md ./
-COPY clipsearch ./clipsearch
-COPY service ./service
-COPY index_builder ./index_builder
-COPY finetune ./finetune
 # hadolint ignore=DL3013
 RUN pip install '.[gpu]'
 
