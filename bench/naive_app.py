@@ -2,7 +2,9 @@
 
 Modelled on clip-retrieval's back end and immich's ML service: a FastAPI app whose
 route decodes, preprocesses and encodes each request on its own (a sync route, so it
-runs in Starlette's thread pool). Same model and preprocessing as clipsearch.
+runs in Starlette's thread pool) with plain open_clip calls: open_clip's tokenizer,
+`encode_text` on the full context, `torch.no_grad`. Same model and preprocessing as
+clipsearch (loaded through the model seam only to share the spec handling).
 
     uvicorn bench.naive_app:app --port 8001   (CLIPSEARCH_MODEL / CLIPSEARCH_PRETRAINED choose the model)
 """
@@ -14,6 +16,7 @@ import io
 import os
 
 import torch
+import torch.nn.functional as F
 from fastapi import FastAPI
 from PIL import Image
 from pydantic import BaseModel
@@ -33,11 +36,14 @@ class Req(BaseModel):
 @app.post("/embed")
 def embed(req: Req) -> dict:
     out: dict = {"texts": [], "images": []}
-    if req.texts:
-        out["texts"] = model.encode_tokens(model.tokenize(req.texts)).tolist()
-    if req.images:
-        pixels = torch.stack([model.preprocess(Image.open(io.BytesIO(base64.b64decode(s)))) for s in req.images])
-        out["images"] = model.encode_pixels(pixels).tolist()
+    with torch.no_grad():
+        if req.texts:
+            tokens = model.tokenizer(req.texts).to(model.device)
+            out["texts"] = F.normalize(model.model.encode_text(tokens).float(), dim=-1).cpu().tolist()
+        if req.images:
+            pixels = torch.stack([model.preprocess_transform(Image.open(io.BytesIO(base64.b64decode(s))))
+                                  for s in req.images]).to(model.device, model.dtype)
+            out["images"] = F.normalize(model.model.encode_image(pixels).float(), dim=-1).cpu().tolist()
     return out
 
 

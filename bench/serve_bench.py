@@ -20,95 +20,14 @@ import json
 import os
 import platform
 import shutil
-import socket
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
-
-import httpx
-import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def jpeg_b64(size: tuple[int, int], seed: int = 0) -> str:
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    w, h = size
-    # Smooth gradients plus noise compress like a photo, unlike pure noise.
-    yy, xx = np.mgrid[0:h, 0:w]
-    arr = np.stack([(xx * 255 // w), (yy * 255 // h), ((xx + yy) * 127 // (w + h))], axis=-1)
-    arr = np.clip(arr + rng.integers(-25, 25, arr.shape), 0, 255).astype(np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="JPEG", quality=90)
-    return base64.b64encode(buf.getvalue()).decode()
-
-
-class Server:
-    def __init__(self, argv: list[str], env: dict[str, str], port: int) -> None:
-        self.base = f"http://127.0.0.1:{port}"
-        self.log = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the server process
-        self.proc = subprocess.Popen(argv, cwd=ROOT, env={**os.environ, **env}, stdout=self.log,
-                                     stderr=subprocess.STDOUT)
-
-    def wait_ready(self, path: str = "/healthz", timeout: float = 180) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                self.log.seek(0)
-                raise RuntimeError(f"server exited:\n{self.log.read().decode()[-3000:]}")
-            try:
-                if httpx.get(self.base + path, timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        raise RuntimeError("server did not become ready")
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-
-    def __enter__(self) -> Server:
-        self.wait_ready()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-
-def wrk(url: str, body: dict | None, *, connections: int, duration: int, threads: int) -> dict:
-    env = dict(os.environ)
-    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-        if body is not None:
-            json.dump(body, f)
-    env["WRK_BODY_FILE"] = f.name if body is not None else ""
-    # Warm-up pass (not measured): JIT paths, thread pools, connection set-up.
-    subprocess.run(["wrk", "-t", str(threads), "-c", str(connections), "-d", "2s", "-s", str(ROOT / "bench/wrk.lua"),
-                    url], env=env, capture_output=True, timeout=60, check=False)
-    out = subprocess.run(["wrk", "-t", str(threads), "-c", str(connections), "-d", f"{duration}s", "--timeout", "30s",
-                          "-s", str(ROOT / "bench/wrk.lua"), url], env=env, capture_output=True, text=True,
-                         timeout=duration + 60, check=False)
-    os.unlink(f.name)
-    line = next((x for x in out.stdout.splitlines() if x.startswith("WRKJSON ")), None)
-    if line is None:
-        raise RuntimeError(f"wrk failed: {out.stdout}\n{out.stderr}")
-    res = json.loads(line[len("WRKJSON "):])
-    res["rps"] = res["requests"] / (res["duration_us"] / 1e6)
-    return res
+from bench.common import Server, bench_texts, free_port, jpeg_b64, wrk  # noqa: E402
 
 
 def bare_model_rate(model: str, pretrained: str | None, device: str, batch: int, image_b64: str,
@@ -161,7 +80,7 @@ def main() -> None:
         env["CLIPSEARCH_PRETRAINED"] = args.pretrained
     py = sys.executable
     load = {"connections": args.connections, "duration": args.duration, "threads": args.threads}
-    payloads = {"text": {"texts": ["a photo of a red circle on a blue background"]}}
+    payloads: dict[str, dict | list[dict]] = {"text": [{"texts": [t]} for t in bench_texts(4096)]}
     if not args.skip_images:
         payloads["image"] = {"images": [image]}
 

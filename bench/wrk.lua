@@ -1,12 +1,25 @@
--- wrk script: POST the JSON body in $WRK_BODY_FILE (GET when unset), and print one
--- machine-readable summary line (with p95, which wrk's own report lacks).
+-- wrk script: POST the JSON bodies in $WRK_BODY_FILE, one per line (GET when unset); with
+-- several bodies each connection cycles through them. Prints one machine-readable summary
+-- line (with p95, which wrk's own report lacks).
 local path = os.getenv("WRK_BODY_FILE")
+local bodies = {}
 if path and path ~= "" then
   local f = assert(io.open(path, "rb"))
-  wrk.body = f:read("*a")
+  for line in f:lines() do
+    if #line > 0 then table.insert(bodies, line) end
+  end
   f:close()
   wrk.method = "POST"
   wrk.headers["Content-Type"] = "application/json"
+  wrk.body = bodies[1]
+end
+
+local i = 0
+if #bodies > 1 then
+  function request()
+    i = i % #bodies + 1
+    return wrk.format(nil, nil, nil, bodies[i])
+  end
 end
 
 function done(summary, latency, requests)

@@ -3,18 +3,21 @@
 One batcher per modality. A request goes through:
 
 1. admission: its rows are counted against `max_queue`; over that, `Overloaded` (429);
-2. `prepare` (CPU work: decode, preprocess, tokenize) in a thread pool, off the event
-   loop, overlapping with the model call of the batch in flight;
+2. per-request CPU work (`prepare`: decode, preprocess) in a thread pool, off the event
+   loop; or none, when the payload is ready as it is (texts);
 3. the queue, as a sliceable payload of `n` rows;
-4. greedy batching, as TEI and Triton do: when the model is free, take everything
-   waiting up to `max_batch_size` rows (optionally after `max_wait_ms`), splitting a
-   request larger than a batch over several batches;
-5. `infer` in the model executor, off the event loop; its result rows go back to each
-   request in order.
+4. greedy batching, as TEI and Triton do: take everything waiting up to
+   `max_batch_size` rows (optionally after `max_wait_ms`), splitting a request larger
+   than a batch over several batches;
+5. per-batch CPU work (`collate`: tokenize a whole batch of texts) in the thread pool,
+   while the model still runs the previous batch: one thread hop per batch instead of
+   one per request;
+6. `infer` in the model executor, off the event loop; its result rows go back to each
+   request in order. The next batch is taken and collated while this one runs.
 
-Every waiter resolves: with its rows, with the batch's error if `infer` raises, with
-`RequestTimeout` past its deadline, or with `ShuttingDown`. A request whose client
-went away (or that timed out) is skipped before its rows reach the model.
+Every waiter resolves: with its rows, with the batch's error if `collate` or `infer`
+raises, with `RequestTimeout` past its deadline, or with `ShuttingDown`. A request whose
+client went away (or that timed out) is skipped before its rows reach the model.
 """
 
 from __future__ import annotations
@@ -71,10 +74,11 @@ class DynamicBatcher(Generic[P]):
     def __init__(
         self,
         name: str,
-        infer: Callable[[list[P]], np.ndarray],
+        infer: Callable[[Any], np.ndarray],
         *,
         model_executor: Executor,
         prepare_executor: Executor | None = None,
+        collate: Callable[[list[P]], Any] | None = None,
         max_batch_size: int = 64,
         max_wait_ms: float = 0.0,
         max_queue: int = 1024,
@@ -85,6 +89,7 @@ class DynamicBatcher(Generic[P]):
             raise ValueError("max_batch_size must be >= 1")
         self.name = name
         self._infer = infer
+        self._collate = collate
         self._model_executor = model_executor
         self._prepare_executor = prepare_executor
         self.max_batch_size = max_batch_size
@@ -95,8 +100,10 @@ class DynamicBatcher(Generic[P]):
         self._queue: deque[_Chunk] = deque()
         self._queued_rows = 0
         self._reserved_rows = 0
+        self._staged_rows = 0  # taken from the queue, not yet in the model
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
+        self._running: asyncio.Task[None] | None = None  # the batch in the model
         self._closed = False
         self.stats = BatcherStats()
 
@@ -114,6 +121,11 @@ class DynamicBatcher(Generic[P]):
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+        if self._running is not None:
+            self._running.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._running
+            self._running = None
         while self._queue:
             chunk = self._queue.popleft()
             _fail(chunk.job, ShuttingDown(f"{self.name} batcher is shutting down"))
@@ -122,18 +134,21 @@ class DynamicBatcher(Generic[P]):
 
     @property
     def pending_rows(self) -> int:
-        return self._queued_rows + self._reserved_rows
+        """Rows admitted and not yet in the model: what `max_queue` bounds."""
+        return self._queued_rows + self._reserved_rows + self._staged_rows
 
     # -- the request side ---------------------------------------------------------
     async def submit(
         self,
         n: int,
-        prepare: Callable[[], P],
+        prepare: Callable[[], P] | None = None,
         *,
+        payload: P | None = None,
         timeout: float,
         disconnected: Callable[[], Awaitable[Any]] | None = None,
     ) -> np.ndarray:
-        """Run `prepare()` off the loop, queue its `n` rows, and wait for their vectors.
+        """Queue `n` rows and wait for their vectors: `payload` as it is, or what `prepare()`
+        returns, run off the loop in the prepare pool.
 
         `disconnected`, if given, is awaited alongside; when it returns first the
         request is dropped (its rows never reach the model) and `asyncio.CancelledError`
@@ -155,8 +170,9 @@ class DynamicBatcher(Generic[P]):
         self._reserved_rows += n
         try:
             try:
-                prepared = asyncio.ensure_future(loop.run_in_executor(self._prepare_executor, prepare))
-                payload = await self._with_deadline(prepared, deadline, watcher, cancel_on_exit=False)
+                if prepare is not None:
+                    prepared = asyncio.ensure_future(loop.run_in_executor(self._prepare_executor, prepare))
+                    payload = await self._with_deadline(prepared, deadline, watcher, cancel_on_exit=False)
             finally:
                 self._reserved_rows -= n
             if self._closed:
@@ -247,30 +263,59 @@ class DynamicBatcher(Generic[P]):
                 await wakeup.wait()
             if self.max_wait > 0 and self._queued_rows < self.max_batch_size:
                 await asyncio.sleep(self.max_wait)
+            if self._running is not None and self._collate is None:
+                # Nothing to overlap: leave requests queued until the model is free, so the
+                # batch takes everything that arrived meanwhile (greedy).
+                await asyncio.wait([self._running])
             batch = self._take_batch()
             if not batch:
                 continue
             size = sum(c.rows for c in batch)
             payloads = [_slice(c.job.payload, c.lo, c.hi) for c in batch]
-            self.stats.batches += 1
-            self.stats.rows += size
-            self.stats.batch_sizes.append(size)
-            self._on_batch(size)
+            self._staged_rows = size
             try:
-                result = await loop.run_in_executor(self._model_executor, self._infer, payloads)
-                if not isinstance(result, np.ndarray) or result.shape[0] != size:
-                    raise InferenceError(f"model returned {getattr(result, 'shape', None)} rows for {size}")
+                if self._collate is not None:
+                    # Overlaps with the batch in the model (if any).
+                    payload = await loop.run_in_executor(self._prepare_executor, self._collate, payloads)
+                else:
+                    payload = payloads
+                if self._running is not None:
+                    await asyncio.wait([self._running])
             except asyncio.CancelledError:
-                for chunk in batch:
-                    _fail(chunk.job, ShuttingDown(f"{self.name} batcher is shutting down"))
+                _fail_all(batch, ShuttingDown(f"{self.name} batcher is shutting down"))
                 raise
             except Exception as exc:
-                log.exception("%s batch of %d failed", self.name, size)
-                err = exc if isinstance(exc, ClipsearchError) else InferenceError(f"{self.name} model call failed")
-                for chunk in batch:
-                    _fail(chunk.job, err)
+                self._fail_batch(batch, size, exc)
                 continue
-            self._distribute(batch, result)
+            finally:
+                self._staged_rows = 0
+            batch, size, payload = _drop_gone(batch, size, payload, collated=self._collate is not None)
+            if not batch:
+                continue
+            self._running = asyncio.create_task(self._run(batch, size, payload), name=f"batch-{self.name}")
+
+    async def _run(self, batch: list[_Chunk], size: int, payload: Any) -> None:
+        """One model call; its rows (or its error) go to every request in the batch."""
+        self.stats.batches += 1
+        self.stats.rows += size
+        self.stats.batch_sizes.append(size)
+        self._on_batch(size)
+        loop = asyncio.get_running_loop()
+        try:
+            result = await loop.run_in_executor(self._model_executor, self._infer, payload)
+            if not isinstance(result, np.ndarray) or result.shape[0] != size:
+                raise InferenceError(f"model returned {getattr(result, 'shape', None)} rows for {size}")
+        except asyncio.CancelledError:
+            _fail_all(batch, ShuttingDown(f"{self.name} batcher is shutting down"))
+            raise
+        except Exception as exc:
+            self._fail_batch(batch, size, exc)
+            return
+        self._distribute(batch, result)
+
+    def _fail_batch(self, batch: list[_Chunk], size: int, exc: Exception) -> None:
+        log.error("%s batch of %d failed", self.name, size, exc_info=exc)
+        _fail_all(batch, exc if isinstance(exc, ClipsearchError) else InferenceError(f"{self.name} model call failed"))
 
     @staticmethod
     def _distribute(batch: Sequence[_Chunk], result: np.ndarray) -> None:
@@ -293,6 +338,31 @@ def _slice(payload: Any, lo: int, hi: int) -> Any:
     if lo == 0 and hi == len(payload):
         return payload
     return payload[lo:hi]
+
+
+def _drop_gone(batch: list[_Chunk], size: int, payload: Any, *, collated: bool) -> tuple[list[_Chunk], int, Any]:
+    """Leave out requests that ended (client gone, timed out) while their batch was staged.
+
+    A collated payload must be indexable by a list of rows (a tensor or an array).
+    """
+    keep = [not c.job.future.done() for c in batch]
+    if all(keep):
+        return batch, size, payload
+    live = [c for c, k in zip(batch, keep, strict=True) if k]
+    if not collated:
+        return live, sum(c.rows for c in live), [p for p, k in zip(payload, keep, strict=True) if k]
+    rows: list[int] = []
+    offset = 0
+    for c, k in zip(batch, keep, strict=True):
+        if k:
+            rows.extend(range(offset, offset + c.rows))
+        offset += c.rows
+    return live, len(rows), payload[rows] if rows else payload
+
+
+def _fail_all(batch: Sequence[_Chunk], exc: BaseException) -> None:
+    for chunk in batch:
+        _fail(chunk.job, exc)
 
 
 def _fail(job: _Job, exc: BaseException) -> None:

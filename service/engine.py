@@ -50,8 +50,10 @@ class Engine:
             "max_wait_ms": settings.max_wait_ms,
             "max_queue": settings.max_queue,
         }
-        self.text: DynamicBatcher[torch.Tensor] = DynamicBatcher(
-            "text", self._infer_text, **common, **self._hooks("text")
+        # Texts are tokenized per batch (collate), not per request: the CLIP tokenizer
+        # takes ~11 us a text, less than a thread hop per request costs (bench/NOTES.md).
+        self.text: DynamicBatcher[list[str]] = DynamicBatcher(
+            "text", self._infer_text, collate=self._collate_texts, **common, **self._hooks("text")
         )
         self.image: DynamicBatcher[torch.Tensor] = DynamicBatcher(
             "image", self._infer_image, **common, **self._hooks("image")
@@ -85,8 +87,7 @@ class Engine:
         return self.model.dim
 
     # -- model calls (model thread) ---------------------------------------------------
-    def _infer_text(self, payloads: list[torch.Tensor]) -> np.ndarray:
-        tokens = payloads[0] if len(payloads) == 1 else torch.cat(payloads)
+    def _infer_text(self, tokens: torch.Tensor) -> np.ndarray:
         return self.model.encode_tokens(tokens)
 
     def _infer_image(self, payloads: list[torch.Tensor]) -> np.ndarray:
@@ -94,8 +95,8 @@ class Engine:
         return self.model.encode_pixels(pixels)
 
     # -- CPU work (prepare threads) ---------------------------------------------------
-    def _prepare_texts(self, texts: Sequence[str]) -> torch.Tensor:
-        return self.model.tokenize(texts)
+    def _collate_texts(self, payloads: list[list[str]]) -> torch.Tensor:
+        return self.model.tokenize([text for texts in payloads for text in texts])
 
     def _prepare_images(self, images: Sequence[str], field: str) -> torch.Tensor:
         s = self.settings
@@ -130,7 +131,7 @@ class Engine:
         """L2-normalized float32 vectors, one row per text, in input order."""
         self.check_texts(texts, field)
         return await self.text.submit(
-            len(texts), lambda: self._prepare_texts(texts),
+            len(texts), payload=list(texts),
             timeout=self.settings.request_timeout_s, disconnected=disconnected,
         )
 

@@ -65,8 +65,9 @@ async def _domain_error(request: Request, exc: Exception) -> Response:
         return await _internal_error(request, exc)
     status = status_for(exc)
     headers = {"Retry-After": str(max(1, round(exc.retry_after)))} if isinstance(exc, Overloaded) else None
-    if status >= 500 and not isinstance(exc, (NotReady, IndexLoadError)):
-        # Internal: the client gets the kind of failure, never its internals.
+    if status == 500:
+        # Internal: the client gets the kind of failure, never its internals. (503/504
+        # messages are ours: not ready, shutting down, timed out.)
         return error_response(status, exc.code, "internal error while encoding; see the service log")
     return error_response(status, exc.code, exc.message, exc.field, headers)
 

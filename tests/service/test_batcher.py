@@ -202,3 +202,120 @@ async def test_wrong_row_count_from_model_is_an_error(executors) -> None:
     with pytest.raises(InferenceError):
         await b.submit(3, lambda: _payload(0, 3), timeout=5)
     await b.stop()
+
+
+# -- per-batch collate (how texts are tokenized) -----------------------------------------
+def _collate_recorder(events: list[str], fail_when=None):
+    def collate(payloads: list[list[int]]) -> np.ndarray:
+        rows = [x for p in payloads for x in p]
+        events.append(f"collate {len(rows)}")
+        if fail_when is not None and fail_when(rows):
+            raise RuntimeError("collate broke (internal detail)")
+        return np.asarray(rows, dtype=np.float32)
+
+    return collate
+
+
+def _collated_model(events: list[str], gate: threading.Event | None = None):
+    def infer(x: np.ndarray) -> np.ndarray:
+        events.append(f"model start {len(x)}")
+        if gate is not None:
+            gate.wait(5)
+        events.append(f"model end {len(x)}")
+        return np.stack([x, 2 * x], axis=1).astype(np.float32)
+
+    return infer
+
+
+async def test_collated_batches_are_exact_and_merged(executors) -> None:
+    events: list[str] = []
+    b = await _started(_collated_model(events), executors, collate=_collate_recorder(events), max_batch_size=8)
+    sizes = [1, 3, 2, 5, 1, 4, 2, 7, 1, 1] * 3
+    starts = np.cumsum([0, *sizes[:-1]]) * 10
+    results = await asyncio.gather(*[
+        b.submit(n, payload=list(range(int(s), int(s) + n)), timeout=10) for s, n in zip(starts, sizes, strict=True)
+    ])
+    for s, n, r in zip(starts, sizes, results, strict=True):
+        x = _payload(int(s), n)
+        np.testing.assert_array_equal(r, np.stack([x, 2 * x], axis=1))
+    assert b.stats.batches < len(sizes) and max(b.stats.batch_sizes) <= 8
+    await b.stop()
+
+
+async def test_next_batch_is_collated_while_the_model_runs(executors) -> None:
+    events: list[str] = []
+    gate = threading.Event()
+    b = await _started(_collated_model(events, gate), executors, collate=_collate_recorder(events))
+    first = asyncio.ensure_future(b.submit(1, payload=[1], timeout=10))
+    await asyncio.sleep(0.1)
+    second = asyncio.ensure_future(b.submit(2, payload=[2, 3], timeout=10))
+    await asyncio.sleep(0.1)
+    # The model is still busy with the first batch, and the second is already collated.
+    assert events == ["collate 1", "model start 1", "collate 2"], events
+    gate.set()
+    await asyncio.gather(first, second)
+    assert events[3:] == ["model end 1", "model start 2", "model end 2"], events
+    await b.stop()
+
+
+async def test_request_gone_while_staged_never_reaches_the_model(executors) -> None:
+    events: list[str] = []
+    gate = threading.Event()
+    b = await _started(_collated_model(events, gate), executors, collate=_collate_recorder(events))
+    blocker = asyncio.ensure_future(b.submit(1, payload=[1], timeout=10))
+    await asyncio.sleep(0.1)
+    gone = asyncio.Event()
+    leaver = asyncio.ensure_future(b.submit(3, payload=[5, 6, 7], timeout=10, disconnected=gone.wait))
+    stayer = asyncio.ensure_future(b.submit(2, payload=[8, 9], timeout=10))
+    await asyncio.sleep(0.1)
+    assert "collate 5" in events  # both staged together behind the blocker
+    gone.set()
+    with pytest.raises(asyncio.CancelledError):
+        await leaver
+    gate.set()
+    await blocker
+    r = await stayer
+    np.testing.assert_array_equal(r[:, 0], [8, 9])
+    assert [e for e in events if e.startswith("model start")] == ["model start 1", "model start 2"], events
+    await b.stop()
+
+
+async def test_staged_rows_count_against_the_queue(executors) -> None:
+    events: list[str] = []
+    gate = threading.Event()
+    b = await _started(_collated_model(events, gate), executors, collate=_collate_recorder(events), max_queue=4)
+    blocker = asyncio.ensure_future(b.submit(1, payload=[1], timeout=10))
+    await asyncio.sleep(0.1)
+    staged = asyncio.ensure_future(b.submit(4, payload=[1, 2, 3, 4], timeout=10))
+    await asyncio.sleep(0.1)
+    with pytest.raises(Overloaded):
+        await b.submit(1, payload=[9], timeout=10)
+    gate.set()
+    await asyncio.gather(blocker, staged)
+    await b.stop()
+
+
+async def test_collate_failure_fails_its_batch_only(executors) -> None:
+    events: list[str] = []
+    b = await _started(_collated_model(events), executors,
+                       collate=_collate_recorder(events, fail_when=lambda rows: -1 in rows))
+    with pytest.raises(InferenceError) as err:
+        await b.submit(2, payload=[3, -1], timeout=5)
+    assert "internal detail" not in str(err.value)
+    r = await b.submit(1, payload=[4], timeout=5)
+    assert r[0, 1] == 8
+    await b.stop()
+
+
+async def test_stop_resolves_a_staged_batch(executors) -> None:
+    events: list[str] = []
+    gate = threading.Event()
+    b = await _started(_collated_model(events, gate), executors, collate=_collate_recorder(events))
+    waiters = [asyncio.ensure_future(b.submit(1, payload=[i], timeout=10)) for i in range(3)]
+    await asyncio.sleep(0.1)
+    stopping = asyncio.ensure_future(b.stop())
+    await asyncio.sleep(0.1)
+    gate.set()
+    await stopping
+    outcomes = await asyncio.wait_for(asyncio.gather(*waiters, return_exceptions=True), 5)
+    assert all(isinstance(o, ShuttingDown) for o in outcomes), outcomes

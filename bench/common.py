@@ -1,0 +1,115 @@
+"""What the benchmarks share: loopback servers, wrk runs, and the payloads they send."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+
+_WORDS = (  # noqa: SIM905 - a word list reads better as one string
+    "a an the photo picture image of with and on in under near beside above small large tiny big old new red "
+    "blue green yellow black white orange purple brown grey dog cat bird horse car bicycle boat plane train "
+    "tree flower house street beach mountain river city park kitchen table chair window door man woman child "
+    "people group two three four sitting standing running walking playing holding looking wearing shirt hat "
+    "sunny cloudy night evening morning winter summer snow rain water grass field road bridge building tower"
+).split()
+
+
+def bench_texts(n: int, seed: int = 0) -> list[str]:
+    """`n` distinct caption-like queries of 4-16 words (varied lengths, a realistic vocabulary).
+
+    Distinct texts keep caches honest: only the per-word caches a real query stream also
+    hits can help.
+    """
+    rng = np.random.default_rng(seed)
+    return [" ".join(rng.choice(_WORDS, size=int(rng.integers(4, 17)))) + f" {i}" for i in range(n)]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def jpeg_b64(size: tuple[int, int], seed: int = 0) -> str:
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    w, h = size
+    # Smooth gradients plus noise compress like a photo, unlike pure noise.
+    yy, xx = np.mgrid[0:h, 0:w]
+    arr = np.stack([(xx * 255 // w), (yy * 255 // h), ((xx + yy) * 127 // (w + h))], axis=-1)
+    arr = np.clip(arr + rng.integers(-25, 25, arr.shape), 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="JPEG", quality=90)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+class Server:
+    def __init__(self, argv: list[str], env: dict[str, str], port: int) -> None:
+        self.base = f"http://127.0.0.1:{port}"
+        self.log = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the server process
+        self.proc = subprocess.Popen(argv, cwd=ROOT, env={**os.environ, **env}, stdout=self.log,
+                                     stderr=subprocess.STDOUT)
+
+    def wait_ready(self, path: str = "/healthz", timeout: float = 180) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                self.log.seek(0)
+                raise RuntimeError(f"server exited:\n{self.log.read().decode()[-3000:]}")
+            try:
+                if httpx.get(self.base + path, timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        raise RuntimeError("server did not become ready")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+    def __enter__(self) -> Server:
+        self.wait_ready()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def wrk(url: str, body: dict | list[dict] | None, *, connections: int, duration: int, threads: int) -> dict:
+    """Drive `url` with wrk for `duration` s; POST `body` (a list: each connection cycles through them)."""
+    env = dict(os.environ)
+    bodies = body if isinstance(body, list) else [body] if body is not None else []
+    with tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False) as f:
+        for b in bodies:
+            f.write(json.dumps(b) + "\n")
+    env["WRK_BODY_FILE"] = f.name if bodies else ""
+    # Warm-up pass (not measured): JIT paths, thread pools, connection set-up.
+    subprocess.run(["wrk", "-t", str(threads), "-c", str(connections), "-d", "2s", "-s", str(ROOT / "bench/wrk.lua"),
+                    url], env=env, capture_output=True, timeout=60, check=False)
+    out = subprocess.run(["wrk", "-t", str(threads), "-c", str(connections), "-d", f"{duration}s", "--timeout", "30s",
+                          "-s", str(ROOT / "bench/wrk.lua"), url], env=env, capture_output=True, text=True,
+                         timeout=duration + 60, check=False)
+    os.unlink(f.name)
+    line = next((x for x in out.stdout.splitlines() if x.startswith("WRKJSON ")), None)
+    if line is None:
+        raise RuntimeError(f"wrk failed: {out.stdout}\n{out.stderr}")
+    res = json.loads(line[len("WRKJSON "):])
+    res["rps"] = res["requests"] / (res["duration_us"] / 1e6)
+    return res
