@@ -100,10 +100,12 @@ class Engine:
 
     def _prepare_images(self, images: Sequence[str], field: str) -> torch.Tensor:
         s = self.settings
+        draft = self.model.image_size if s.image_decode == "draft" else None
         tensors = []
         for i, data in enumerate(images):
             name = item_name(field, i)
-            image = decode_image(data, field=name, max_bytes=s.max_image_bytes, max_pixels=s.max_image_pixels)
+            image = decode_image(data, field=name, max_bytes=s.max_image_bytes, max_pixels=s.max_image_pixels,
+                                 draft=draft)
             try:
                 tensors.append(self.model.preprocess(image))
             except Exception as exc:  # an odd mode or palette PIL decodes but cannot convert

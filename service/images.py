@@ -48,8 +48,13 @@ def decode_base64(data: str, *, field: str, max_bytes: int) -> bytes:
     return out
 
 
-def open_image(data: bytes, *, field: str, max_pixels: int) -> Image.Image:
-    """Decode image bytes fully; pixel count is checked from the header before decoding."""
+def open_image(data: bytes, *, field: str, max_pixels: int, draft: tuple[int, int] | None = None) -> Image.Image:
+    """Decode image bytes fully; pixel count is checked from the header before decoding.
+
+    `draft` (JPEG only): let libjpeg decode at the smallest 1/2, 1/4 or 1/8 scale that
+    still covers this size (DCT scaling), 2-3x faster for photos much larger than the
+    model's input. The result differs slightly from a full decode; see `Settings.image_decode`.
+    """
     try:
         with warnings.catch_warnings():
             # PIL warns (and later raises) on huge images; our own limit applies first.
@@ -63,6 +68,8 @@ def open_image(data: bytes, *, field: str, max_pixels: int) -> Image.Image:
                 )
             if width == 0 or height == 0:
                 raise InvalidImage(f"{field}: image has no pixels", field=field)
+            if draft is not None and image.format == "JPEG":
+                image.draft(image.mode, draft)
             image.load()
     except (PayloadTooLarge, InvalidImage):
         raise
@@ -76,6 +83,9 @@ def open_image(data: bytes, *, field: str, max_pixels: int) -> Image.Image:
     return image
 
 
-def decode_image(data: str, *, field: str, max_bytes: int, max_pixels: int) -> Image.Image:
+def decode_image(
+    data: str, *, field: str, max_bytes: int, max_pixels: int, draft: tuple[int, int] | None = None
+) -> Image.Image:
     """base64 string -> decoded PIL image (mode as stored; the model's transform converts to RGB)."""
-    return open_image(decode_base64(data, field=field, max_bytes=max_bytes), field=field, max_pixels=max_pixels)
+    raw = decode_base64(data, field=field, max_bytes=max_bytes)
+    return open_image(raw, field=field, max_pixels=max_pixels, draft=draft)
