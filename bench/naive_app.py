@@ -21,10 +21,16 @@ from fastapi import FastAPI
 from PIL import Image
 from pydantic import BaseModel
 
+from service.index_format import current_version_dir
 from service.model import load_model
+from service.search import load_index_set
 
 model = load_model(os.environ.get("CLIPSEARCH_MODEL", "clipsearch-tiny"), os.environ.get("CLIPSEARCH_PRETRAINED"),
                    os.environ.get("CLIPSEARCH_DEVICE", "auto"))
+_index_dir = os.environ.get("CLIPSEARCH_INDEX_DIR")
+_version = current_version_dir(_index_dir) if _index_dir else None
+images_index = (None if _version is None else
+                load_index_set(_version, fingerprint=model.info.fingerprint, dim=model.dim).get("image"))
 app = FastAPI()
 
 
@@ -45,6 +51,20 @@ def embed(req: Req) -> dict:
                                   for s in req.images]).to(model.device, model.dtype)
             out["images"] = F.normalize(model.model.encode_image(pixels).float(), dim=-1).cpu().tolist()
     return out
+
+
+class SearchReq(BaseModel):
+    text: str
+    k: int = 10
+
+
+@app.post("/search/text")
+def search_text(req: SearchReq) -> dict:
+    assert images_index is not None, "set CLIPSEARCH_INDEX_DIR"
+    with torch.no_grad():
+        query = F.normalize(model.model.encode_text(model.tokenizer([req.text]).to(model.device)).float(), dim=-1)
+    hits = images_index.search(query.cpu().numpy(), req.k)[0]
+    return {"results": [{"id": h.id, "score": h.score, "metadata": h.metadata} for h in hits]}
 
 
 @app.get("/healthz")

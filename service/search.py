@@ -183,14 +183,22 @@ class LoadedIndex:
         return self.backend.ntotal
 
     def search(self, queries: np.ndarray, k: int, params: SearchParams | None = None) -> list[list[Hit]]:
+        return self.to_hits(*self.raw_search(queries, k, params))
+
+    def raw_search(
+        self, queries: np.ndarray, k: int, params: SearchParams | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, ids) of the top `k` (at most the index size), with this index's default
+        search parameters filling in what `params` leaves unset."""
         defaults = self.entry.search_params
         params = params or SearchParams()
         params = SearchParams(
             nprobe=params.nprobe or defaults.get("nprobe"),
             ef_search=params.ef_search or defaults.get("efSearch"),
         )
-        k_eff = max(1, min(k, self.count))
-        scores, ids = self.backend.search(queries, k_eff, params)
+        return self.backend.search(queries, max(1, min(k, self.count)), params)
+
+    def to_hits(self, scores: np.ndarray, ids: np.ndarray) -> list[list[Hit]]:
         out: list[list[Hit]] = []
         for row_scores, row_ids in zip(scores, ids, strict=True):
             hits = []

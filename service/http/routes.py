@@ -88,8 +88,8 @@ async def search_text(body: TextSearchRequest, state: State, disconnected: Disco
     current, index = state.index_for("image")
     query = await state.engine.embed_texts([body.text], field="text", disconnected=disconnected)
     params = SearchParams(nprobe=body.nprobe, ef_search=body.ef_search)
-    hits = await run_in_threadpool(index.search, query, body.k, params)
-    return json_response({"results": _hits(hits[0]), "index_version": current.version})
+    hits = await state.engine.search(index, query[0], body.k, params, disconnected=disconnected)
+    return json_response({"results": _hits(hits), "index_version": current.version})
 
 
 @router.post("/search/image", response_model=SearchResponse, responses=_ERRORS)
@@ -99,8 +99,8 @@ async def search_image(body: ImageSearchRequest, state: State, disconnected: Dis
     current, index = state.index_for("text")
     query = await state.engine.embed_images([body.image], field="image", disconnected=disconnected)
     params = SearchParams(nprobe=body.nprobe, ef_search=body.ef_search)
-    hits = await run_in_threadpool(index.search, query, body.k, params)
-    return json_response({"results": _hits(hits[0]), "index_version": current.version})
+    hits = await state.engine.search(index, query[0], body.k, params, disconnected=disconnected)
+    return json_response({"results": _hits(hits), "index_version": current.version})
 
 
 @router.post("/classify", response_model=ClassifyResponse, responses=_ERRORS)

@@ -151,6 +151,25 @@ async def test_search_image_equals_brute_force(make_client, tiny_model, referenc
     assert [h["text"] for h in results] == [captions[i] for i in expected]
 
 
+async def test_concurrent_searches_are_batched_and_equal_brute_force(make_client, tiny_model, reference,
+                                                                      index_dir) -> None:
+    path, img_vecs, _, _ = index_dir
+    queries = [f"picture {i} in {c}" for i, c in enumerate(["red", "blue", "gold", "green"] * 6)]
+    ks = [1, 3, 10, 40, 7, 2] * 4  # different k in one batch: each gets its own top-k
+    async with make_client(tiny_model, index_dir=path) as client:
+        searcher = client.state.engine.searcher
+        before = searcher.stats.batches
+        responses = await asyncio.gather(*[
+            client.post("/search/text", json={"text": q, "k": k}) for q, k in zip(queries, ks, strict=True)
+        ])
+        batches = searcher.stats.batches - before
+    for r, qv, k in zip(responses, ref_text(reference, queries), ks, strict=True):
+        assert r.status_code == 200, r.text
+        expected = np.argsort(-(img_vecs @ qv), kind="stable")[:k]
+        assert [h["id"] for h in r.json()["results"]] == [f"img-{i}" for i in expected]
+    assert batches < len(queries)  # merged into fewer index calls
+
+
 async def test_k_above_index_size_returns_all(make_client, tiny_model, index_dir) -> None:
     async with make_client(tiny_model, index_dir=index_dir[0]) as client:
         r = await client.post("/search/text", json={"text": "x", "k": 500})

@@ -1,0 +1,197 @@
+"""The benchmark suite: every serving path at 1, 16 and 256 clients, against the bare model
+and a naive per-request wrapper, in one run. One command, one table.
+
+For each path (text /embed, image /embed of a base64 JPEG, text->image /search/text over
+an index of `--index-size` vectors) and each client count, it prints the service's
+throughput and p50/p99, the naive wrapper's (bench/naive_app.py: one encode call per
+request, the way hand-written wrappers do it), the bare model's items/s at a batch size
+equal to the client count (the best batch the service could form; measured in this same
+run, in this process), and the ratios. Load comes from wrk on loopback, bounded in time;
+the load generator's own ceiling against /healthz is measured first, at each client count.
+
+    python bench/suite.py                                   # CPU, tiny model, 1M-vector index
+    python bench/suite.py --model ViT-B-32 --device cuda    # GPU, random weights
+    python bench/suite.py --index-size 100000 --duration 3  # quicker
+
+Needs `wrk` (Debian/Ubuntu: apt-get install wrk).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.common import Server, bench_texts, free_port, jpeg_b64, wrk  # noqa: E402
+
+
+def build_index(index_dir: Path, model, n: int, seed: int = 0) -> float:
+    """A flat image index of `n` random unit vectors (search cost does not depend on content)."""
+    from service.index_format import ModelRef, write_index_from_vectors
+
+    t0 = time.perf_counter()
+    rng = np.random.default_rng(seed)
+    vectors = np.empty((n, model.dim), np.float32)
+    for lo in range(0, n, 100_000):
+        block = rng.standard_normal((min(100_000, n - lo), model.dim), dtype=np.float32)
+        vectors[lo : lo + len(block)] = block / np.linalg.norm(block, axis=1, keepdims=True)
+    items = [{"id": f"img{i}"} for i in range(n)]
+    ref = ModelRef(spec=model.info.spec, pretrained=model.info.pretrained, fingerprint=model.info.fingerprint)
+    write_index_from_vectors(index_dir, model=ref, image=(vectors, items))
+    return time.perf_counter() - t0
+
+
+def rate(fn, items: int, seconds: float) -> float:
+    fn()
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        fn()
+        n += items
+    return n / (time.perf_counter() - t0)
+
+
+def bare_rates(model, index_dir: Path | None, batches: list[int], image_b64: str,
+               seconds: float) -> dict[str, dict[int, float]]:
+    """Items/s of the model seam (and the index) alone, per batch size: what the service is compared with."""
+    import torch
+    from PIL import Image
+
+    from service.index_format import current_version_dir
+    from service.search import SearchParams, load_index_set
+
+    version = current_version_dir(index_dir) if index_dir is not None else None
+    index = None if version is None else load_index_set(version, fingerprint=model.info.fingerprint,
+                                                         dim=model.dim).get("image")
+    texts = bench_texts(max(batches))
+    pixel = model.preprocess(Image.open(io.BytesIO(base64.b64decode(image_b64))))
+    out: dict[str, dict[int, float]] = {"text": {}, "image": {}, "search": {}, "decode": {}}
+    for b in batches:
+        tokens = model.tokenize(texts[:b])
+        pixels = pixel.unsqueeze(0).repeat(b, 1, 1, 1)
+        out["text"][b] = rate(lambda t=tokens: model.encode_tokens(t), b, seconds)
+        out["image"][b] = rate(lambda p=pixels: model.encode_pixels(p), b, seconds)
+        if index is not None:
+            queries = model.encode_tokens(tokens)
+            out["search"][b] = rate(lambda q=queries, i=index: i.search(q, 10, SearchParams()), b, seconds)
+        del pixels
+    torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    # Decoding + preprocessing one image on one core: the image path's CPU cost per item.
+    one = rate(lambda: model.preprocess(Image.open(io.BytesIO(base64.b64decode(image_b64)))), 1, seconds)
+    out["decode"] = dict.fromkeys(batches, one)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="clipsearch-tiny")
+    ap.add_argument("--pretrained", default=None)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--clients", default="1,16,256", help="comma-separated concurrent client counts")
+    ap.add_argument("--duration", type=int, default=5, help="seconds per measured wrk run")
+    ap.add_argument("--threads", type=int, default=2, help="wrk threads (at most the client count)")
+    ap.add_argument("--index-size", type=int, default=1_000_000)
+    ap.add_argument("--image-size", default="640x480", help="JPEG sent to image /embed")
+    ap.add_argument("--paths", default="text,image,search")
+    ap.add_argument("--image-decode", default="exact", choices=["exact", "draft"])
+    ap.add_argument("--skip-naive", action="store_true")
+    ap.add_argument("--json", type=Path, help="also write the results here")
+    args = ap.parse_args()
+    if shutil.which("wrk") is None:
+        sys.exit("wrk not found: apt-get install wrk")
+
+    from service.model import load_model
+
+    clients = [int(c) for c in args.clients.split(",")]
+    paths = args.paths.split(",")
+    w, h = (int(x) for x in args.image_size.split("x"))
+    image = jpeg_b64((w, h))
+    texts = bench_texts(4096)
+    model = load_model(args.model, args.pretrained, args.device)
+    print(f"clipsearch benchmark suite: model={args.model} device={model.info.device} dtype={model.info.dtype} "
+          f"dim={model.dim} index={args.index_size:,} flat vectors image={w}x{h} JPEG decode={args.image_decode} "
+          f"duration={args.duration}s/run cpus={os.cpu_count()} python={platform.python_version()}", flush=True)
+    work = Path(tempfile.mkdtemp(prefix="clipsearch-suite-"))
+    try:
+        index_dir = work / "index"
+        if "search" in paths:
+            took = build_index(index_dir, model, args.index_size)
+            print(f"building a {args.index_size:,}-vector index: {took:.1f} s", flush=True)
+        bodies = {
+            "text": ("/embed", [{"texts": [t]} for t in texts]),
+            "image": ("/embed", [{"images": [image]}]),
+            "search": ("/search/text", [{"text": t, "k": 10} for t in texts]),
+        }
+        env = {"CLIPSEARCH_MODEL": args.model, "CLIPSEARCH_DEVICE": args.device, "CLIPSEARCH_LOG_LEVEL": "warning",
+               "CLIPSEARCH_IMAGE_DECODE": args.image_decode, "CLIPSEARCH_MAX_QUEUE": "4096"}
+        if args.pretrained:
+            env["CLIPSEARCH_PRETRAINED"] = args.pretrained
+        if "search" in paths:
+            env["CLIPSEARCH_INDEX_DIR"] = str(index_dir)
+        py = sys.executable
+        servers = {"clipsearch": [py, "-m", "clipsearch", "serve", "--host", "127.0.0.1"]}
+        if not args.skip_naive:
+            servers["naive"] = [py, "-m", "uvicorn", "bench.naive_app:app", "--host", "127.0.0.1", "--log-level",
+                                "warning"]
+        results: dict[tuple[str, str, int], dict] = {}
+        ceiling: dict[int, dict] = {}
+        for name, argv in servers.items():
+            port = free_port()
+            with Server([*argv, "--port", str(port)], env, port) as srv:
+                srv.wait_ready("/readyz" if name == "clipsearch" else "/healthz", timeout=600)
+                for c in clients:
+                    load = {"connections": c, "duration": args.duration, "threads": min(args.threads, c)}
+                    if name == "clipsearch":
+                        ceiling[c] = wrk(srv.base + "/healthz", None, **load)
+                    for path in paths:
+                        route, body = bodies[path]
+                        r = wrk(srv.base + route, body, **load)
+                        results[(name, path, c)] = r
+                        print(f"  {name:<10} {path:<6} {c:>4} clients {r['rps']:>9.1f} req/s  "
+                              f"p50 {r['p50_ms']:>8.1f} ms  p99 {r['p99_ms']:>8.1f} ms  non-2xx {r['non2xx']}  "
+                              f"errors {r['errors']}", flush=True)
+        bare = bare_rates(model, index_dir if "search" in paths else None, clients, image, seconds=2.0)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    print("\n| path | clients | clipsearch req/s | p50 ms | p99 ms | naive req/s | naive p99 ms | vs naive "
+          "| bare model items/s at batch = clients | vs bare | load generator ceiling req/s |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for path in paths:
+        for c in clients:
+            r = results[("clipsearch", path, c)]
+            n = results.get(("naive", path, c))
+            b = bare[path].get(c, float("nan"))
+            if n is None:
+                naive = "- | - | -"
+            elif n["requests"] == 0:  # nothing finished within the run: every request took longer
+                naive = f"0 | > {args.duration * 1000} | -"
+            else:
+                naive = f"{n['rps']:.0f} | {n['p99_ms']:.1f} | {r['rps'] / n['rps']:.2f}x"
+            print(f"| {path} | {c} | {r['rps']:.0f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {naive} | {b:.0f} "
+                  f"| {r['rps'] / b:.2f} | {ceiling[c]['rps']:.0f} |")
+    if "image" in paths:
+        print(f"\nimage decode + preprocess on one core (PIL, exact): {bare['decode'][clients[0]]:.0f} images/s")
+    if args.json:
+        args.json.write_text(json.dumps({
+            "args": {k: str(v) for k, v in vars(args).items()},
+            "results": [{"server": k[0], "path": k[1], "clients": k[2], **v} for k, v in results.items()],
+            "ceiling": {str(c): v for c, v in ceiling.items()},
+            "bare": {p: {str(b): v for b, v in d.items()} for p, d in bare.items()},
+        }, indent=2))
+
+
+if __name__ == "__main__":
+    main()
