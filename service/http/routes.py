@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import numpy as np
@@ -28,6 +28,7 @@ from service.http.schemas import (
     SimilarityResponse,
     TextSearchRequest,
 )
+from service.index_format import Modality
 from service.search import Hit, SearchParams
 
 router = APIRouter()
@@ -81,26 +82,37 @@ def _check_k(k: int, state: State) -> None:
         raise OutOfRange(f"k: {k} is above the limit of {state.settings.max_k}", field="k")
 
 
+async def _search(state: State, modality: Modality, encode: Callable[[], Awaitable[np.ndarray]],
+                  body: TextSearchRequest | ImageSearchRequest, disconnected: Disconnected) -> Response:
+    """Search the `modality` index with the vector `encode()` gives. The index is taken before
+    encoding: a missing one answers 503 at once, and a hot reload meanwhile does not matter."""
+    current, index = state.index_for(modality)
+    vector = await encode()
+    params = SearchParams(nprobe=body.nprobe, ef_search=body.ef_search)
+    hits = await state.engine.search(index, vector[0], body.k, params, disconnected=disconnected)
+    return json_response({"results": _hits(hits), "index_version": current.version})
+
+
 @router.post("/search/text", response_model=SearchResponse, responses=_ERRORS)
 async def search_text(body: TextSearchRequest, state: State, disconnected: Disconnected) -> Response:
     """Text -> images: the query text's vector searched in the image index."""
     _check_k(body.k, state)
-    current, index = state.index_for("image")
-    query = await state.engine.embed_texts([body.text], field="text", disconnected=disconnected)
-    params = SearchParams(nprobe=body.nprobe, ef_search=body.ef_search)
-    hits = await state.engine.search(index, query[0], body.k, params, disconnected=disconnected)
-    return json_response({"results": _hits(hits), "index_version": current.version})
+    return await _search(
+        state, "image",
+        lambda: state.engine.embed_texts([body.text], field="text", disconnected=disconnected),
+        body, disconnected,
+    )
 
 
 @router.post("/search/image", response_model=SearchResponse, responses=_ERRORS)
 async def search_image(body: ImageSearchRequest, state: State, disconnected: Disconnected) -> Response:
     """Image -> texts: the query image's vector searched in the text index."""
     _check_k(body.k, state)
-    current, index = state.index_for("text")
-    query = await state.engine.embed_images([body.image], field="image", disconnected=disconnected)
-    params = SearchParams(nprobe=body.nprobe, ef_search=body.ef_search)
-    hits = await state.engine.search(index, query[0], body.k, params, disconnected=disconnected)
-    return json_response({"results": _hits(hits), "index_version": current.version})
+    return await _search(
+        state, "text",
+        lambda: state.engine.embed_images([body.image], field="image", disconnected=disconnected),
+        body, disconnected,
+    )
 
 
 @router.post("/classify", response_model=ClassifyResponse, responses=_ERRORS)
