@@ -36,6 +36,16 @@ def bench_texts(n: int, seed: int = 0) -> list[str]:
     return [" ".join(rng.choice(_WORDS, size=int(rng.integers(4, 17)))) + f" {i}" for i in range(n)]
 
 
+def rate(fn, items: int, seconds: float) -> float:
+    """Items/s of calling `fn` (which handles `items` items) repeatedly for `seconds`, after one warm-up call."""
+    fn()
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        fn()
+        n += items
+    return n / (time.perf_counter() - t0)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -21,13 +21,12 @@ import os
 import platform
 import shutil
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import Server, bench_texts, free_port, jpeg_b64, wrk  # noqa: E402
+from bench.common import Server, bench_texts, free_port, jpeg_b64, rate, wrk  # noqa: E402
 
 
 def bare_model_rate(model: str, pretrained: str | None, device: str, batch: int, image_b64: str,
@@ -42,20 +41,13 @@ def bare_model_rate(model: str, pretrained: str | None, device: str, batch: int,
     tokens = m.tokenize([f"a photo of thing number {i}" for i in range(batch)])
     pil = Image.open(io.BytesIO(base64.b64decode(image_b64)))
     pixels = torch.stack([m.preprocess(pil) for _ in range(batch)])
-    rates = {}
-    for name, fn in (("text", lambda: m.encode_tokens(tokens)), ("image", lambda: m.encode_pixels(pixels))):
-        fn()
-        n, t0 = 0, time.perf_counter()
-        while time.perf_counter() - t0 < seconds:
-            fn()
-            n += batch
-        rates[name] = n / (time.perf_counter() - t0)
-    # The CPU work per image (decode + preprocess), which the service must also do.
-    n, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds / 2:
-        m.preprocess(Image.open(io.BytesIO(base64.b64decode(image_b64))))
-        n += 1
-    rates["image_decode_1core"] = n / (time.perf_counter() - t0)
+    rates = {
+        "text": rate(lambda: m.encode_tokens(tokens), batch, seconds),
+        "image": rate(lambda: m.encode_pixels(pixels), batch, seconds),
+        # The CPU work per image (decode + preprocess), which the service must also do.
+        "image_decode_1core": rate(lambda: m.preprocess(Image.open(io.BytesIO(base64.b64decode(image_b64)))), 1,
+                                   seconds / 2),
+    }
     return rates
 
 

@@ -35,7 +35,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import Server, bench_texts, free_port, jpeg_b64, wrk  # noqa: E402
+from bench.common import Server, bench_texts, free_port, jpeg_b64, rate, wrk  # noqa: E402
 
 
 def build_index(index_dir: Path, model, n: int, seed: int = 0) -> float:
@@ -52,15 +52,6 @@ def build_index(index_dir: Path, model, n: int, seed: int = 0) -> float:
     ref = ModelRef(spec=model.info.spec, pretrained=model.info.pretrained, fingerprint=model.info.fingerprint)
     write_index_from_vectors(index_dir, model=ref, image=(vectors, items))
     return time.perf_counter() - t0
-
-
-def rate(fn, items: int, seconds: float) -> float:
-    fn()
-    n, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        fn()
-        n += items
-    return n / (time.perf_counter() - t0)
 
 
 def bare_rates(model, index_dir: Path | None, batches: list[int], image_b64: str,

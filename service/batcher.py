@@ -274,25 +274,24 @@ class DynamicBatcher(Generic[P]):
             payloads = [_slice(c.job.payload, c.lo, c.hi) for c in batch]
             self._staged_rows = size
             try:
-                if self._collate is not None:
-                    # Overlaps with the batch in the model (if any).
-                    payload = await loop.run_in_executor(self._prepare_executor, self._collate, payloads)
-                else:
-                    payload = payloads
-                if self._running is not None:
-                    await asyncio.wait([self._running])
-            except asyncio.CancelledError:
-                _fail_all(batch, ShuttingDown(f"{self.name} batcher is shutting down"))
-                raise
-            except Exception as exc:
-                self._fail_batch(batch, size, exc)
-                continue
+                ok, payload = await self._guarded(batch, size, self._stage(loop, payloads))
             finally:
                 self._staged_rows = 0
+            if not ok:
+                continue
             batch, size, payload = _drop_gone(batch, size, payload, collated=self._collate is not None)
             if not batch:
                 continue
             self._running = asyncio.create_task(self._run(batch, size, payload), name=f"batch-{self.name}")
+
+    async def _stage(self, loop: asyncio.AbstractEventLoop, payloads: list[Any]) -> Any:
+        """Collate the batch (overlapping the batch in the model, if any), then wait for the model."""
+        payload = payloads
+        if self._collate is not None:
+            payload = await loop.run_in_executor(self._prepare_executor, self._collate, payloads)
+        if self._running is not None:
+            await asyncio.wait([self._running])
+        return payload
 
     async def _run(self, batch: list[_Chunk], size: int, payload: Any) -> None:
         """One model call; its rows (or its error) go to every request in the batch."""
@@ -301,17 +300,26 @@ class DynamicBatcher(Generic[P]):
         self.stats.batch_sizes.append(size)
         self._on_batch(size)
         loop = asyncio.get_running_loop()
+        ok, result = await self._guarded(batch, size, loop.run_in_executor(self._model_executor, self._infer, payload))
+        if not ok:
+            return
+        if not isinstance(result, np.ndarray) or result.shape[0] != size:
+            self._fail_batch(batch, size, InferenceError(f"model returned {getattr(result, 'shape', None)} rows "
+                                                         f"for {size}"))
+            return
+        self._distribute(batch, result)
+
+    async def _guarded(self, batch: list[_Chunk], size: int, step: Awaitable[Any]) -> tuple[bool, Any]:
+        """Await one step of a batch; if it fails, every request in the batch gets the error
+        (`ShuttingDown` when the batcher is being stopped) and (False, None) comes back."""
         try:
-            result = await loop.run_in_executor(self._model_executor, self._infer, payload)
-            if not isinstance(result, np.ndarray) or result.shape[0] != size:
-                raise InferenceError(f"model returned {getattr(result, 'shape', None)} rows for {size}")
+            return True, await step
         except asyncio.CancelledError:
             _fail_all(batch, ShuttingDown(f"{self.name} batcher is shutting down"))
             raise
         except Exception as exc:
             self._fail_batch(batch, size, exc)
-            return
-        self._distribute(batch, result)
+            return False, None
 
     def _fail_batch(self, batch: list[_Chunk], size: int, exc: Exception) -> None:
         log.error("%s batch of %d failed", self.name, size, exc_info=exc)
