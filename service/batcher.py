@@ -18,6 +18,8 @@ One batcher per modality. A request goes through:
 Every waiter resolves: with its rows, with the batch's error if `collate` or `infer`
 raises, with `RequestTimeout` past its deadline, or with `ShuttingDown`. A request whose
 client went away (or that timed out) is skipped before its rows reach the model.
+A client that leaves is noticed once its request has waited `watch_after_s` (see
+`_Guard`): watching every request from its start would cost more than it saves.
 """
 
 from __future__ import annotations
@@ -25,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Executor
@@ -61,6 +62,69 @@ class _Chunk:
         return self.hi - self.lo
 
 
+class _Guard:
+    """Ends a request's waits at its deadline, or when its client goes away.
+
+    One timer per request for both of its waits (preparing, then queued/encoding). The
+    disconnect watcher (a task awaiting the ASGI `receive`) starts only once the request
+    has waited `watch_after` seconds: most requests are answered before that, and a task
+    per request costs ~40 us of event-loop time, a fifth of the whole per-request budget
+    (bench/NOTES.md). A client that leaves sooner costs at most its rows in one batch.
+    """
+
+    __slots__ = ("deadline", "disconnected", "fut", "loop", "name", "timer", "watcher", "why")
+
+    def __init__(self, name: str, loop: asyncio.AbstractEventLoop, timeout: float,
+                 disconnected: Callable[[], Awaitable[Any]] | None, watch_after: float) -> None:
+        self.name = name
+        self.loop = loop
+        now = loop.time()
+        self.deadline = now + timeout
+        self.disconnected = disconnected
+        self.fut: asyncio.Future[Any] | None = None
+        self.why: str | None = None
+        self.watcher: asyncio.Future[Any] | None = None
+        if disconnected is not None and watch_after < timeout:
+            self.timer = loop.call_at(now + watch_after, self._watch)
+        else:
+            self.timer = loop.call_at(self.deadline, self._end, "timeout")
+
+    def _watch(self) -> None:
+        if self.disconnected is None:  # never: this timer is armed only with a watcher to start
+            return
+        self.watcher = asyncio.ensure_future(self.disconnected())
+        self.watcher.add_done_callback(lambda _: self._end("disconnect"))
+        self.timer = self.loop.call_at(self.deadline, self._end, "timeout")
+
+    def _end(self, reason: str) -> None:
+        if self.why is None:
+            self.why = reason
+        if self.fut is not None and not self.fut.done():
+            self.fut.cancel()
+
+    async def wait(self, fut: asyncio.Future[Any], *, cancel_on_exit: bool) -> Any:
+        """Await `fut` unless the request has ended; a cancelled queued job drops its rows."""
+        self.fut = fut
+        if self.why is not None:
+            fut.cancel()
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            if not cancel_on_exit:
+                # A thread-pool job cannot be stopped; consume its outcome so nothing is logged as lost.
+                fut.add_done_callback(lambda f: f.cancelled() or f.exception())
+            if self.why == "timeout":
+                raise RequestTimeout(f"{self.name} request timed out after waiting for the model") from None
+            raise  # the client left, or the request itself was cancelled
+        finally:
+            self.fut = None
+
+    def close(self) -> None:
+        self.timer.cancel()
+        if self.watcher is not None and not self.watcher.done():
+            self.watcher.cancel()
+
+
 @dataclass
 class BatcherStats:
     """Counters tests and metrics read: model calls made and rows encoded."""
@@ -82,6 +146,7 @@ class DynamicBatcher(Generic[P]):
         max_batch_size: int = 64,
         max_wait_ms: float = 0.0,
         max_queue: int = 1024,
+        watch_after_s: float = 0.05,
         on_batch: Callable[[int], None] | None = None,
         on_queue_depth: Callable[[int], None] | None = None,
     ) -> None:
@@ -95,6 +160,7 @@ class DynamicBatcher(Generic[P]):
         self.max_batch_size = max_batch_size
         self.max_wait = max_wait_ms / 1000.0
         self.max_queue = max_queue
+        self.watch_after = watch_after_s
         self._on_batch = on_batch or (lambda n: None)
         self._on_queue_depth = on_queue_depth or (lambda n: None)
         self._queue: deque[_Chunk] = deque()
@@ -150,9 +216,9 @@ class DynamicBatcher(Generic[P]):
         """Queue `n` rows and wait for their vectors: `payload` as it is, or what `prepare()`
         returns, run off the loop in the prepare pool.
 
-        `disconnected`, if given, is awaited alongside; when it returns first the
-        request is dropped (its rows never reach the model) and `asyncio.CancelledError`
-        is raised.
+        `disconnected`, if given, is awaited alongside once the request has waited
+        `watch_after_s`; when it returns first the request is dropped (its rows never
+        reach the model) and `asyncio.CancelledError` is raised.
         """
         if self._closed or self._task is None or self._wakeup is None:
             raise ShuttingDown(f"{self.name} batcher is not running")
@@ -163,16 +229,14 @@ class DynamicBatcher(Generic[P]):
                 f"{self.name} queue is full ({self.pending_rows} of {self.max_queue} items waiting)",
                 retry_after=1.0,
             )
-        deadline = time.monotonic() + timeout
         loop = asyncio.get_running_loop()
-        # One watcher for both waits (preparing, then queued/encoding): a task per request, not two.
-        watcher = asyncio.ensure_future(disconnected()) if disconnected is not None else None
+        guard = _Guard(self.name, loop, timeout, disconnected, self.watch_after)
         self._reserved_rows += n
         try:
             try:
                 if prepare is not None:
                     prepared = asyncio.ensure_future(loop.run_in_executor(self._prepare_executor, prepare))
-                    payload = await self._with_deadline(prepared, deadline, watcher, cancel_on_exit=False)
+                    payload = await guard.wait(prepared, cancel_on_exit=False)
             finally:
                 self._reserved_rows -= n
             if self._closed:
@@ -182,52 +246,9 @@ class DynamicBatcher(Generic[P]):
             self._queued_rows += n
             self._on_queue_depth(self._queued_rows)
             self._wakeup.set()
-            return await self._with_deadline(job.future, deadline, watcher, cancel_on_exit=True)
+            return await guard.wait(job.future, cancel_on_exit=True)
         finally:
-            if watcher is not None and not watcher.done():
-                watcher.cancel()
-
-    async def _with_deadline(
-        self,
-        fut: asyncio.Future[Any],
-        deadline: float,
-        watcher: asyncio.Future[Any] | None,
-        *,
-        cancel_on_exit: bool,
-    ) -> Any:
-        """Await `fut` until `deadline` or until `watcher` (the client left) completes.
-
-        A timer and a done-callback cancel `fut`; for a queued job that also drops its
-        rows before they reach the model.
-        """
-        loop = asyncio.get_running_loop()
-        why: list[str] = []
-
-        def stop(reason: str) -> None:
-            if not fut.done():
-                why.append(reason)
-                fut.cancel()
-
-        timer = loop.call_at(loop.time() + max(0.0, deadline - time.monotonic()), stop, "timeout")
-
-        def on_gone(_: asyncio.Future[Any]) -> None:
-            stop("disconnect")
-
-        if watcher is not None:
-            watcher.add_done_callback(on_gone)
-        try:
-            return await fut
-        except asyncio.CancelledError:
-            if not cancel_on_exit:
-                # A thread-pool job cannot be stopped; consume its outcome so nothing is logged as lost.
-                fut.add_done_callback(lambda f: f.cancelled() or f.exception())
-            if why == ["timeout"]:
-                raise RequestTimeout(f"{self.name} request timed out after waiting for the model") from None
-            raise  # the client left, or the request itself was cancelled
-        finally:
-            timer.cancel()
-            if watcher is not None:
-                watcher.remove_done_callback(on_gone)
+            guard.close()
 
     # -- the model side -----------------------------------------------------------
     def _take_batch(self) -> list[_Chunk]:

@@ -1,4 +1,11 @@
-"""Dependencies routes use: the service state and a client-disconnect watcher."""
+"""What routes take from the request: the service state and a client-disconnect watcher.
+
+The routes that reach the model (/embed, /search/*, /classify, /similarity) take the
+`Request` and call `service_state` and `client_gone` directly instead of declaring them
+as `Depends`: FastAPI's dependency solving costs ~23 us per dependency per request,
+measured, a tenth of /embed's whole per-request budget on the event loop
+(bench/NOTES.md). The other routes use the `State` alias.
+"""
 
 from __future__ import annotations
 
@@ -12,21 +19,24 @@ from service.errors import Forbidden, NotReady, Unauthorized
 from service.state import ServiceState
 
 
-async def get_state(request: Request) -> ServiceState:
+def service_state(request: Request) -> ServiceState:
     state = getattr(request.app.state, "service", None)
     if state is None:
         raise NotReady("service is starting")
     return state
 
 
-async def get_disconnect_watcher(request: Request) -> Callable[[], Awaitable[None]]:
+async def get_state(request: Request) -> ServiceState:
+    return service_state(request)
+
+
+def client_gone(request: Request) -> Callable[[], Awaitable[None]]:
     """An awaitable that returns when the client has gone away (after the body is read)."""
+    receive = request.receive
 
     async def wait() -> None:
-        while True:
-            message = await request.receive()
-            if message["type"] == "http.disconnect":
-                return
+        while (await receive())["type"] != "http.disconnect":
+            pass
 
     return wait
 
@@ -43,4 +53,3 @@ async def require_admin(request: Request, state: Annotated[ServiceState, Depends
 
 State = Annotated[ServiceState, Depends(get_state)]
 AdminAuth = Annotated[None, Depends(require_admin)]
-Disconnected = Annotated[Callable[[], Awaitable[None]], Depends(get_disconnect_watcher)]

@@ -11,11 +11,13 @@ import orjson
 from fastapi import APIRouter
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
 from starlette.responses import Response
 
 from service import zeroshot
+from service.engine import Disconnected
 from service.errors import OutOfRange
-from service.http.deps import AdminAuth, Disconnected, State
+from service.http.deps import AdminAuth, State, client_gone, service_state
 from service.http.schemas import (
     ClassifyRequest,
     ClassifyResponse,
@@ -30,6 +32,7 @@ from service.http.schemas import (
 )
 from service.index_format import Modality
 from service.search import Hit, SearchParams
+from service.state import ServiceState
 
 router = APIRouter()
 
@@ -57,8 +60,9 @@ async def _gather_or_cancel(*aws: Awaitable[np.ndarray]) -> list[np.ndarray]:
 
 
 @router.post("/embed", response_model=EmbedResponse, responses=_ERRORS)
-async def embed(body: EmbedRequest, state: State, disconnected: Disconnected) -> Response:
+async def embed(body: EmbedRequest, request: Request) -> Response:
     """Embed texts and/or base64 images; L2-normalized vectors in input order."""
+    state, disconnected = service_state(request), client_gone(request)
     engine = state.engine
     engine.check_count(len(body.texts) + len(body.images))
     empty = np.zeros((0, engine.dim), np.float32)
@@ -77,12 +81,12 @@ def _hits(hits: list[Hit]) -> list[dict[str, Any]]:
     return [{"id": h.id, "score": h.score, "metadata": h.metadata, "text": h.text} for h in hits]
 
 
-def _check_k(k: int, state: State) -> None:
+def _check_k(k: int, state: ServiceState) -> None:
     if k > state.settings.max_k:
         raise OutOfRange(f"k: {k} is above the limit of {state.settings.max_k}", field="k")
 
 
-async def _search(state: State, modality: Modality, encode: Callable[[], Awaitable[np.ndarray]],
+async def _search(state: ServiceState, modality: Modality, encode: Callable[[], Awaitable[np.ndarray]],
                   body: TextSearchRequest | ImageSearchRequest, disconnected: Disconnected) -> Response:
     """Search the `modality` index with the vector `encode()` gives. The index is taken before
     encoding: a missing one answers 503 at once, and a hot reload meanwhile does not matter."""
@@ -94,8 +98,9 @@ async def _search(state: State, modality: Modality, encode: Callable[[], Awaitab
 
 
 @router.post("/search/text", response_model=SearchResponse, responses=_ERRORS)
-async def search_text(body: TextSearchRequest, state: State, disconnected: Disconnected) -> Response:
+async def search_text(body: TextSearchRequest, request: Request) -> Response:
     """Text -> images: the query text's vector searched in the image index."""
+    state, disconnected = service_state(request), client_gone(request)
     _check_k(body.k, state)
     return await _search(
         state, "image",
@@ -105,8 +110,9 @@ async def search_text(body: TextSearchRequest, state: State, disconnected: Disco
 
 
 @router.post("/search/image", response_model=SearchResponse, responses=_ERRORS)
-async def search_image(body: ImageSearchRequest, state: State, disconnected: Disconnected) -> Response:
+async def search_image(body: ImageSearchRequest, request: Request) -> Response:
     """Image -> texts: the query image's vector searched in the text index."""
+    state, disconnected = service_state(request), client_gone(request)
     _check_k(body.k, state)
     return await _search(
         state, "text",
@@ -116,8 +122,9 @@ async def search_image(body: ImageSearchRequest, state: State, disconnected: Dis
 
 
 @router.post("/classify", response_model=ClassifyResponse, responses=_ERRORS)
-async def classify(body: ClassifyRequest, state: State, disconnected: Disconnected) -> Response:
+async def classify(body: ClassifyRequest, request: Request) -> Response:
     """Zero-shot classification: labels sorted by softmax(logit_scale x cosine) of image and prompts."""
+    state, disconnected = service_state(request), client_gone(request)
     engine = state.engine
     engine.check_count(len(body.labels) + 1)
     texts = zeroshot.prompts(body.labels, body.template)
@@ -130,8 +137,9 @@ async def classify(body: ClassifyRequest, state: State, disconnected: Disconnect
 
 
 @router.post("/similarity", response_model=SimilarityResponse, responses=_ERRORS)
-async def similarity(body: SimilarityRequest, state: State, disconnected: Disconnected) -> Response:
+async def similarity(body: SimilarityRequest, request: Request) -> Response:
     """Cosine matrix (images x texts) and per-image softmax probabilities over the texts."""
+    state, disconnected = service_state(request), client_gone(request)
     engine = state.engine
     engine.check_count(len(body.texts) + len(body.images))
     engine.check_texts(body.texts)

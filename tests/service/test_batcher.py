@@ -179,6 +179,50 @@ async def test_disconnected_client_is_dropped_before_the_model(executors) -> Non
     await b.stop()
 
 
+async def test_disconnect_watcher_starts_only_for_requests_that_wait(executors) -> None:
+    """A request answered within `watch_after_s` never starts a watcher; one that waits
+    longer does, and is still dropped before the model when its client leaves."""
+    gate = threading.Event()
+    calls: list[int] = []
+    watched: list[str] = []
+
+    def watcher(name: str, gone: asyncio.Event):
+        async def wait() -> None:
+            watched.append(name)
+            await gone.wait()
+
+        return wait
+
+    def infer(payloads):
+        gate.wait(5)
+        return fake_model(calls)(payloads)
+
+    b = await _started(infer, executors, watch_after_s=0.2)
+    gate.set()
+    never = asyncio.Event()
+    r = await b.submit(1, payload=_payload(3, 1), timeout=10, disconnected=watcher("fast", never))
+    np.testing.assert_array_equal(r, [[3, 6]])
+    await asyncio.sleep(0.3)  # past watch_after_s: the fast request's timer was cancelled
+    assert watched == []
+
+    gate.clear()
+    blocker = asyncio.ensure_future(b.submit(1, payload=_payload(0, 1), timeout=10))
+    await asyncio.sleep(0.05)
+    gone = asyncio.Event()
+    slow = asyncio.ensure_future(b.submit(2, payload=_payload(5, 2), timeout=10, disconnected=watcher("slow", gone)))
+    await asyncio.sleep(0.1)
+    assert watched == []  # still within watch_after_s
+    await asyncio.sleep(0.2)
+    assert watched == ["slow"]
+    gone.set()
+    with pytest.raises(asyncio.CancelledError):
+        await slow
+    gate.set()
+    await blocker
+    assert calls == [1, 1]  # the slow request's rows never reached the model
+    await b.stop()
+
+
 async def test_stop_resolves_every_waiter(executors) -> None:
     gate = threading.Event()
 
