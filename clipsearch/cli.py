@@ -74,7 +74,9 @@ def serve(
     max_k: Annotated[int | None, typer.Option(help="most search results [1000]")] = None,
     preprocess_workers: Annotated[int | None, typer.Option(help="decode/tokenize threads [cores]")] = None,
     torch_threads: Annotated[int | None, typer.Option(help="CPU threads for the model [cores - 1]")] = None,
-    image_decode: Annotated[str | None, typer.Option(help="exact | draft (JPEG at reduced scale) [exact]")] = None,
+    image_decode: Annotated[str | None, typer.Option(
+        help="exact | draft (JPEG at reduced scale) | torch (JPEG decode + resize as tensor ops, nvJPEG on GPU) "
+        "[exact]")] = None,
     access_log: Annotated[bool | None, typer.Option(help="log every request [off]")] = None,
     log_level: Annotated[str | None, typer.Option(help="debug | info | warning | error")] = None,
 ) -> None:

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import io
 import re
 import warnings
+from collections.abc import Iterator
 
 from PIL import Image, UnidentifiedImageError
 
@@ -48,29 +50,14 @@ def decode_base64(data: str, *, field: str, max_bytes: int) -> bytes:
     return out
 
 
-def open_image(data: bytes, *, field: str, max_pixels: int, draft: tuple[int, int] | None = None) -> Image.Image:
-    """Decode image bytes fully; pixel count is checked from the header before decoding.
-
-    `draft` (JPEG only): let libjpeg decode at the smallest 1/2, 1/4 or 1/8 scale that
-    still covers this size (DCT scaling), 2-3x faster for photos much larger than the
-    model's input. The result differs slightly from a full decode; see `Settings.image_decode`.
-    """
+@contextlib.contextmanager
+def _image_errors(field: str) -> Iterator[None]:
+    """Map PIL's many failure modes to 400/413 errors that name `field`."""
     try:
         with warnings.catch_warnings():
             # PIL warns (and later raises) on huge images; our own limit applies first.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-            width, height = image.size
-            if width * height > max_pixels:
-                raise PayloadTooLarge(
-                    f"{field}: image has {width}x{height} pixels, too many pixels (the limit is {max_pixels})",
-                    field=field,
-                )
-            if width == 0 or height == 0:
-                raise InvalidImage(f"{field}: image has no pixels", field=field)
-            if draft is not None and image.format == "JPEG":
-                image.draft(image.mode, draft)
-            image.load()
+            yield
     except (PayloadTooLarge, InvalidImage):
         raise
     except UnidentifiedImageError:
@@ -80,6 +67,40 @@ def open_image(data: bytes, *, field: str, max_pixels: int, draft: tuple[int, in
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
         # Truncated or corrupt files surface as any of these from PIL's decoders.
         raise InvalidImage(f"{field}: image data is corrupt or truncated ({type(exc).__name__})", field=field) from None
+
+
+def _probe(data: bytes, field: str, max_pixels: int) -> Image.Image:
+    image = Image.open(io.BytesIO(data))
+    width, height = image.size
+    if width * height > max_pixels:
+        raise PayloadTooLarge(
+            f"{field}: image has {width}x{height} pixels, too many pixels (the limit is {max_pixels})",
+            field=field,
+        )
+    if width == 0 or height == 0:
+        raise InvalidImage(f"{field}: image has no pixels", field=field)
+    return image
+
+
+def probe_image(data: bytes, *, field: str, max_pixels: int) -> tuple[str | None, tuple[int, int]]:
+    """Format and size from the header, with the pixel limit checked; no pixels are decoded."""
+    with _image_errors(field):
+        image = _probe(data, field, max_pixels)
+        return image.format, image.size
+
+
+def open_image(data: bytes, *, field: str, max_pixels: int, draft: tuple[int, int] | None = None) -> Image.Image:
+    """Decode image bytes fully; pixel count is checked from the header before decoding.
+
+    `draft` (JPEG only): let libjpeg decode at the smallest 1/2, 1/4 or 1/8 scale that
+    still covers this size (DCT scaling), 2-3x faster for photos much larger than the
+    model's input. The result differs slightly from a full decode; see `Settings.image_decode`.
+    """
+    with _image_errors(field):
+        image = _probe(data, field, max_pixels)
+        if draft is not None and image.format == "JPEG":
+            image.draft(image.mode, draft)
+        image.load()
     return image
 
 

@@ -1,10 +1,13 @@
 """Faster image paths against the exact one (open_clip's own PIL preprocessing).
 
-Tolerance, stated once: the vectors of a faster path have cosine >= 0.999 to the exact
+Tolerance, stated once: the vectors of a faster path (`draft`, `torch`) have cosine >= 0.999 to the exact
 path's on the same image (measured: >= 0.9999 on ViT-B-32 at 224 px and on the tiny
 model), and its model input differs from the exact one by a mean of <= 0.012 in
 normalized units (~0.8 grey levels; measured 0.006-0.0075 here, while a draft scale that
 does not cover the model's input gives 0.017-0.019). Non-JPEG inputs are untouched.
+The `torch` path (libjpeg-turbo / nvJPEG decode, tensor resize) is tighter still: mean
+<= 0.004 (measured <= 0.002) and no pixel more than 1.5 grey levels off (torch's and
+PIL's antialiased bicubic round differently by one level at most).
 """
 
 from __future__ import annotations
@@ -19,6 +22,9 @@ from tests.conftest import encode_image, make_image
 
 TOLERANCE = 0.999
 PIXEL_MAE = 0.012
+TORCH_PIXEL_MAE = 0.004
+TORCH_PIXEL_MAX = 1.5 / 255 / 0.2613  # 1.5 grey levels in normalized units (smallest CLIP std)
+FAST = ["draft", "torch"]
 
 
 def photo(seed: int, size: tuple[int, int]) -> Image.Image:
@@ -40,13 +46,14 @@ async def _embed(make_client, model, images: list[str], **settings) -> np.ndarra
         return np.asarray(r.json()["images"], np.float32)
 
 
-async def test_draft_jpeg_decoding_is_faithful(make_client, tiny_model) -> None:
+@pytest.mark.parametrize("decode", FAST)
+async def test_fast_jpeg_decoding_is_faithful(make_client, tiny_model, decode: str) -> None:
     exact = await _embed(make_client, tiny_model, JPEGS)
-    draft = await _embed(make_client, tiny_model, JPEGS, image_decode="draft")
-    cos = (exact * draft).sum(1)
+    fast = await _embed(make_client, tiny_model, JPEGS, image_decode=decode)
+    cos = (exact * fast).sum(1)
     assert cos.min() >= TOLERANCE, cos
-    # ...and it really took the reduced-scale path (otherwise this test proves nothing).
-    assert not np.array_equal(exact, draft)
+    # ...and it really took the other path (otherwise this test proves nothing).
+    assert not np.array_equal(exact, fast)
 
 
 def test_draft_model_input_is_close_to_exact(tiny_model) -> None:
@@ -72,15 +79,68 @@ def test_draft_decodes_at_reduced_scale_covering_the_model_input() -> None:
     assert min(covering.size) >= 224 and covering.size[0] < 1024
 
 
-async def test_draft_leaves_other_formats_exact(make_client, tiny_model) -> None:
+@pytest.mark.parametrize("decode", FAST)
+async def test_fast_paths_leave_other_formats_exact(make_client, tiny_model, decode: str) -> None:
     pngs = [encode_image(photo(5, (640, 480)), "PNG"), encode_image(make_image(6, mode="RGBA"), "PNG")]
     exact = await _embed(make_client, tiny_model, pngs)
-    draft = await _embed(make_client, tiny_model, pngs, image_decode="draft")
-    np.testing.assert_array_equal(exact, draft)
+    fast = await _embed(make_client, tiny_model, pngs, image_decode=decode)
+    np.testing.assert_array_equal(exact, fast)
 
 
-@pytest.mark.parametrize("bad", ["not base64!", base64.b64encode(b"\xff\xd8\xff\xe0 truncated jpeg").decode()])
-async def test_draft_keeps_bad_input_a_400(make_client, tiny_model, bad: str) -> None:
-    async with make_client(tiny_model, image_decode="draft") as client:
+HALF_JPEG = base64.b64encode(base64.b64decode(JPEGS[0])[: len(base64.b64decode(JPEGS[0])) // 2]).decode()
+
+
+@pytest.mark.parametrize("decode", FAST)
+@pytest.mark.parametrize("bad", ["not base64!", base64.b64encode(b"\xff\xd8\xff\xe0 truncated jpeg").decode(),
+                                 HALF_JPEG])
+async def test_fast_paths_keep_bad_input_a_400(make_client, tiny_model, bad: str, decode: str) -> None:
+    async with make_client(tiny_model, image_decode=decode) as client:
         r = await client.post("/embed", json={"images": [JPEGS[0], bad]})
         assert r.status_code == 400 and r.json()["error"]["field"] == "images[1]"
+
+
+def test_torch_model_input_is_within_a_grey_level_of_exact(tiny_model) -> None:
+    from service.engine import Engine
+    from service.settings import Settings
+
+    # Mixed in one request: JPEGs take the torch path, the PNG keeps PIL, order is kept.
+    images = [*JPEGS[:2], encode_image(photo(7, (300, 500)), "PNG"), *JPEGS[2:]]
+    exact = Engine(tiny_model, Settings(model="x"))._prepare_images(images, "images")
+    fast = Engine(tiny_model, Settings(model="x", image_decode="torch"))._prepare_images(images, "images")
+    diff = (exact - fast).abs()
+    assert float(diff.mean(dim=(1, 2, 3)).max()) <= TORCH_PIXEL_MAE, diff.mean(dim=(1, 2, 3))
+    assert float(diff.max()) <= TORCH_PIXEL_MAX, float(diff.max())
+    assert float(diff[2].max()) == 0.0  # the PNG went through open_clip's own transform
+    assert float(diff.max()) > 0  # the JPEGs did not
+
+
+def test_torch_preprocess_only_mirrors_the_standard_transform(tiny_model) -> None:
+    from torchvision.transforms import Compose, InterpolationMode, Resize
+
+    from service.torch_preprocess import TorchPreprocess
+
+    tp = TorchPreprocess.from_transform(tiny_model.preprocess_transform)
+    assert tp is not None and tp.size == 64 and tp.crop == (64, 64)
+    rest = tiny_model.preprocess_transform.transforms[1:]
+    bilinear = Resize(64, interpolation=InterpolationMode.BILINEAR)
+    assert TorchPreprocess.from_transform(Compose([bilinear, *rest])) is None
+    assert TorchPreprocess.from_transform(Compose(rest)) is None
+
+
+@pytest.mark.gpu
+def test_torch_preprocess_on_cuda_is_faithful(tiny_model) -> None:
+    """nvJPEG + tensor resize on the GPU against open_clip's PIL path on the CPU."""
+    import torch
+
+    from service.engine import Engine
+    from service.settings import Settings
+
+    exact = Engine(tiny_model, Settings(model="x"))._prepare_images(JPEGS, "images")
+    tiny_model.device = torch.device("cuda")
+    try:
+        fast = Engine(tiny_model, Settings(model="x", image_decode="torch"))._prepare_images(JPEGS, "images")
+    finally:
+        tiny_model.device = torch.device("cpu")
+    assert fast.device.type == "cuda"
+    mae = (exact - fast.cpu()).abs().mean(dim=(1, 2, 3))
+    assert float(mae.max()) <= PIXEL_MAE, mae
