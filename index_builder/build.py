@@ -68,6 +68,7 @@ class BuildOptions:
     flat_max: int = 20_000
     max_image_bytes: int = 20 * 1024 * 1024
     max_image_pixels: int = 100_000_000
+    image_decode: str = "exact"  # exact | draft | torch, as the service's CLIPSEARCH_IMAGE_DECODE
     progress: bool = True
     hash_inputs: bool = True
 
@@ -112,6 +113,7 @@ def job_key(opts: BuildOptions, inputs: list[dict[str, Any]], fingerprint: str) 
     desc = {
         "inputs": inputs, "format": opts.fmt, "schema": opts.schema, "model": fingerprint,
         "shard_size": opts.shard_size, "limits": [opts.max_image_bytes, opts.max_image_pixels],
+        **({"image_decode": opts.image_decode} if opts.image_decode != "exact" else {}),  # old keys stay valid
     }
     return hashlib.sha256(orjson.dumps(desc, option=orjson.OPT_SORT_KEYS)).hexdigest()[:16]
 
@@ -148,8 +150,8 @@ def run_build(opts: BuildOptions, model: ClipModel | None = None) -> BuildSummar
     if skip_records:
         log.info("resuming: %d complete shards, %d records already encoded", len(done), skip_records)
 
-    encoder = Encoder(model, workers=opts.workers, batch_size=opts.batch_size,
-                      max_image_bytes=opts.max_image_bytes, max_image_pixels=opts.max_image_pixels)
+    encoder = Encoder(model, workers=opts.workers, batch_size=opts.batch_size, max_image_bytes=opts.max_image_bytes,
+                      max_image_pixels=opts.max_image_pixels, image_decode=opts.image_decode)
     bar = tqdm(total=total, initial=skip_records, unit="rec", desc="encoding", disable=not opts.progress,
                dynamic_ncols=True, smoothing=0.1)
     encoded_now = 0
@@ -202,6 +204,7 @@ def run_build(opts: BuildOptions, model: ClipModel | None = None) -> BuildSummar
             for d in inputs_desc
         ],
         "records": n_records,
+        "image_decode": opts.image_decode,
         "encoded": {"image": len(image_items), "text": len(text_items)},
         "skipped": len(errors),
         "skip_reasons": dict(reasons),

@@ -50,6 +50,9 @@ def build(
     recall_target: Annotated[float, typer.Option(min=0.0, max=1.0, help="recall@10 to tune nprobe/efSearch to")] = 0.95,
     memory_budget: Annotated[str, typer.Option(help="index memory budget for auto, e.g. 4GB")] = "4GB",
     flat_max: Annotated[int, typer.Option(min=1, help="auto: exact flat index up to this many vectors")] = 20_000,
+    image_decode: Annotated[str, typer.Option(
+        help="exact | draft | torch: how JPEGs are decoded, as the service's --image-decode (recorded in the "
+        "manifest)")] = "exact",
     progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
     quiet: Annotated[bool, typer.Option(help="only warnings and the summary")] = False,
 ) -> None:
@@ -66,6 +69,7 @@ def build(
             index_type=index_type, fmt=format, schema=input_schema, batch_size=batch_size, workers=workers,
             shard_size=shard_size, max_errors=max_errors, keep=keep, recall_target=recall_target,
             memory_budget=parse_bytes(memory_budget), flat_max=flat_max, progress=progress and not quiet,
+            image_decode=image_decode,
         )
         summary = run_build(opts)
     except (BuildError, InputError, ClipsearchError, ValueError) as exc:

@@ -16,13 +16,13 @@ import numpy as np
 import torch
 
 from service.batcher import DynamicBatcher
-from service.errors import InvalidImage, InvalidInput, PayloadTooLarge
-from service.images import decode_base64, open_image, probe_image
+from service.errors import InvalidInput, PayloadTooLarge
+from service.images import decode_base64
 from service.metrics import Metrics
 from service.model import ClipModel
 from service.search import Hit, LoadedIndex, SearchParams
 from service.settings import Settings
-from service.torch_preprocess import TorchPreprocess, is_jpeg
+from service.torch_preprocess import ImageDecoder
 
 log = logging.getLogger(__name__)
 
@@ -56,12 +56,11 @@ class Engine:
         self.model = model
         self.settings = settings
         self.metrics = metrics
-        self._torch_preprocess = None
-        if settings.image_decode == "torch":
-            self._torch_preprocess = TorchPreprocess.from_transform(model.preprocess_transform)
-            if self._torch_preprocess is None:
-                log.warning("image_decode=torch: %s has a preprocessing transform other than open_clip's "
-                            "standard one; images use it as it is (exact)", model.info.spec)
+        self._decoder = ImageDecoder.create(model.preprocess_transform, settings.image_decode, model.image_size,
+                                            settings.max_image_pixels)
+        if settings.image_decode == "torch" and self._decoder.torch_path is None:
+            log.warning("image_decode=torch: %s has a preprocessing transform other than open_clip's "
+                        "standard one; images use it as it is (exact)", model.info.spec)
         # One model thread: text and image batches take turns on the device instead of
         # fighting over it (and over CPU cores when there is no GPU).
         self._model_executor = ThreadPoolExecutor(1, thread_name_prefix="clip-model")
@@ -150,39 +149,10 @@ class Engine:
         return self.model.tokenize([text for texts in payloads for text in texts])
 
     def _prepare_images(self, images: Sequence[str], field: str) -> torch.Tensor:
-        s = self.settings
-        tp = self._torch_preprocess
-        draft = self.model.image_size if s.image_decode == "draft" else None
-        tensors: list[torch.Tensor | None] = [None] * len(images)
-        jpegs: dict[int, bytes] = {}
-        for i, data in enumerate(images):
-            name = item_name(field, i)
-            raw = decode_base64(data, field=name, max_bytes=s.max_image_bytes)
-            if tp is not None and is_jpeg(raw) and probe_image(raw, field=name, max_pixels=s.max_image_pixels)[0] \
-                    == "JPEG":
-                jpegs[i] = raw
-                continue
-            tensors[i] = self._pil_pixels(raw, name, draft)
-        if jpegs and tp is not None:
-            device = self.model.device
-            try:  # one call: batched nvJPEG on a GPU
-                decoded = tp.decode(list(jpegs.values()), device)
-            except RuntimeError:  # an item libjpeg/nvJPEG rejects: PIL decodes it or names it
-                for i, raw in jpegs.items():
-                    tensors[i] = self._pil_pixels(raw, item_name(field, i), None)
-            else:
-                for i, pixels in zip(jpegs, tp.pixels(decoded), strict=True):
-                    tensors[i] = pixels
-        on = next((t.device for t in tensors if t is not None and t.device.type != "cpu"), None)
-        return torch.stack([t if on is None else t.to(on) for t in tensors if t is not None])
-
-    def _pil_pixels(self, raw: bytes, name: str, draft: tuple[int, int] | None) -> torch.Tensor:
-        """open_clip's own preprocessing of one image (PIL); errors name the item."""
-        image = open_image(raw, field=name, max_pixels=self.settings.max_image_pixels, draft=draft)
-        try:
-            return self.model.preprocess(image)
-        except Exception as exc:  # an odd mode or palette PIL decodes but cannot convert
-            raise InvalidImage(f"{name}: cannot convert image ({type(exc).__name__})", field=name) from None
+        names = [item_name(field, i) for i in range(len(images))]
+        raws = [decode_base64(data, field=name, max_bytes=self.settings.max_image_bytes)
+                for data, name in zip(images, names, strict=True)]
+        return self._decoder.pixels(raws, names, self.model.device)
 
     # -- public API (event loop) ------------------------------------------------------
     def check_texts(self, texts: Sequence[str], field: str = "texts") -> None:

@@ -1,5 +1,7 @@
-"""JPEG -> model input in torch: libjpeg-turbo (CPU) or nvJPEG (CUDA) decode, then
-resize / center-crop / normalize as tensor ops on the same device.
+"""Image bytes -> model input, the one place that chooses how (`ImageDecoder`), and the
+torch path it can take: libjpeg-turbo (CPU) or nvJPEG (CUDA) decode, then resize /
+center-crop / normalize as tensor ops on the same device (`TorchPreprocess`).
+The service and the index builder both decode through `ImageDecoder`.
 
 This mirrors open_clip's inference transform (Resize(shorter side, bicubic, antialias)
 -> CenterCrop -> RGB -> ToTensor -> Normalize) without PIL, so that on a GPU the pixels
@@ -17,9 +19,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import CenterCrop, InterpolationMode, Normalize, Resize
 from torchvision.transforms.v2 import functional as F
+
+from service.errors import InvalidImage
+from service.images import open_image, probe_image
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 
@@ -74,3 +80,63 @@ class TorchPreprocess:
         mean = torch.tensor(self.mean, device=batch.device).view(1, -1, 1, 1)
         std = torch.tensor(self.std, device=batch.device).view(1, -1, 1, 1)
         return batch.sub_(mean).div_(std).to(dtype)
+
+
+@dataclass(frozen=True)
+class ImageDecoder:
+    """Image bytes -> model input, by `mode`:
+
+    - exact: open_clip's own transform on a full PIL decode (bit for bit);
+    - draft: PIL decodes JPEGs at the smallest DCT scale covering `image_size`;
+    - torch: JPEGs through `TorchPreprocess` on the caller's device; other formats, and
+      models whose transform is not open_clip's standard one, stay exact.
+
+    Picklable, so that the index builder's worker processes decode exactly as the service.
+    """
+
+    transform: Any
+    mode: str
+    image_size: tuple[int, int]
+    max_pixels: int
+    torch_path: TorchPreprocess | None
+
+    @classmethod
+    def create(cls, transform: Any, mode: str, image_size: tuple[int, int], max_pixels: int) -> ImageDecoder:
+        if mode not in ("exact", "draft", "torch"):
+            raise ValueError(f"image decode must be exact, draft or torch, not {mode!r}")
+        torch_path = TorchPreprocess.from_transform(transform) if mode == "torch" else None
+        return cls(transform, mode, image_size, max_pixels, torch_path)
+
+    def exact_pixels(self, image: Image.Image, name: str) -> torch.Tensor:
+        try:
+            return self.transform(image)
+        except Exception as exc:  # an odd mode or palette PIL decodes but cannot convert
+            raise InvalidImage(f"{name}: cannot convert image ({type(exc).__name__})", field=name) from None
+
+    def _pil(self, raw: bytes, name: str) -> torch.Tensor:
+        draft = self.image_size if self.mode == "draft" else None
+        return self.exact_pixels(open_image(raw, field=name, max_pixels=self.max_pixels, draft=draft), name)
+
+    def pixels(self, raws: list[bytes], names: list[str], device: torch.device) -> torch.Tensor:
+        """A (N, 3, H, W) float batch, in input order; errors name the item. On `device`
+        when the torch path ran there (nvJPEG: one call for all JPEGs), else on the CPU."""
+        tp = self.torch_path
+        out: list[torch.Tensor | None] = [None] * len(raws)
+        jpegs: dict[int, bytes] = {}
+        for i, (raw, name) in enumerate(zip(raws, names, strict=True)):
+            if tp is not None and is_jpeg(raw) and probe_image(raw, field=name, max_pixels=self.max_pixels)[0] \
+                    == "JPEG":  # the header is checked (limits, format) before the torch decoder sees it
+                jpegs[i] = raw
+            else:
+                out[i] = self._pil(raw, name)
+        if jpegs and tp is not None:
+            try:
+                decoded = tp.decode(list(jpegs.values()), device)
+            except RuntimeError:  # data the decoder rejects: PIL decodes it, or names the bad item
+                for i, raw in jpegs.items():
+                    out[i] = self._pil(raw, names[i])
+            else:
+                for i, pixels in zip(jpegs, tp.pixels(decoded), strict=True):
+                    out[i] = pixels
+        on = next((t.device for t in out if t is not None and t.device.type != "cpu"), None)
+        return torch.stack([t if on is None else t.to(on) for t in out if t is not None])

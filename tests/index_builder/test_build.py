@@ -345,3 +345,27 @@ def test_decode_in_worker_processes_gives_the_same_index(tmp_path, tiny_model) -
         b, bi = load_vectors(pooled.version_dir, modality)
         assert ai == bi
         np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+@pytest.mark.parametrize(("decode", "workers"), [("draft", 0), ("torch", 2)])
+def test_fast_image_decode_builds_a_faithful_index(tmp_path, tiny_model, decode: str, workers: int) -> None:
+    """`--image-decode draft|torch` decodes as the service does with that setting (in worker
+    processes too); its vectors stay within the faster paths' tolerance of the exact build
+    and the manifest says how the images were decoded."""
+    corpus = tmp_path / "c.tsv"
+    rows = [(f"a {COLOURS[i % 6]} photo {i}", encode_image(make_image(700 + i, (400 + 40 * i, 300)), urlsafe=True))
+            for i in range(6)]
+    corpus.write_text("".join(f"{t}\t{img}\n" for t, img in rows) + "broken base64\t%%%%\n")
+    exact = run_build(opts(tmp_path / "a", [corpus], tiny_model, index_type="flat"), model=tiny_model)
+    fast = run_build(opts(tmp_path / "b", [corpus], tiny_model, index_type="flat", image_decode=decode,
+                          workers=workers), model=tiny_model)
+    assert fast.skipped == exact.skipped == 1
+    a, ai = load_vectors(exact.version_dir, "image")
+    b, bi = load_vectors(fast.version_dir, "image")
+    assert ai == bi
+    cos = (a * b).sum(1)
+    assert cos.min() >= 0.999, cos
+    assert not np.array_equal(a, b)  # the faster path really ran
+    assert read_manifest(fast.version_dir).build["image_decode"] == decode
+    with pytest.raises(ValueError, match="exact, draft or torch"):
+        run_build(opts(tmp_path / "c", [corpus], tiny_model, image_decode="fast"), model=tiny_model)
