@@ -190,6 +190,14 @@ class ClipModel:
         return _normalized_numpy(feats)
 
     # -- conveniences for offline jobs ------------------------------------------
+    def warm_up(self, batch_sizes: Sequence[int]) -> None:
+        """Run both towers once per batch size on dummy input, so that the first requests do
+        not pay for lazy initialisation (kernel selection, allocator growth, oneDNN/cuBLAS
+        handles). Outputs are discarded; the model has no state that this changes."""
+        for n in batch_sizes:
+            self.encode_tokens(self.tokenize(["a photo"] * n))
+            self.encode_pixels(torch.zeros((n, 3, *self.image_size)))
+
     def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
         out = [self.encode_tokens(self.tokenize(texts[i : i + batch_size])) for i in range(0, len(texts), batch_size)]
         return np.concatenate(out) if out else np.zeros((0, self.dim), np.float32)

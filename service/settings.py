@@ -48,6 +48,9 @@ class Settings(BaseSettings):
     )
     max_queue: int = Field(2048, ge=1, description="most items waiting per modality before 429")
     request_timeout_s: float = Field(30.0, gt=0, description="a request waiting longer gets 504")
+    warmup: bool = Field(
+        True, description="run the model on dummy texts and images (batch 1 and a full batch) before serving"
+    )
     preprocess_workers: int = Field(
         default_factory=lambda: min(32, os.cpu_count() or 1),
         ge=1,

@@ -47,6 +47,10 @@ class ServiceState:
         if model.info.fingerprint.startswith("random:"):
             log.warning("serving %s with RANDOM weights: vectors are meaningless outside tests and demos",
                         model.info.spec)
+        if settings.warmup:
+            # On the CPU a full batch of a large model takes seconds; 8 rows warm the same paths.
+            full = settings.max_batch_size if model.info.device != "cpu" else min(8, settings.max_batch_size)
+            model.warm_up(sorted({1, full}))
         metrics.model_info.info({k: str(v) for k, v in model.info.__dict__.items()})
         backend = choose_backend(settings.search_backend, model.info.device)
         state = cls(settings, model, Engine(model, settings, metrics), IndexHolder(settings.index_dir),

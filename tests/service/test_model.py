@@ -128,3 +128,28 @@ def test_trimmed_padding_equals_full_context(tiny_model: ClipModel) -> None:
     from service.model import trim_padding
 
     assert trim_padding(tiny_model.tokenize(["a"])).shape[1] == 3  # <sot> a <eot>
+
+
+@pytest.mark.parametrize(("warmup", "expected"), [(True, [("text", 1), ("image", 1), ("text", 8), ("image", 8)]),
+                                                  (False, [])])
+def test_warm_up_runs_both_towers_before_serving(tiny_model, warmup: bool, expected: list) -> None:
+    """The service runs the model once per warm-up batch size at start (8 rows on CPU), and
+    not at all with warmup off; the vectors it then serves are unchanged by it."""
+    from service.settings import Settings
+    from service.state import ServiceState
+
+    calls: list[tuple[str, int]] = []
+    tokens = tiny_model.tokenize(["a red circle"])
+    before = tiny_model.encode_tokens(tokens)
+    encode_tokens, encode_pixels = tiny_model.encode_tokens, tiny_model.encode_pixels
+    tiny_model.encode_tokens = lambda t: calls.append(("text", len(t))) or encode_tokens(t)
+    tiny_model.encode_pixels = lambda p: calls.append(("image", len(p))) or encode_pixels(p)
+    try:
+        state = ServiceState.build(Settings(model="x", warmup=warmup, max_batch_size=32), model=tiny_model)
+    finally:
+        del tiny_model.encode_tokens, tiny_model.encode_pixels
+    assert calls == expected
+    # (not bit-equal: build() also sets torch's thread count, which reorders float sums)
+    np.testing.assert_allclose(tiny_model.encode_tokens(tokens), before, atol=1e-5)
+    state.engine._model_executor.shutdown()
+    state.engine._prepare_executor.shutdown()
