@@ -96,7 +96,7 @@ def main() -> None:
     ap.add_argument("--index-size", type=int, default=1_000_000)
     ap.add_argument("--image-size", default="640x480", help="JPEG sent to image /embed")
     ap.add_argument("--paths", default="text,image,search")
-    ap.add_argument("--image-decode", default="exact", choices=["exact", "draft"])
+    ap.add_argument("--image-decode", default="exact", choices=["exact", "draft", "torch"])
     ap.add_argument("--skip-naive", action="store_true")
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args()
