@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass, field
 
 from service.engine import Engine
-from service.errors import IndexLoadError, IndexRefused, NotReady
+from service.errors import IndexLoadError, IndexRefused, ModelLoadError, NotReady
 from service.index_format import Modality
 from service.metrics import Metrics
 from service.model import ClipModel, load_model
@@ -50,7 +50,11 @@ class ServiceState:
         if settings.warmup:
             # On the CPU a full batch of a large model takes seconds; 8 rows warm the same paths.
             full = settings.max_batch_size if model.info.device != "cpu" else min(8, settings.max_batch_size)
-            model.warm_up(sorted({1, full}))
+            try:
+                model.warm_up(sorted({1, full}))
+            except Exception as exc:  # fail at start, with the reason, rather than on every request
+                raise ModelLoadError(f"{model.info.spec}: the model failed on a warm-up batch "
+                                     f"({type(exc).__name__}: {exc})") from exc
         metrics.model_info.info({k: str(v) for k, v in model.info.__dict__.items()})
         backend = choose_backend(settings.search_backend, model.info.device)
         state = cls(settings, model, Engine(model, settings, metrics), IndexHolder(settings.index_dir),

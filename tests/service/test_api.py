@@ -187,7 +187,7 @@ async def test_model_failure_fails_every_waiter_and_service_recovers(make_client
         return original(tokens)
 
     monkeypatch.setattr(tiny_model, "encode_tokens", flaky)
-    async with make_client(tiny_model) as client:
+    async with make_client(tiny_model, warmup=False) as client:  # it fails while serving, not at start
         responses = await asyncio.wait_for(
             asyncio.gather(*[client.post("/embed", json={"texts": [f"t{i}"]}) for i in range(20)]), 30)
         assert {r.status_code for r in responses} == {500}
@@ -207,7 +207,8 @@ async def test_overload_gets_429_with_retry_after(make_client, tiny_model, monke
         return original(tokens)
 
     monkeypatch.setattr(tiny_model, "encode_tokens", slow)
-    async with make_client(tiny_model, max_queue=8, max_items_per_request=8, max_batch_size=4) as client:
+    async with make_client(tiny_model, max_queue=8, max_items_per_request=8, max_batch_size=4,
+                           warmup=False) as client:
         first = asyncio.ensure_future(client.post("/embed", json={"texts": ["a"] * 4}))
         await asyncio.sleep(0.2)
         queued = asyncio.ensure_future(client.post("/embed", json={"texts": ["b"] * 8}))
@@ -224,7 +225,7 @@ async def test_timeout_gets_504(make_client, tiny_model, monkeypatch) -> None:
     gate = threading.Event()
     original = tiny_model.encode_tokens
     monkeypatch.setattr(tiny_model, "encode_tokens", lambda t: (gate.wait(5), original(t))[1])
-    async with make_client(tiny_model, request_timeout_s=0.3) as client:
+    async with make_client(tiny_model, request_timeout_s=0.3, warmup=False) as client:
         r = await client.post("/embed", json={"texts": ["slow"]})
         gate.set()
     assert r.status_code == 504 and r.json()["error"]["type"] == "timeout"

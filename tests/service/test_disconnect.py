@@ -27,7 +27,7 @@ def test_hung_up_client_is_not_encoded(tiny_model, monkeypatch) -> None:
 
     monkeypatch.setattr(tiny_model, "encode_tokens", slow)
     port = free_port()
-    settings = Settings(model=tiny_model.info.spec, device="cpu", port=port)
+    settings = Settings(model=tiny_model.info.spec, device="cpu", port=port, warmup=False)
     app = create_app(settings, state=ServiceState.build(settings, model=tiny_model))
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)

@@ -153,3 +153,15 @@ def test_warm_up_runs_both_towers_before_serving(tiny_model, warmup: bool, expec
     np.testing.assert_allclose(tiny_model.encode_tokens(tokens), before, atol=1e-5)
     state.engine._model_executor.shutdown()
     state.engine._prepare_executor.shutdown()
+
+
+def test_warm_up_failure_stops_start_up_with_the_reason(tiny_model, monkeypatch) -> None:
+    from service.settings import Settings
+    from service.state import ServiceState
+
+    def broken(tokens):
+        raise RuntimeError("CUDA error: out of memory")
+
+    monkeypatch.setattr(tiny_model, "encode_tokens", broken)
+    with pytest.raises(ModelLoadError, match=r"warm-up batch .*out of memory"):
+        ServiceState.build(Settings(model="x"), model=tiny_model)
