@@ -5,6 +5,8 @@ from __future__ import annotations
 import base64
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from service.errors import InvalidBase64, InvalidImage, PayloadTooLarge
 from service.images import decode_base64, decode_image
@@ -83,3 +85,15 @@ def test_decompression_bomb_rejected_cheaply() -> None:
     assert len(data) < 2_000_000
     with pytest.raises(PayloadTooLarge, match="too many pixels"):
         decode_image(base64.b64encode(data).decode(), field="image", max_bytes=10**7, max_pixels=40_000_000)
+
+
+@settings(max_examples=300, deadline=None)
+@given(payload=st.binary(min_size=1, max_size=300), urlsafe=st.booleans(),
+       cuts=st.lists(st.tuples(st.integers(0, 10**6), st.sampled_from(" \t\n\r\x0b\x0c")), max_size=12))
+def test_any_ascii_whitespace_anywhere_is_ignored(payload: bytes, urlsafe: bool, cuts: list) -> None:
+    """Whitespace of every kind base64 wrappers emit, at any position: the bytes come back."""
+    text = (base64.urlsafe_b64encode if urlsafe else base64.b64encode)(payload).decode()
+    for pos, ws in cuts:
+        pos %= len(text) + 1
+        text = text[:pos] + ws + text[pos:]
+    assert decode_base64(text, field="images[0]", max_bytes=10**6) == payload
