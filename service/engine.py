@@ -60,7 +60,7 @@ class Engine:
                                             settings.max_image_pixels)
         if settings.image_decode == "torch" and self._decoder.torch_path is None:
             log.warning("image_decode=torch: %s has a preprocessing transform other than open_clip's "
-                        "standard one; images use it as it is (exact)", model.info.spec)
+                        "standard one, or torchvision has no JPEG decoder; images decode exactly", model.info.spec)
         # One model thread: text and image batches take turns on the device instead of
         # fighting over it (and over CPU cores when there is no GPU).
         self._model_executor = ThreadPoolExecutor(1, thread_name_prefix="clip-model")

@@ -20,9 +20,15 @@ from typing import Any
 
 import torch
 from PIL import Image
-from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import CenterCrop, InterpolationMode, Normalize, Resize
 from torchvision.transforms.v2 import functional as F
+
+try:  # torchvision 0.29 deprecates its decoders in favour of TorchCodec; without them, PIL
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    HAVE_TORCH_DECODE = True
+except ImportError:  # pragma: no cover - depends on the torchvision release
+    HAVE_TORCH_DECODE = False
 
 from service.errors import InvalidImage
 from service.images import open_image, probe_image
@@ -43,7 +49,10 @@ class TorchPreprocess:
 
     @classmethod
     def from_transform(cls, transform: Any) -> TorchPreprocess | None:
-        """The torch equivalent of open_clip's standard inference transform, or None."""
+        """The torch equivalent of open_clip's standard inference transform, or None
+        (also when this torchvision has no JPEG decoder)."""
+        if not HAVE_TORCH_DECODE:
+            return None
         steps = list(getattr(transform, "transforms", []))
         kinds = [type(t).__name__ for t in steps]
         if kinds != ["Resize", "CenterCrop", "MaybeConvertMode", "MaybeToTensor", "Normalize"] and \

@@ -144,3 +144,12 @@ def test_torch_preprocess_on_cuda_is_faithful(tiny_model) -> None:
     assert fast.device.type == "cuda"
     mae = (exact - fast.cpu()).abs().mean(dim=(1, 2, 3))
     assert float(mae.max()) <= PIXEL_MAE, mae
+
+
+async def test_torch_mode_without_a_torch_decoder_serves_exact(make_client, tiny_model, monkeypatch) -> None:
+    import service.torch_preprocess as tp
+
+    monkeypatch.setattr(tp, "HAVE_TORCH_DECODE", False)
+    exact = await _embed(make_client, tiny_model, JPEGS)
+    fallback = await _embed(make_client, tiny_model, JPEGS, image_decode="torch")
+    np.testing.assert_array_equal(exact, fallback)
