@@ -72,7 +72,7 @@ class _Guard:
     (bench/NOTES.md). A client that leaves sooner costs at most its rows in one batch.
     """
 
-    __slots__ = ("deadline", "disconnected", "fut", "loop", "name", "timer", "watcher", "why")
+    __slots__ = ("deadline", "fut", "loop", "name", "timer", "watcher", "why")
 
     def __init__(self, name: str, loop: asyncio.AbstractEventLoop, timeout: float,
                  disconnected: Callable[[], Awaitable[Any]] | None, watch_after: float) -> None:
@@ -80,19 +80,16 @@ class _Guard:
         self.loop = loop
         now = loop.time()
         self.deadline = now + timeout
-        self.disconnected = disconnected
         self.fut: asyncio.Future[Any] | None = None
         self.why: str | None = None
         self.watcher: asyncio.Future[Any] | None = None
         if disconnected is not None and watch_after < timeout:
-            self.timer = loop.call_at(now + watch_after, self._watch)
+            self.timer = loop.call_at(now + watch_after, self._watch, disconnected)
         else:
             self.timer = loop.call_at(self.deadline, self._end, "timeout")
 
-    def _watch(self) -> None:
-        if self.disconnected is None:  # never: this timer is armed only with a watcher to start
-            return
-        self.watcher = asyncio.ensure_future(self.disconnected())
+    def _watch(self, disconnected: Callable[[], Awaitable[Any]]) -> None:
+        self.watcher = asyncio.ensure_future(disconnected())
         self.watcher.add_done_callback(lambda _: self._end("disconnect"))
         self.timer = self.loop.call_at(self.deadline, self._end, "timeout")
 
