@@ -24,6 +24,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.common import add_model_args
+
 
 def write_corpus(path: Path, n: int, size: tuple[int, int]) -> None:
     from PIL import Image
@@ -46,9 +48,7 @@ def write_corpus(path: Path, n: int, size: tuple[int, int]) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="clipsearch-tiny")
-    ap.add_argument("--pretrained", default=None)
-    ap.add_argument("--device", default="cpu")
+    add_model_args(ap)
     ap.add_argument("--n", type=int, default=3000, help="TSV lines (each: one text + one image)")
     ap.add_argument("--image-size", default="640x480")
     ap.add_argument("--batch-size", type=int, default=256)

@@ -46,6 +46,21 @@ def rate(fn, items: int, seconds: float) -> float:
     return n / (time.perf_counter() - t0)
 
 
+def add_model_args(ap) -> None:
+    """The model options every benchmark takes: an open_clip spec, its weights, the device."""
+    ap.add_argument("--model", default="clipsearch-tiny", help="open_clip spec, as for `clipsearch serve`")
+    ap.add_argument("--pretrained", default=None, help="pretrained tag or checkpoint (default: random weights)")
+    ap.add_argument("--device", default="cpu", help="cpu | cuda")
+
+
+def decode_rate(model, image_b64: str, seconds: float) -> float:
+    """Images/s of base64 + JPEG decode + the model's preprocessing on one core: the CPU
+    work per image that the service and the builder must also do."""
+    from PIL import Image
+
+    return rate(lambda: model.preprocess(Image.open(io.BytesIO(base64.b64decode(image_b64)))), 1, seconds)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -26,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import Server, bench_texts, free_port, jpeg_b64, rate, wrk  # noqa: E402
+from bench.common import Server, add_model_args, bench_texts, decode_rate, free_port, jpeg_b64, rate, wrk  # noqa: E402
 
 
 def bare_model_rate(model: str, pretrained: str | None, device: str, batch: int, image_b64: str,
@@ -44,18 +44,14 @@ def bare_model_rate(model: str, pretrained: str | None, device: str, batch: int,
     rates = {
         "text": rate(lambda: m.encode_tokens(tokens), batch, seconds),
         "image": rate(lambda: m.encode_pixels(pixels), batch, seconds),
-        # The CPU work per image (decode + preprocess), which the service must also do.
-        "image_decode_1core": rate(lambda: m.preprocess(Image.open(io.BytesIO(base64.b64decode(image_b64)))), 1,
-                                   seconds / 2),
+        "image_decode_1core": decode_rate(m, image_b64, seconds / 2),
     }
     return rates
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="clipsearch-tiny")
-    ap.add_argument("--pretrained", default=None)
-    ap.add_argument("--device", default="cpu")
+    add_model_args(ap)
     ap.add_argument("--connections", type=int, default=64)
     ap.add_argument("--duration", type=int, default=10, help="seconds per measured run")
     ap.add_argument("--threads", type=int, default=2, help="wrk threads")

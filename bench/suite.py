@@ -35,7 +35,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import Server, bench_texts, free_port, jpeg_b64, rate, wrk  # noqa: E402
+from bench.common import Server, add_model_args, bench_texts, decode_rate, free_port, jpeg_b64, rate, wrk  # noqa: E402
 
 
 def build_index(index_dir: Path, model, n: int, seed: int = 0) -> float:
@@ -79,17 +79,13 @@ def bare_rates(model, index_dir: Path | None, batches: list[int], image_b64: str
             out["search"][b] = rate(lambda q=queries, i=index: i.search(q, 10, SearchParams()), b, seconds)
         del pixels
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
-    # Decoding + preprocessing one image on one core: the image path's CPU cost per item.
-    one = rate(lambda: model.preprocess(Image.open(io.BytesIO(base64.b64decode(image_b64)))), 1, seconds)
-    out["decode"] = dict.fromkeys(batches, one)
+    out["decode"] = dict.fromkeys(batches, decode_rate(model, image_b64, seconds))
     return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="clipsearch-tiny")
-    ap.add_argument("--pretrained", default=None)
-    ap.add_argument("--device", default="cpu")
+    add_model_args(ap)
     ap.add_argument("--clients", default="1,16,256", help="comma-separated concurrent client counts")
     ap.add_argument("--duration", type=int, default=5, help="seconds per measured wrk run")
     ap.add_argument("--threads", type=int, default=2, help="wrk threads (at most the client count)")

@@ -271,6 +271,16 @@ def _collated_model(events: list[str], gate: threading.Event | None = None):
     return infer
 
 
+async def _collating_with_model_busy(executors, **kw):
+    """A collating batcher whose model is held (by `gate`) on a first 1-row batch."""
+    events: list[str] = []
+    gate = threading.Event()
+    b = await _started(_collated_model(events, gate), executors, collate=_collate_recorder(events), **kw)
+    first = asyncio.ensure_future(b.submit(1, payload=[1], timeout=10))
+    await asyncio.sleep(0.1)
+    return b, events, gate, first
+
+
 async def test_collated_batches_are_exact_and_merged(executors) -> None:
     events: list[str] = []
     b = await _started(_collated_model(events), executors, collate=_collate_recorder(events), max_batch_size=8)
@@ -287,11 +297,7 @@ async def test_collated_batches_are_exact_and_merged(executors) -> None:
 
 
 async def test_next_batch_is_collated_while_the_model_runs(executors) -> None:
-    events: list[str] = []
-    gate = threading.Event()
-    b = await _started(_collated_model(events, gate), executors, collate=_collate_recorder(events))
-    first = asyncio.ensure_future(b.submit(1, payload=[1], timeout=10))
-    await asyncio.sleep(0.1)
+    b, events, gate, first = await _collating_with_model_busy(executors)
     second = asyncio.ensure_future(b.submit(2, payload=[2, 3], timeout=10))
     await asyncio.sleep(0.1)
     # The model is still busy with the first batch, and the second is already collated.
@@ -303,11 +309,7 @@ async def test_next_batch_is_collated_while_the_model_runs(executors) -> None:
 
 
 async def test_request_gone_while_staged_never_reaches_the_model(executors) -> None:
-    events: list[str] = []
-    gate = threading.Event()
-    b = await _started(_collated_model(events, gate), executors, collate=_collate_recorder(events))
-    blocker = asyncio.ensure_future(b.submit(1, payload=[1], timeout=10))
-    await asyncio.sleep(0.1)
+    b, events, gate, blocker = await _collating_with_model_busy(executors)
     gone = asyncio.Event()
     leaver = asyncio.ensure_future(b.submit(3, payload=[5, 6, 7], timeout=10, disconnected=gone.wait))
     stayer = asyncio.ensure_future(b.submit(2, payload=[8, 9], timeout=10))
@@ -325,11 +327,7 @@ async def test_request_gone_while_staged_never_reaches_the_model(executors) -> N
 
 
 async def test_staged_rows_count_against_the_queue(executors) -> None:
-    events: list[str] = []
-    gate = threading.Event()
-    b = await _started(_collated_model(events, gate), executors, collate=_collate_recorder(events), max_queue=4)
-    blocker = asyncio.ensure_future(b.submit(1, payload=[1], timeout=10))
-    await asyncio.sleep(0.1)
+    b, _, gate, blocker = await _collating_with_model_busy(executors, max_queue=4)
     staged = asyncio.ensure_future(b.submit(4, payload=[1, 2, 3, 4], timeout=10))
     await asyncio.sleep(0.1)
     with pytest.raises(Overloaded):
