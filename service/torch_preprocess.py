@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from PIL import Image
 from torchvision.transforms import CenterCrop, InterpolationMode, Normalize, Resize
 from torchvision.transforms.v2 import functional as F
 
@@ -79,7 +78,7 @@ class TorchPreprocess:
             out = decode_jpeg(raw, mode=ImageReadMode.RGB, device=device)
         return list(out)
 
-    def pixels(self, images: list[torch.Tensor], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    def pixels(self, images: list[torch.Tensor]) -> torch.Tensor:
         """uint8 RGB CHW images (any sizes, one device) -> a normalized (N, 3, H, W) batch."""
         out = []
         for image in images:
@@ -88,7 +87,7 @@ class TorchPreprocess:
         batch = torch.stack(out).to(torch.float32).div_(255.0)
         mean = torch.tensor(self.mean, device=batch.device).view(1, -1, 1, 1)
         std = torch.tensor(self.std, device=batch.device).view(1, -1, 1, 1)
-        return batch.sub_(mean).div_(std).to(dtype)
+        return batch.sub_(mean).div_(std)
 
 
 @dataclass(frozen=True)
@@ -116,15 +115,14 @@ class ImageDecoder:
         torch_path = TorchPreprocess.from_transform(transform) if mode == "torch" else None
         return cls(transform, mode, image_size, max_pixels, torch_path)
 
-    def exact_pixels(self, image: Image.Image, name: str) -> torch.Tensor:
+    def _pil(self, raw: bytes, name: str) -> torch.Tensor:
+        """open_clip's own transform on a PIL decode (at a reduced scale in draft mode)."""
+        draft = self.image_size if self.mode == "draft" else None
+        image = open_image(raw, field=name, max_pixels=self.max_pixels, draft=draft)
         try:
             return self.transform(image)
         except Exception as exc:  # an odd mode or palette PIL decodes but cannot convert
             raise InvalidImage(f"{name}: cannot convert image ({type(exc).__name__})", field=name) from None
-
-    def _pil(self, raw: bytes, name: str) -> torch.Tensor:
-        draft = self.image_size if self.mode == "draft" else None
-        return self.exact_pixels(open_image(raw, field=name, max_pixels=self.max_pixels, draft=draft), name)
 
     def pixels(self, raws: list[bytes], names: list[str], device: torch.device) -> torch.Tensor:
         """A (N, 3, H, W) float batch, in input order; errors name the item. On `device`
