@@ -153,3 +153,33 @@ async def test_torch_mode_without_a_torch_decoder_serves_exact(make_client, tiny
     exact = await _embed(make_client, tiny_model, JPEGS)
     fallback = await _embed(make_client, tiny_model, JPEGS, image_decode="torch")
     np.testing.assert_array_equal(exact, fallback)
+
+
+def test_torch_path_on_unusual_jpegs_matches_exact_or_its_error(tiny_model) -> None:
+    """CMYK, progressive, grayscale, 4:4:4 and 1-pixel JPEGs stay within a grey level of
+    exact; truncated ones get the exact path's own 400, naming the item."""
+    import io
+
+    from service.engine import Engine
+    from service.errors import InvalidImage
+    from service.settings import Settings
+
+    def jpeg(image: Image.Image, **kw) -> str:
+        buf = io.BytesIO()
+        image.save(buf, "JPEG", **kw)
+        return base64.b64encode(buf.getvalue()).decode()
+
+    rgb = photo(8, (160, 120))
+    good = [jpeg(rgb.convert("CMYK")), jpeg(rgb, progressive=True), jpeg(rgb.convert("L")), jpeg(rgb, subsampling=0),
+            jpeg(Image.new("RGB", (1, 1), (200, 10, 10)))]
+    exact = Engine(tiny_model, Settings(model="x"))
+    fast = Engine(tiny_model, Settings(model="x", image_decode="torch"))
+    diff = (exact._prepare_images(good, "images") - fast._prepare_images(good, "images")).abs()
+    assert float(diff.max()) <= TORCH_PIXEL_MAX, diff.amax(dim=(1, 2, 3))
+    truncated = base64.b64encode(base64.b64decode(jpeg(rgb))[:400]).decode()
+    messages = []
+    for engine in (exact, fast):
+        with pytest.raises(InvalidImage) as err:
+            engine._prepare_images([good[0], truncated], "images")
+        messages.append((err.value.field, err.value.message))
+    assert messages[0] == messages[1] and messages[0][0] == "images[1]"
