@@ -68,6 +68,8 @@ def serve(
     max_queue: Annotated[int | None, typer.Option(help="items waiting per modality before 429 [2048]")] = None,
     request_timeout_s: Annotated[float | None, typer.Option(help="request timeout in seconds [30]")] = None,
     warmup: Annotated[bool | None, typer.Option(help="run the model on dummy input before serving [on]")] = None,
+    cuda_graphs: Annotated[bool | None, typer.Option(
+        help="on a GPU, replay the model from CUDA graphs at bucketed batch sizes [on]")] = None,
     max_items_per_request: Annotated[int | None, typer.Option(help="items per /embed request [64]")] = None,
     max_text_chars: Annotated[int | None, typer.Option(help="longest text [2000]")] = None,
     max_image_bytes: Annotated[int | None, typer.Option(help="largest image in bytes [10 MiB]")] = None,

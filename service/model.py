@@ -34,6 +34,7 @@ from PIL import Image
 
 from service.errors import ModelLoadError
 from service.fsutil import atomic_dir, sha256_file
+from service.graphs import BucketedGraphs, Capture, batch_buckets, capture_cuda, length_buckets
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +145,8 @@ class ClipModel:
         size = getattr(model.visual, "image_size", 224)
         self.image_size = (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
         self.trims_padding = _supports_trimmed_text(model)
+        self._text_graphs: BucketedGraphs | None = None
+        self._image_graphs: BucketedGraphs | None = None
         self.dim = int(self.encode_tokens(self.tokenize([""])).shape[1])
         self.info = ModelInfo(
             spec=spec,
@@ -168,26 +171,77 @@ class ClipModel:
         return self.preprocess_transform(image)
 
     # -- model side ---------------------------------------------------------------
+    # Not thread-safe once graphs are captured (they replay from fixed buffers): the
+    # service calls these from its one model thread.
     @torch.inference_mode()
     def encode_tokens(self, tokens: torch.Tensor) -> np.ndarray:
         """Token ids -> vectors. Padding past the batch's longest text is cut off where
         the architecture makes that exact (causal mask, EOT pooling); see `trim_padding`."""
         if self.trims_padding:
             tokens = trim_padding(tokens)
-            tokens = tokens.to(self.device, non_blocking=True)
-            feats = _encode_text_trimmed(self.model, tokens)
-        else:
-            tokens = tokens.to(self.device, non_blocking=True)
-            feats = self.model.encode_text(tokens)
-        return _normalized_numpy(feats)
+        tokens = tokens.to(self.device, non_blocking=True)
+        features = self._text_graphs or self._text_features
+        return features(tokens).cpu().numpy()
 
     @torch.inference_mode()
     def encode_pixels(self, pixels: torch.Tensor) -> np.ndarray:
         if self.device.type == "cuda" and pixels.device.type == "cpu":
             pixels = pixels.pin_memory()  # page-locked: the copy below runs asynchronously
         pixels = pixels.to(self.device, dtype=self.dtype, non_blocking=True)
-        feats = self.model.encode_image(pixels)
-        return _normalized_numpy(feats)
+        features = self._image_graphs or self._image_features
+        return features(pixels).cpu().numpy()
+
+    def _text_features(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Token ids on the device -> L2-normalized float32 vectors (what a text graph replays)."""
+        feats = _encode_text_trimmed(self.model, tokens) if self.trims_padding else self.model.encode_text(tokens)
+        return F.normalize(feats.float(), dim=-1)
+
+    def _image_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.model.encode_image(pixels).float(), dim=-1)
+
+    @torch.inference_mode()
+    def capture_graphs(self, max_batch: int, capture: Capture = capture_cuda) -> list[str]:
+        """Replay both towers from CUDA graphs captured at batch sizes 1, 2, 4, ... `max_batch`
+        (text also at a few token lengths when padding can be trimmed); other sizes run eagerly.
+
+        Each tower is checked against its eager self on real input before it is used; a tower
+        whose capture fails or disagrees (cosine < 0.999) stays eager, with a warning, so
+        this never stops a service from starting. Returns the towers now graphed.
+        """
+        batches = batch_buckets(max_batch)
+        lengths = length_buckets(self.context_length) if self.trims_padding else [self.context_length]
+        towers: list[tuple[str, Any, list[tuple[int, ...]], torch.dtype, list[torch.Tensor]]] = [
+            ("text", self._text_features, [(n, length) for n in batches for length in lengths], torch.long,
+             self._text_examples(max_batch)),
+            ("image", self._image_features, [(n, 3, *self.image_size) for n in batches], self.dtype,
+             self._image_examples(max_batch)),
+        ]
+        graphed = []
+        for tower, fn, shapes, dtype, examples in towers:
+            try:
+                graphs = BucketedGraphs(fn, shapes, dtype=dtype, device=self.device, capture=capture)
+                _check_graphs(graphs, fn, examples)
+            except Exception as exc:  # capture has many failure modes (sync in the model, memory); all mean eager
+                log.warning("%s tower stays eager: CUDA graphs failed (%s: %s)", tower, type(exc).__name__, exc)
+                continue
+            setattr(self, f"_{tower}_graphs", graphs)
+            graphed.append(tower)
+        log.info("CUDA graphs for %s at batch sizes %s", ", ".join(graphed) or "no tower", batches)
+        return graphed
+
+    def _text_examples(self, max_batch: int) -> list[torch.Tensor]:
+        texts = ["a photo of a dog", "a red circle on a white background, drawn small in the upper left corner "
+                 "next to three green stars and a blue square"]
+        out = []
+        for n in sorted({1, 3, max_batch}):
+            tokens = self.tokenize([texts[i % 2] for i in range(n)])
+            out.append((trim_padding(tokens) if self.trims_padding else tokens).to(self.device))
+        return out
+
+    def _image_examples(self, max_batch: int) -> list[torch.Tensor]:
+        gen = torch.Generator().manual_seed(0)
+        return [torch.randn((n, 3, *self.image_size), generator=gen).to(self.device, self.dtype)
+                for n in sorted({1, 3, max_batch})]
 
     # -- conveniences for offline jobs ------------------------------------------
     def warm_up(self, batch_sizes: Sequence[int]) -> None:
@@ -325,8 +379,13 @@ def _encode_text_trimmed(model: Any, tokens: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def _normalized_numpy(feats: torch.Tensor) -> np.ndarray:
-    return F.normalize(feats.float(), dim=-1).cpu().numpy()
+def _check_graphs(graphs: BucketedGraphs, eager: Any, examples: Sequence[torch.Tensor]) -> None:
+    """Raise unless replaying `graphs` gives the eager vectors (cosine >= 0.999 per row) on
+    each example, in turn: a later example also catches state left by an earlier one."""
+    for x in examples:
+        cosine = float((graphs(x) * eager(x)).sum(dim=-1).min())
+        if not cosine >= 0.999:
+            raise RuntimeError(f"replay differs from eager at input shape {tuple(x.shape)} (cosine {cosine:.4f})")
 
 
 def load_model(spec: str, pretrained: str | None = None, device: str = "auto", dtype: str = "auto") -> ClipModel:

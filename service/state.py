@@ -55,6 +55,8 @@ class ServiceState:
             except Exception as exc:  # fail at start, with the reason, rather than on every request
                 raise ModelLoadError(f"{model.info.spec}: the model failed on a warm-up batch "
                                      f"({type(exc).__name__}: {exc})") from exc
+        if settings.cuda_graphs and model.device.type == "cuda":
+            model.capture_graphs(settings.max_batch_size)  # falls back to eager by itself, with a warning
         metrics.model_info.info({k: str(v) for k, v in model.info.__dict__.items()})
         backend = choose_backend(settings.search_backend, model.info.device)
         state = cls(settings, model, Engine(model, settings, metrics), IndexHolder(settings.index_dir),
