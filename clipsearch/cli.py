@@ -80,6 +80,9 @@ def serve(
     image_decode: Annotated[str | None, typer.Option(
         help="exact | draft (JPEG at reduced scale) | torch (JPEG decode + resize as tensor ops, nvJPEG on GPU) "
         "[exact]")] = None,
+    image_decode_scope: Annotated[str | None, typer.Option(
+        help="auto | request | batch: with --image-decode torch, decode JPEGs per request or per batch "
+        "(one nvJPEG call) [auto: batch on GPU]")] = None,
     access_log: Annotated[bool | None, typer.Option(help="log every request [off]")] = None,
     log_level: Annotated[str | None, typer.Option(help="debug | info | warning | error")] = None,
 ) -> None:

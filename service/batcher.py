@@ -9,9 +9,10 @@ One batcher per modality. A request goes through:
 4. greedy batching, as TEI and Triton do: take everything waiting up to
    `max_batch_size` rows (optionally after `max_wait_ms`), splitting a request larger
    than a batch over several batches;
-5. per-batch CPU work (`collate`: tokenize a whole batch of texts) in the thread pool,
-   while the model still runs the previous batch: one thread hop per batch instead of
-   one per request;
+5. per-batch CPU work (`collate`: tokenize a whole batch of texts, decode a whole batch
+   of JPEGs with nvJPEG) in the thread pool, while the model still runs the previous
+   batch: one thread hop per batch instead of one per request. A collate may fail
+   single requests (a bad image) without failing their batch-mates (`Collated`);
 6. `infer` in the model executor, off the event loop; its result rows go back to each
    request in order. The next batch is taken and collated while this one runs.
 
@@ -40,6 +41,16 @@ from service.errors import ClipsearchError, InferenceError, Overloaded, RequestT
 log = logging.getLogger(__name__)
 
 P = TypeVar("P")  # a prepared payload: anything sliceable by rows (tensor, array, list)
+
+
+@dataclass(frozen=True)
+class Collated:
+    """What a collate returns when some requests failed on their own: `payload` still has
+    rows for every chunk of the batch (placeholders for the failed ones, which are dropped
+    before the model); `failed` maps a chunk's position in the batch to its error."""
+
+    payload: Any
+    failed: dict[int, Exception]
 
 
 @dataclass
@@ -297,6 +308,10 @@ class DynamicBatcher(Generic[P]):
                 self._staged_rows = 0
             if not ok:
                 continue
+            if isinstance(payload, Collated):
+                for i, exc in payload.failed.items():
+                    _fail(batch[i].job, exc)
+                payload = payload.payload
             batch, size, payload = _drop_gone(batch, size, payload, collated=self._collate is not None)
             if not batch:
                 continue

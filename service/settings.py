@@ -70,6 +70,12 @@ class Settings(BaseSettings):
         "on the model's device (2x faster on CPU; within one grey level of exact, tested)",
     )
 
+    image_decode_scope: Literal["auto", "request", "batch"] = Field(
+        "auto", description="with image_decode=torch, where JPEGs decode: per request in the preprocess threads, "
+        "or all JPEGs of a batch in one call (nvJPEG decodes a batch far faster than one image at a time); "
+        "auto: batch on a GPU, request on the CPU",
+    )
+
     torch_threads: int | None = Field(
         None, ge=1, description="CPU threads for model math; default cores - 1, leaving one for HTTP"
     )

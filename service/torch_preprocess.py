@@ -124,26 +124,60 @@ class ImageDecoder:
         except Exception as exc:  # an odd mode or palette PIL decodes but cannot convert
             raise InvalidImage(f"{name}: cannot convert image ({type(exc).__name__})", field=name) from None
 
+    def split(self, raws: list[bytes], names: list[str]) -> list[torch.Tensor | Jpeg]:
+        """Per item: the model input on the CPU (PIL path), or a `Jpeg` left for `decode_jpegs`
+        (torch path). Headers are checked (format, pixel limits) before any torch decoder sees
+        them; errors name the item."""
+        out: list[torch.Tensor | Jpeg] = []
+        for raw, name in zip(raws, names, strict=True):
+            if self.torch_path is not None and is_jpeg(raw) and \
+                    probe_image(raw, field=name, max_pixels=self.max_pixels)[0] == "JPEG":
+                out.append(Jpeg(name, raw))
+            else:
+                out.append(self._pil(raw, name))
+        return out
+
+    def decode_jpegs(self, jpegs: list[Jpeg], device: torch.device) -> list[torch.Tensor | InvalidImage]:
+        """Model inputs on `device`, one per JPEG, in one decoder call (nvJPEG batches on CUDA).
+
+        If the decoder rejects the batch, each JPEG is retried alone, then through PIL, which
+        decodes it or names it: one bad image costs its own request, not its batch-mates'.
+        """
+        tp = self.torch_path
+        if not jpegs:
+            return []
+        if tp is None:
+            raise ValueError("decode_jpegs needs the torch path")
+        try:
+            return list(tp.pixels(tp.decode([j.data for j in jpegs], device)))
+        except RuntimeError:
+            if len(jpegs) > 1:
+                return [r for j in jpegs for r in self.decode_jpegs([j], device)]
+        try:
+            return [self._pil(jpegs[0].data, jpegs[0].name)]
+        except InvalidImage as exc:
+            return [exc]
+
+    def resolve(self, items: list[torch.Tensor | Jpeg], device: torch.device) -> list[torch.Tensor | InvalidImage]:
+        """`split` output with every JPEG decoded, all in one decoder call."""
+        decoded = iter(self.decode_jpegs([it for it in items if isinstance(it, Jpeg)], device))
+        return [next(decoded) if isinstance(it, Jpeg) else it for it in items]
+
     def pixels(self, raws: list[bytes], names: list[str], device: torch.device) -> torch.Tensor:
         """A (N, 3, H, W) float batch, in input order; errors name the item. On `device`
         when the torch path ran there (nvJPEG: one call for all JPEGs), else on the CPU."""
-        tp = self.torch_path
-        out: list[torch.Tensor | None] = [None] * len(raws)
-        jpegs: dict[int, bytes] = {}
-        for i, (raw, name) in enumerate(zip(raws, names, strict=True)):
-            if tp is not None and is_jpeg(raw) and probe_image(raw, field=name, max_pixels=self.max_pixels)[0] \
-                    == "JPEG":  # the header is checked (limits, format) before the torch decoder sees it
-                jpegs[i] = raw
-            else:
-                out[i] = self._pil(raw, name)
-        if jpegs and tp is not None:
-            try:
-                decoded = tp.decode(list(jpegs.values()), device)
-            except RuntimeError:  # data the decoder rejects: PIL decodes it, or names the bad item
-                for i, raw in jpegs.items():
-                    out[i] = self._pil(raw, names[i])
-            else:
-                for i, pixels in zip(jpegs, tp.pixels(decoded), strict=True):
-                    out[i] = pixels
-        on = next((t.device for t in out if t is not None and t.device.type != "cpu"), None)
-        return torch.stack([t if on is None else t.to(on) for t in out if t is not None])
+        tensors = []
+        for item in self.resolve(self.split(raws, names), device):
+            if isinstance(item, InvalidImage):
+                raise item
+            tensors.append(item)
+        on = next((t.device for t in tensors if t.device.type != "cpu"), None)
+        return torch.stack([t if on is None else t.to(on) for t in tensors])
+
+
+@dataclass(frozen=True)
+class Jpeg:
+    """A JPEG whose header passed the checks, waiting for a batched torch decode."""
+
+    name: str
+    data: bytes

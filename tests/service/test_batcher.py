@@ -10,8 +10,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from service.batcher import DynamicBatcher
-from service.errors import InferenceError, Overloaded, RequestTimeout, ShuttingDown
+from service.batcher import Collated, DynamicBatcher
+from service.errors import InferenceError, InvalidInput, Overloaded, RequestTimeout, ShuttingDown
 
 
 def fake_model(calls: list[int], delay: float = 0.0, fail_when=None):
@@ -249,12 +249,18 @@ async def test_wrong_row_count_from_model_is_an_error(executors) -> None:
 
 
 # -- per-batch collate (how texts are tokenized) -----------------------------------------
-def _collate_recorder(events: list[str], fail_when=None):
-    def collate(payloads: list[list[int]]) -> np.ndarray:
+def _collate_recorder(events: list[str], fail_when=None, per_request: bool = False):
+    """Collates int rows; with `per_request`, a request holding a negative row fails alone."""
+
+    def collate(payloads: list[list[int]]) -> np.ndarray | Collated:
         rows = [x for p in payloads for x in p]
         events.append(f"collate {len(rows)}")
         if fail_when is not None and fail_when(rows):
             raise RuntimeError("collate broke (internal detail)")
+        if per_request:
+            failed = {i: InvalidInput(f"negative row {min(p)}", field=f"request {i}")
+                      for i, p in enumerate(payloads) if min(p) < 0}
+            return Collated(np.asarray(rows, dtype=np.float32), failed)
         return np.asarray(rows, dtype=np.float32)
 
     return collate
@@ -271,11 +277,12 @@ def _collated_model(events: list[str], gate: threading.Event | None = None):
     return infer
 
 
-async def _collating_with_model_busy(executors, **kw):
+async def _collating_with_model_busy(executors, per_request: bool = False, **kw):
     """A collating batcher whose model is held (by `gate`) on a first 1-row batch."""
     events: list[str] = []
     gate = threading.Event()
-    b = await _started(_collated_model(events, gate), executors, collate=_collate_recorder(events), **kw)
+    b = await _started(_collated_model(events, gate), executors,
+                       collate=_collate_recorder(events, per_request=per_request), **kw)
     first = asyncio.ensure_future(b.submit(1, payload=[1], timeout=10))
     await asyncio.sleep(0.1)
     return b, events, gate, first
@@ -346,6 +353,26 @@ async def test_collate_failure_fails_its_batch_only(executors) -> None:
     assert "internal detail" not in str(err.value)
     r = await b.submit(1, payload=[4], timeout=5)
     assert r[0, 1] == 8
+    await b.stop()
+
+
+async def test_collate_can_fail_one_request_and_not_its_batch_mates(executors) -> None:
+    """A bad image found while decoding a whole batch fails its own request only; its rows
+    never reach the model, and the others get exactly their rows."""
+    b, events, gate, blocker = await _collating_with_model_busy(executors, per_request=True)
+    good = asyncio.ensure_future(b.submit(2, payload=[2, 3], timeout=10))
+    bad = asyncio.ensure_future(b.submit(2, payload=[4, -1], timeout=10))
+    also_good = asyncio.ensure_future(b.submit(1, payload=[5], timeout=10))
+    await asyncio.sleep(0.1)
+    assert "collate 5" in events  # the three were staged as one batch behind the blocker
+    gate.set()
+    await blocker
+    with pytest.raises(InvalidInput) as err:
+        await bad
+    assert err.value.field == "request 1"
+    np.testing.assert_array_equal((await good)[:, 0], [2, 3])
+    np.testing.assert_array_equal((await also_good)[:, 0], [5])
+    assert [e for e in events if e.startswith("model start")] == ["model start 1", "model start 3"], events
     await b.stop()
 
 

@@ -138,12 +138,18 @@ def test_torch_preprocess_on_cuda_is_faithful(tiny_model) -> None:
     exact = Engine(tiny_model, Settings(model="x"))._prepare_images(JPEGS, "images")
     tiny_model.device = torch.device("cuda")
     try:
-        fast = Engine(tiny_model, Settings(model="x", image_decode="torch"))._prepare_images(JPEGS, "images")
+        per_request = Engine(tiny_model, Settings(model="x", image_decode="torch", image_decode_scope="request"))
+        fast = per_request._prepare_images(JPEGS, "images")
+        per_batch = Engine(tiny_model, Settings(model="x", image_decode="torch"))  # auto: batch on a GPU
+        assert per_batch.jpegs_per_batch
+        collated = per_batch._collate_images([per_batch._prepare_images(JPEGS[:2], "images"),
+                                              per_batch._prepare_images(JPEGS[2:], "images")])
     finally:
         tiny_model.device = torch.device("cpu")
-    assert fast.device.type == "cuda"
-    mae = (exact - fast.cpu()).abs().mean(dim=(1, 2, 3))
-    assert float(mae.max()) <= PIXEL_MAE, mae
+    assert fast.device.type == "cuda" and collated.payload.device.type == "cuda" and not collated.failed
+    for pixels in (fast, collated.payload):
+        mae = (exact - pixels.cpu()).abs().mean(dim=(1, 2, 3))
+        assert float(mae.max()) <= PIXEL_MAE, mae  # nvJPEG rounds unlike libjpeg-turbo: the looser bound
 
 
 async def test_torch_mode_without_a_torch_decoder_serves_exact(make_client, tiny_model, monkeypatch) -> None:
@@ -183,3 +189,47 @@ def test_torch_path_on_unusual_jpegs_matches_exact_or_its_error(tiny_model) -> N
             engine._prepare_images([good[0], truncated], "images")
         messages.append((err.value.field, err.value.message))
     assert messages[0] == messages[1] and messages[0][0] == "images[1]"
+
+
+async def test_batch_scope_decodes_jpegs_of_several_requests_in_one_call(make_client, tiny_model,
+                                                                         monkeypatch) -> None:
+    """`image_decode_scope=batch` (the default on a GPU, for nvJPEG): the JPEGs of concurrent
+    requests decode in one call; vectors equal the per-request scope's; a truncated JPEG
+    fails only its own request, with the same 400 as in per-request scope."""
+    import asyncio
+
+    from service.torch_preprocess import ImageDecoder
+
+    calls: list[list[str]] = []
+    decode_jpegs = ImageDecoder.decode_jpegs
+
+    def spy(self, jpegs, device):
+        calls.append([j.name for j in jpegs])
+        return decode_jpegs(self, jpegs, device)
+
+    monkeypatch.setattr(ImageDecoder, "decode_jpegs", spy)
+    png = encode_image(photo(9, (200, 150)), "PNG")
+    bodies = [[JPEGS[0], JPEGS[1]], [png, JPEGS[2]], [JPEGS[3]]]
+    want = [await _embed(make_client, tiny_model, b, image_decode="torch") for b in bodies]
+    calls.clear()
+    async with make_client(tiny_model, image_decode="torch", image_decode_scope="batch", max_wait_ms=300) as client:
+        assert client.state.engine.jpegs_per_batch
+        replies = await asyncio.gather(*[client.post("/embed", json={"images": b})
+                                         for b in [*bodies, [JPEGS[0], HALF_JPEG]]])
+    assert [r.status_code for r in replies] == [200, 200, 200, 400], [r.text for r in replies]
+    assert replies[3].json()["error"]["field"] == "images[1]"
+    for reply, expected in zip(replies, want, strict=False):
+        np.testing.assert_allclose(np.asarray(reply.json()["images"], np.float32), expected, atol=1e-5)
+    # One call for all six JPEGs of the four requests (then, as that batch held a bad one, one each).
+    assert sorted(calls[0]) == sorted(["images[0]", "images[1]", "images[1]", "images[0]", "images[0]",
+                                       "images[1]"]), calls
+    assert all(len(c) == 1 for c in calls[1:]), calls
+
+
+def test_request_scope_is_the_default_on_the_cpu(tiny_model) -> None:
+    from service.engine import Engine
+    from service.settings import Settings
+
+    assert not Engine(tiny_model, Settings(model="x", image_decode="torch")).jpegs_per_batch
+    assert not Engine(tiny_model, Settings(model="x", image_decode_scope="batch")).jpegs_per_batch  # exact: PIL
+    assert Engine(tiny_model, Settings(model="x", image_decode="torch", image_decode_scope="batch")).jpegs_per_batch
