@@ -69,6 +69,7 @@ class BuildOptions:
     max_image_bytes: int = 20 * 1024 * 1024
     max_image_pixels: int = 100_000_000
     image_decode: str = "exact"  # exact | draft | torch, as the service's CLIPSEARCH_IMAGE_DECODE
+    jpegs_on_device: bool | None = None  # torch: a batch of JPEGs per decoder call on the model's device; None: on GPU
     progress: bool = True
     hash_inputs: bool = True
 
@@ -151,7 +152,8 @@ def run_build(opts: BuildOptions, model: ClipModel | None = None) -> BuildSummar
         log.info("resuming: %d complete shards, %d records already encoded", len(done), skip_records)
 
     encoder = Encoder(model, workers=opts.workers, batch_size=opts.batch_size, max_image_bytes=opts.max_image_bytes,
-                      max_image_pixels=opts.max_image_pixels, image_decode=opts.image_decode)
+                      max_image_pixels=opts.max_image_pixels, image_decode=opts.image_decode,
+                      jpegs_on_device=opts.jpegs_on_device)
     bar = tqdm(total=total, initial=skip_records, unit="rec", desc="encoding", disable=not opts.progress,
                dynamic_ncols=True, smoothing=0.1)
     encoded_now = 0
@@ -205,6 +207,7 @@ def run_build(opts: BuildOptions, model: ClipModel | None = None) -> BuildSummar
         ],
         "records": n_records,
         "image_decode": opts.image_decode,
+        "jpegs_on_device": encoder.jpegs_on_device,
         "encoded": {"image": len(image_items), "text": len(text_items)},
         "skipped": len(errors),
         "skip_reasons": dict(reasons),

@@ -53,6 +53,10 @@ def build(
     image_decode: Annotated[str, typer.Option(
         help="exact | draft | torch: how JPEGs are decoded, as the service's --image-decode (recorded in the "
         "manifest)")] = "exact",
+    jpegs_on_device: Annotated[bool | None, typer.Option(
+        "--jpegs-on-device/--jpegs-in-workers",
+        help="with --image-decode torch: decode each model batch of JPEGs in one call on the model's device "
+        "(nvJPEG on a GPU), or one by one in the worker processes [on device when the model is on a GPU]")] = None,
     progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
     quiet: Annotated[bool, typer.Option(help="only warnings and the summary")] = False,
 ) -> None:
@@ -69,7 +73,7 @@ def build(
             index_type=index_type, fmt=format, schema=input_schema, batch_size=batch_size, workers=workers,
             shard_size=shard_size, max_errors=max_errors, keep=keep, recall_target=recall_target,
             memory_budget=parse_bytes(memory_budget), flat_max=flat_max, progress=progress and not quiet,
-            image_decode=image_decode,
+            image_decode=image_decode, jpegs_on_device=jpegs_on_device,
         )
         summary = run_build(opts)
     except (BuildError, InputError, ClipsearchError, ValueError) as exc:

@@ -369,3 +369,41 @@ def test_fast_image_decode_builds_a_faithful_index(tmp_path, tiny_model, decode:
     assert read_manifest(fast.version_dir).build["image_decode"] == decode
     with pytest.raises(ValueError, match="exact, draft or torch"):
         run_build(opts(tmp_path / "c", [corpus], tiny_model, image_decode="fast"), model=tiny_model)
+
+
+def test_jpegs_decoded_a_batch_at_a_time_on_the_device_give_the_same_index(tmp_path, tiny_model,
+                                                                         monkeypatch) -> None:
+    """`--jpegs-on-device` (the default for torch decoding on a GPU): workers only check the
+    JPEGs and each model batch decodes in one call on the model's device. Here the device is
+    the CPU; the index equals the one decoded image by image in the workers, and a JPEG whose
+    header passes but whose data does not is skipped with the same reason."""
+    corpus = tmp_path / "c.tsv"
+    rows = [(f"a {COLOURS[i % 6]} photo {i}", encode_image(make_image(800 + i, (300 + 30 * i, 200)), urlsafe=True))
+            for i in range(7)]
+    rows.insert(3, ("a png", encode_image(make_image(9, (120, 90)), "PNG")))
+    whole = base64.b64decode(encode_image(make_image(5, (300, 200))))
+    truncated = base64.b64encode(whole[: len(whole) // 2]).decode()  # the header passes; the data does not
+    corpus.write_text("".join(f"{t}\t{img}\n" for t, img in rows) + f"cut short\t{truncated}\n")
+    kw = {"index_type": "flat", "image_decode": "torch", "batch_size": 3}
+    in_workers = run_build(opts(tmp_path / "a", [corpus], tiny_model, jpegs_on_device=False, **kw), model=tiny_model)
+    on_device = run_build(opts(tmp_path / "b", [corpus], tiny_model, jpegs_on_device=True, workers=2, **kw),
+                          model=tiny_model)
+    from service.torch_preprocess import ImageDecoder
+
+    calls: list[int] = []
+    decode_jpegs = ImageDecoder.decode_jpegs
+    monkeypatch.setattr(ImageDecoder, "decode_jpegs",
+                        lambda self, jpegs, device: calls.append(len(jpegs)) or decode_jpegs(self, jpegs, device))
+    in_process = run_build(opts(tmp_path / "c", [corpus], tiny_model, jpegs_on_device=True, **kw), model=tiny_model)
+    # Batches of 3 records (the PNG went through PIL in its worker); the batch holding the bad
+    # JPEG is retried one by one, and that one then fails in PIL, which names the reason.
+    assert calls == [3, 2, 3, 1, 1, 1], calls
+    a, ai = load_vectors(in_workers.version_dir, "image")
+    for build in (on_device, in_process):
+        b, bi = load_vectors(build.version_dir, "image")
+        assert ai == bi and len(ai) == 8
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    manifests = [read_manifest(s.version_dir).build for s in (in_workers, on_device, in_process)]
+    assert [m["jpegs_on_device"] for m in manifests] == [False, True, True]
+    assert manifests[0]["errors_sample"] == manifests[1]["errors_sample"] == manifests[2]["errors_sample"]
+    assert manifests[1]["skipped"] == 1
