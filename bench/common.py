@@ -61,6 +61,28 @@ def decode_rate(model, image_b64: str, seconds: float) -> float:
     return rate(lambda: model.preprocess(Image.open(io.BytesIO(base64.b64decode(image_b64)))), 1, seconds)
 
 
+def torch_decode_rate(model, image_b64: str, batch: int, seconds: float) -> float | None:
+    """Images/s of base64 + the torch path's batched JPEG decode + tensor preprocessing on the
+    model's device (nvJPEG on a GPU: the ceiling the image path is held to), or None when
+    the model's transform has no torch equivalent."""
+    import torch
+
+    from service.torch_preprocess import ImageDecoder, Jpeg
+
+    decoder = ImageDecoder.create(model.preprocess_transform, "torch", model.image_size, 10**9)
+    if decoder.torch_path is None:
+        return None
+
+    def run() -> None:
+        jpegs = [Jpeg("image", base64.b64decode(image_b64)) for _ in range(batch)]
+        pixels = decoder.decode_jpegs(jpegs, model.device)
+        if model.device.type == "cuda":
+            torch.cuda.synchronize(model.device)
+        del pixels
+
+    return rate(run, batch, seconds)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

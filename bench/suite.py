@@ -11,7 +11,12 @@ the load generator's own ceiling against /healthz is measured first, at each cli
 
     python bench/suite.py                                   # CPU, tiny model, 1M-vector index
     python bench/suite.py --model ViT-B-32 --device cuda    # GPU, random weights
+    python bench/suite.py --model ViT-B-32 --device cuda --image-decode torch --max-batch-size 256
     python bench/suite.py --index-size 100000 --duration 3  # quicker
+
+On a GPU the service and the bare model both replay CUDA graphs (`--no-cuda-graphs`: both
+eager), and with `--image-decode torch` the line under the table gives the ceiling the
+image path is held to: base64 + batched nvJPEG decode + tensor preprocessing, in this run.
 
 Needs `wrk` (Debian/Ubuntu: apt-get install wrk).
 """
@@ -35,7 +40,17 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import Server, add_model_args, bench_texts, decode_rate, free_port, jpeg_b64, rate, wrk  # noqa: E402
+from bench.common import (  # noqa: E402
+    Server,
+    add_model_args,
+    bench_texts,
+    decode_rate,
+    free_port,
+    jpeg_b64,
+    rate,
+    torch_decode_rate,
+    wrk,
+)
 
 
 def build_index(index_dir: Path, model, n: int, seed: int = 0) -> float:
@@ -80,6 +95,7 @@ def bare_rates(model, index_dir: Path | None, batches: list[int], image_b64: str
         del pixels
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
     out["decode"] = dict.fromkeys(batches, decode_rate(model, image_b64, seconds))
+    out["torch_decode"] = {64: torch_decode_rate(model, image_b64, 64, seconds) or float("nan")}
     return out
 
 
@@ -93,6 +109,9 @@ def main() -> None:
     ap.add_argument("--image-size", default="640x480", help="JPEG sent to image /embed")
     ap.add_argument("--paths", default="text,image,search")
     ap.add_argument("--image-decode", default="exact", choices=["exact", "draft", "torch"])
+    ap.add_argument("--max-batch-size", type=int, default=64, help="the service's CLIPSEARCH_MAX_BATCH_SIZE")
+    ap.add_argument("--no-cuda-graphs", action="store_true",
+                    help="on a GPU, serve and measure the bare model without CUDA graphs")
     ap.add_argument("--skip-naive", action="store_true")
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args()
@@ -107,9 +126,13 @@ def main() -> None:
     image = jpeg_b64((w, h))
     texts = bench_texts(4096)
     model = load_model(args.model, args.pretrained, args.device)
+    graphs = model.device.type == "cuda" and not args.no_cuda_graphs
+    if graphs:  # the bare model gets what the service gets
+        model.capture_graphs(args.max_batch_size)
     print(f"clipsearch benchmark suite: model={args.model} device={model.info.device} dtype={model.info.dtype} "
           f"dim={model.dim} index={args.index_size:,} flat vectors image={w}x{h} JPEG decode={args.image_decode} "
-          f"duration={args.duration}s/run cpus={os.cpu_count()} python={platform.python_version()}", flush=True)
+          f"max_batch={args.max_batch_size} cuda_graphs={graphs} duration={args.duration}s/run cpus={os.cpu_count()} "
+          f"python={platform.python_version()}", flush=True)
     work = Path(tempfile.mkdtemp(prefix="clipsearch-suite-"))
     try:
         index_dir = work / "index"
@@ -122,7 +145,8 @@ def main() -> None:
             "search": ("/search/text", [{"text": t, "k": 10} for t in texts]),
         }
         env = {"CLIPSEARCH_MODEL": args.model, "CLIPSEARCH_DEVICE": args.device, "CLIPSEARCH_LOG_LEVEL": "warning",
-               "CLIPSEARCH_IMAGE_DECODE": args.image_decode, "CLIPSEARCH_MAX_QUEUE": "4096"}
+               "CLIPSEARCH_IMAGE_DECODE": args.image_decode, "CLIPSEARCH_MAX_QUEUE": "4096",
+               "CLIPSEARCH_MAX_BATCH_SIZE": str(args.max_batch_size), "CLIPSEARCH_CUDA_GRAPHS": str(graphs).lower()}
         if args.pretrained:
             env["CLIPSEARCH_PRETRAINED"] = args.pretrained
         if "search" in paths:
@@ -171,6 +195,9 @@ def main() -> None:
                   f"| {r['rps'] / b:.2f} | {ceiling[c]['rps']:.0f} |")
     if "image" in paths:
         print(f"\nimage decode + preprocess on one core (PIL, exact): {bare['decode'][clients[0]]:.0f} images/s")
+        where = "nvJPEG" if model.device.type == "cuda" else "libjpeg-turbo, one core"
+        print(f"image decode + preprocess, torch path, batches of 64 on {model.device.type} ({where}): "
+              f"{bare['torch_decode'][64]:.0f} images/s")
     if args.json:
         args.json.write_text(json.dumps({
             "args": {k: str(v) for k, v in vars(args).items()},
