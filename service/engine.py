@@ -195,7 +195,7 @@ class Engine:
         if n > limit:
             raise PayloadTooLarge(f"{n} items in one request, the limit is {limit}")
         if n == 0:
-            raise InvalidInput("no texts or images given")
+            raise InvalidInput("no texts or images given: send at least one", field="texts")
 
     async def embed_texts(
         self, texts: Sequence[str], *, field: str = "texts", disconnected: Disconnected | None = None

@@ -273,8 +273,8 @@ BIG_PIXELS = base64.b64encode(image_bytes(Image.new("L", (3000, 3000)), "PNG")).
 
 BAD_REQUESTS = [
     # (method, path, body or raw bytes, status, error type, field)
-    ("POST", "/embed", {}, 400, "invalid_input", None),
-    ("POST", "/embed", {"texts": [], "images": []}, 400, "invalid_input", None),
+    ("POST", "/embed", {}, 400, "invalid_input", "texts"),
+    ("POST", "/embed", {"texts": [], "images": []}, 400, "invalid_input", "texts"),
     ("POST", "/embed", {"texts": "not a list"}, 422, "validation_error", "texts"),
     ("POST", "/embed", {"texts": [1, 2]}, 422, "validation_error", "texts[0]"),
     ("POST", "/embed", {"text": ["typo"]}, 422, "validation_error", "text"),
