@@ -128,7 +128,9 @@ def main() -> None:
     model = load_model(args.model, args.pretrained, args.device)
     graphs = model.device.type == "cuda" and not args.no_cuda_graphs
     if graphs:  # the bare model gets what the service gets
-        model.capture_graphs(args.max_batch_size)
+        from service.state import GRAPH_MAX_BATCH
+
+        model.capture_graphs(min(args.max_batch_size, GRAPH_MAX_BATCH))
     print(f"clipsearch benchmark suite: model={args.model} device={model.info.device} dtype={model.info.dtype} "
           f"dim={model.dim} index={args.index_size:,} flat vectors image={w}x{h} JPEG decode={args.image_decode} "
           f"max_batch={args.max_batch_size} cuda_graphs={graphs} duration={args.duration}s/run cpus={os.cpu_count()} "

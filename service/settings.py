@@ -53,8 +53,8 @@ class Settings(BaseSettings):
     )
     cuda_graphs: bool = Field(
         True, description="on a GPU, replay both towers from CUDA graphs captured at start for batch sizes 1, 2, "
-        "4 ... max_batch_size, so a lone query skips ~5 ms of kernel launches; each tower is checked against "
-        "eager at start and stays eager if they differ. No effect on the CPU",
+        "4 ... max_batch_size (at most 64), so a lone query skips ~5 ms of kernel launches; each tower is "
+        "checked against eager at start and stays eager if they differ. No effect on the CPU",
     )
     preprocess_workers: int = Field(
         default_factory=lambda: min(32, os.cpu_count() or 1),

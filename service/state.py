@@ -16,6 +16,8 @@ from service.settings import Settings
 
 log = logging.getLogger(__name__)
 
+GRAPH_MAX_BATCH = 64
+
 
 @dataclass
 class ServiceState:
@@ -56,7 +58,9 @@ class ServiceState:
                 raise ModelLoadError(f"{model.info.spec}: the model failed on a warm-up batch "
                                      f"({type(exc).__name__}: {exc})") from exc
         if settings.cuda_graphs and model.device.type == "cuda":
-            model.capture_graphs(settings.max_batch_size)  # falls back to eager by itself, with a warning
+            # Past ~64 rows a ViT-B batch is compute-bound and the launches hide behind it, while
+            # every bucket holds its own activation memory: larger batches stay eager.
+            model.capture_graphs(min(settings.max_batch_size, GRAPH_MAX_BATCH))  # falls back to eager by itself
         metrics.model_info.info({k: str(v) for k, v in model.info.__dict__.items()})
         backend = choose_backend(settings.search_backend, model.info.device)
         state = cls(settings, model, Engine(model, settings, metrics), IndexHolder(settings.index_dir),
