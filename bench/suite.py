@@ -110,6 +110,7 @@ def main() -> None:
     ap.add_argument("--paths", default="text,image,search")
     ap.add_argument("--image-decode", default="exact", choices=["exact", "draft", "torch"])
     ap.add_argument("--max-batch-size", type=int, default=64, help="the service's CLIPSEARCH_MAX_BATCH_SIZE")
+    ap.add_argument("--workers", type=int, default=1, help="the service's CLIPSEARCH_WORKERS (server processes)")
     ap.add_argument("--no-cuda-graphs", action="store_true",
                     help="on a GPU, serve and measure the bare model without CUDA graphs")
     ap.add_argument("--skip-naive", action="store_true")
@@ -133,7 +134,7 @@ def main() -> None:
         model.capture_graphs(min(args.max_batch_size, GRAPH_MAX_BATCH))
     print(f"clipsearch benchmark suite: model={args.model} device={model.info.device} dtype={model.info.dtype} "
           f"dim={model.dim} index={args.index_size:,} flat vectors image={w}x{h} JPEG decode={args.image_decode} "
-          f"max_batch={args.max_batch_size} cuda_graphs={graphs} duration={args.duration}s/run cpus={os.cpu_count()} "
+          f"max_batch={args.max_batch_size} cuda_graphs={graphs} workers={args.workers} duration={args.duration}s/run cpus={os.cpu_count()} "
           f"python={platform.python_version()}", flush=True)
     work = Path(tempfile.mkdtemp(prefix="clipsearch-suite-"))
     try:
@@ -148,7 +149,8 @@ def main() -> None:
         }
         env = {"CLIPSEARCH_MODEL": args.model, "CLIPSEARCH_DEVICE": args.device, "CLIPSEARCH_LOG_LEVEL": "warning",
                "CLIPSEARCH_IMAGE_DECODE": args.image_decode, "CLIPSEARCH_MAX_QUEUE": "4096",
-               "CLIPSEARCH_MAX_BATCH_SIZE": str(args.max_batch_size), "CLIPSEARCH_CUDA_GRAPHS": str(graphs).lower()}
+               "CLIPSEARCH_MAX_BATCH_SIZE": str(args.max_batch_size), "CLIPSEARCH_CUDA_GRAPHS": str(graphs).lower(),
+               "CLIPSEARCH_WORKERS": str(args.workers)}
         if args.pretrained:
             env["CLIPSEARCH_PRETRAINED"] = args.pretrained
         if "search" in paths:

@@ -83,6 +83,8 @@ def serve(
     image_decode_scope: Annotated[str | None, typer.Option(
         help="auto | request | batch: with --image-decode torch, decode JPEGs per request or per batch "
         "(one nvJPEG call) [auto: batch on GPU]")] = None,
+    workers: Annotated[int | None, typer.Option(
+        help="server processes sharing the port, each with its own model copy [1]")] = None,
     access_log: Annotated[bool | None, typer.Option(help="log every request [off]")] = None,
     log_level: Annotated[str | None, typer.Option(help="debug | info | warning | error")] = None,
 ) -> None:
@@ -104,19 +106,58 @@ def serve(
     from service.http.app import create_app
     from service.state import ServiceState
 
+    common: dict[str, Any] = {
+        "host": settings.host, "port": settings.port, "log_level": settings.log_level.lower(),
+        "access_log": settings.access_log, "timeout_graceful_shutdown": int(settings.request_timeout_s) + 5,
+    }
+    # With several workers the model is only checked here (on the CPU, with the index):
+    # each worker loads its own copy.
+    check = settings if settings.workers == 1 else settings.model_copy(update={
+        "device": "cpu", "dtype": "fp32", "warmup": False, "cuda_graphs": False, "search_backend": "faiss-cpu"})
+    metrics_dir = _metrics_dir() if settings.workers > 1 else None
     try:
-        state = ServiceState.build(settings)
+        state = ServiceState.build(check)
     except ClipsearchError as exc:
         typer.echo(f"clipsearch: cannot start: {exc.message}", err=True)
         raise typer.Exit(2) from None
-    uvicorn.run(
-        create_app(settings, state=state),
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level.lower(),
-        access_log=settings.access_log,
-        timeout_graceful_shutdown=int(settings.request_timeout_s) + 5,
-    )
+    if metrics_dir is None:
+        uvicorn.run(create_app(settings, state=state), **common)
+        return
+    del state
+    made, path = metrics_dir
+    for stale in path.glob("*.db"):  # prometheus_client: the directory must start empty (the check wrote too)
+        stale.unlink()
+    _export_settings(overrides)
+    try:
+        uvicorn.run("service.http.app:app_from_env", factory=True, workers=settings.workers, **common)
+    finally:
+        if made:
+            import shutil
+
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _metrics_dir() -> tuple[bool, Path]:
+    """The directory for multiprocess metrics: PROMETHEUS_MULTIPROC_DIR, or a temporary one
+    (True: made here, removed at exit). Set before prometheus_client is imported."""
+    import os
+    import tempfile
+
+    from service.metrics import MULTIPROC_ENV
+
+    given = os.environ.get(MULTIPROC_ENV)
+    path = Path(given) if given else Path(tempfile.mkdtemp(prefix="clipsearch-metrics-"))
+    path.mkdir(parents=True, exist_ok=True)
+    os.environ[MULTIPROC_ENV] = str(path)
+    return not given, path
+
+
+def _export_settings(overrides: dict[str, Any]) -> None:
+    """Hand the flags to the worker processes, which build their app from CLIPSEARCH_* variables."""
+    import os
+
+    for key, value in overrides.items():
+        os.environ[f"CLIPSEARCH_{key.upper()}"] = str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def main() -> None:  # pragma: no cover - console entry point wrapper

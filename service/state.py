@@ -45,7 +45,8 @@ class ServiceState:
             # the loop one core gave ~25% more throughput at 64 clients on 2 cores.
             import torch
 
-            torch.set_num_threads(settings.torch_threads or max(1, (os.cpu_count() or 2) - 1))
+            # Several worker processes share the cores.
+            torch.set_num_threads(settings.torch_threads or max(1, ((os.cpu_count() or 2) - 1) // settings.workers))
         if model.info.fingerprint.startswith("random:"):
             log.warning("serving %s with RANDOM weights: vectors are meaningless outside tests and demos",
                         model.info.spec)
@@ -61,7 +62,7 @@ class ServiceState:
             # Past ~64 rows a ViT-B batch is compute-bound and the launches hide behind it, while
             # every bucket holds its own activation memory: larger batches stay eager.
             model.capture_graphs(min(settings.max_batch_size, GRAPH_MAX_BATCH))  # falls back to eager by itself
-        metrics.model_info.info({k: str(v) for k, v in model.info.__dict__.items()})
+        metrics.set_model(model.info.__dict__)
         backend = choose_backend(settings.search_backend, model.info.device)
         state = cls(settings, model, Engine(model, settings, metrics), IndexHolder(settings.index_dir),
                     metrics, backend)
@@ -94,7 +95,7 @@ class ServiceState:
             return self.indexes.current
         if loaded is not None and loaded is not before:
             log.info("serving index version %s from %s", loaded.version, loaded.path)
-            self.metrics.index_version.info({"version": loaded.version, "path": str(loaded.path)})
+            self.metrics.set_index(loaded.version, str(loaded.path))
             for modality, index in loaded.indexes.items():
                 self.metrics.index_size.labels(modality).set(index.count)
         return loaded

@@ -67,6 +67,7 @@ def create_app(settings: Settings, *, state: ServiceState | None = None, model: 
                 with contextlib.suppress(asyncio.CancelledError):
                     await poller
             await svc.engine.stop()
+            svc.metrics.process_exit()
 
     app = FastAPI(
         title="clipsearch",

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import orjson
 from fastapi import APIRouter
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
@@ -187,7 +187,7 @@ async def readyz(state: State) -> Response:
 @router.get("/metrics")
 async def metrics(state: State) -> Response:
     """Prometheus metrics."""
-    return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    return Response(state.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
 
 @router.get("/")

@@ -50,6 +50,7 @@ def test_every_command_has_help() -> None:
         (("--model", "local-dir:/nonexistent"), "not found"),
         (("--index-dir", "/nonexistent/index"), "does not exist"),
         (("--max-batch-size", "0"), "invalid settings"),
+        (("--workers", "2", "--model", "no-such-model"), "unknown open_clip model"),  # checked before any worker
     ],
 )
 def test_serve_fails_fast_with_a_clear_message(args, message) -> None:
@@ -103,3 +104,54 @@ def test_served_vectors_equal_open_clip(tiny_spec: str) -> None:
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_workers_share_the_port_and_report_metrics_together(tiny_spec: str, tmp_path: Path) -> None:
+    """--workers 2: two processes with their own model answer on one port with the same
+    vectors as open_clip, and /metrics (whichever worker answers) counts every request."""
+    port = free_port()
+    metrics_dir = tmp_path / "metrics"
+    env = {**os.environ, "CLIPSEARCH_MODEL": tiny_spec, "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}
+    proc = subprocess.Popen([sys.executable, "-m", "clipsearch", "serve", "--workers", "2", "--host", "127.0.0.1",
+                             "--port", str(port), "--device", "cpu", "--log-level", "warning"], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 150
+        while True:  # both workers up: each writes its metrics files, named by its pid
+            pids = {p.stem.rsplit("_", 1)[-1] for p in metrics_dir.glob("*.db")}
+            try:
+                ready = httpx.get(f"{base}/readyz", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                ready = False
+            if ready and len(pids) == 2:
+                break
+            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+            assert time.monotonic() < deadline, f"workers did not come up (pids {pids})"
+            time.sleep(0.5)
+        time.sleep(2)  # the second worker finishes its start-up
+
+        def embed(i: int) -> list[float]:
+            with httpx.Client(timeout=60) as client:  # a new connection each: the workers share them out
+                r = client.post(f"{base}/embed", json={"texts": ["a red circle"]})
+                assert r.status_code == 200, r.text
+                return r.json()["texts"][0]
+
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(8) as pool:
+            vectors = np.array(list(pool.map(embed, range(40))), np.float32)
+        model = open_clip.create_model_and_transforms(tiny_spec)[0].eval()
+        with torch.no_grad():
+            want = model.encode_text(open_clip.get_tokenizer(tiny_spec)(["a red circle"]))
+        want = (want / want.norm(dim=-1, keepdim=True)).numpy()[0]
+        assert (vectors @ want).min() >= 0.9999
+        text = httpx.get(f"{base}/metrics", timeout=10).text
+        counted = [line for line in text.splitlines()
+                   if line.startswith("clipsearch_requests_total{") and 'route="/embed"' in line]
+        assert len(counted) == 1 and float(counted[0].rsplit(" ", 1)[1]) == 40.0, counted
+        assert "clipsearch_model_info{" in text and 'spec="local-dir:' in text
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
