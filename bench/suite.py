@@ -134,8 +134,8 @@ def main() -> None:
         model.capture_graphs(min(args.max_batch_size, GRAPH_MAX_BATCH))
     print(f"clipsearch benchmark suite: model={args.model} device={model.info.device} dtype={model.info.dtype} "
           f"dim={model.dim} index={args.index_size:,} flat vectors image={w}x{h} JPEG decode={args.image_decode} "
-          f"max_batch={args.max_batch_size} cuda_graphs={graphs} workers={args.workers} duration={args.duration}s/run cpus={os.cpu_count()} "
-          f"python={platform.python_version()}", flush=True)
+          f"max_batch={args.max_batch_size} cuda_graphs={graphs} workers={args.workers} "
+          f"duration={args.duration}s/run cpus={os.cpu_count()} python={platform.python_version()}", flush=True)
     work = Path(tempfile.mkdtemp(prefix="clipsearch-suite-"))
     try:
         index_dir = work / "index"
