@@ -57,6 +57,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2, help="wrk threads")
     ap.add_argument("--image-size", default="640x480")
     ap.add_argument("--skip-images", action="store_true")
+    ap.add_argument("--workers", type=int, default=1,
+                    help="also run clipsearch with this many server processes (CLIPSEARCH_WORKERS), when > 1")
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args()
     if shutil.which("wrk") is None:
@@ -84,6 +86,9 @@ def main() -> None:
         "clipsearch (batched)": ([py, "-m", "clipsearch", "serve", "--host", "127.0.0.1"], {}),
         "clipsearch (batch size 1)": ([py, "-m", "clipsearch", "serve", "--host", "127.0.0.1"],
                                       {"CLIPSEARCH_MAX_BATCH_SIZE": "1"}),
+        **({f"clipsearch ({args.workers} workers)": ([py, "-m", "clipsearch", "serve", "--host", "127.0.0.1"],
+                                                     {"CLIPSEARCH_WORKERS": str(args.workers)})}
+           if args.workers > 1 else {}),
         "naive per-request wrapper": ([py, "-m", "uvicorn", "bench.naive_app:app", "--host", "127.0.0.1",
                                        "--log-level", "warning"], {}),
     }
