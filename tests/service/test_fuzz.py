@@ -20,9 +20,12 @@ json_values = st.recursive(
     max_leaves=12,
 )
 GOOD = encode_image(make_image(3))
+_JPEG = base64.b64decode(GOOD)
+CUT_JPEG = base64.b64encode(_JPEG[: len(_JPEG) // 2]).decode()  # a header that passes, data that does not
 image_like = st.one_of(
     st.just(GOOD),
     st.just(GOOD[: len(GOOD) // 2]),
+    st.just(CUT_JPEG),
     st.binary(max_size=200).map(lambda b: base64.b64encode(b).decode()),
     st.text(max_size=60),
     st.just("data:image/png;base64,"),
@@ -39,9 +42,11 @@ fields = {
 bodies = st.fixed_dictionaries({}, optional=fields) | json_values
 
 
-@pytest.fixture(scope="module")
-def client(tiny_model):
-    cfg = Settings(model=tiny_model.info.spec, device="cpu")
+@pytest.fixture(scope="module", params=[{}, {"image_decode": "torch", "image_decode_scope": "batch"}],
+                ids=["exact", "torch-batch"])
+def client(tiny_model, request):
+    """The exact path, and the torch path decoding JPEGs per batch (the GPU default) on the CPU."""
+    cfg = Settings(model=tiny_model.info.spec, device="cpu", **request.param)
     app = create_app(cfg, state=ServiceState.build(cfg, model=tiny_model))
     with TestClient(app, raise_server_exceptions=False) as c:
         yield c
