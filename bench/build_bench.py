@@ -7,6 +7,7 @@ preprocess, encode, index, publish) keeps.
 
     python bench/build_bench.py                                  # CPU, tiny model
     python bench/build_bench.py --model ViT-B-32 --device cuda --n 20000 --workers 14
+    python bench/build_bench.py --model ViT-B-32 --device cuda --n 20000 --workers 14 --image-decode torch
 """
 
 from __future__ import annotations
@@ -53,6 +54,8 @@ def main() -> None:
     ap.add_argument("--image-size", default="640x480")
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--image-decode", default="exact", choices=["exact", "draft", "torch"],
+                    help="as `index build --image-decode` (torch on a GPU: a batch of JPEGs per nvJPEG call)")
     args = ap.parse_args()
 
     import torch
@@ -68,7 +71,7 @@ def main() -> None:
         write_corpus(corpus, args.n, (w, h))
         opts = BuildOptions(inputs=[corpus], output=Path(tmp) / "index", model=args.model, pretrained=args.pretrained,
                             device=args.device, batch_size=args.batch_size, workers=args.workers, progress=False,
-                            index_type="flat")
+                            index_type="flat", image_decode=args.image_decode)
         t0 = time.perf_counter()
         summary = run_build(opts, model=model)
         wall = time.perf_counter() - t0
@@ -96,7 +99,8 @@ def main() -> None:
     bare_pairs = 1 / (1 / bare["image"] + 1 / bare["text"])
     pairs = args.n / wall
     print(f"index builder benchmark: model={args.model} device={args.device} n={args.n} pairs "
-          f"image={w}x{h} JPEG workers={args.workers} batch={args.batch_size} cpus={os.cpu_count()}")
+          f"image={w}x{h} JPEG decode={args.image_decode} workers={args.workers} batch={args.batch_size} "
+          f"cpus={os.cpu_count()}")
     print("| quantity | builder end to end | bare model | ratio |")
     print("|---|---:|---:|---:|")
     print(f"| images/s | {images:.0f} | {bare['image']:.0f} | {images / bare['image']:.2f} |")

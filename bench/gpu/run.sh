@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Run ON the GPU machine (device tool), from the project root, after bench/gpu/prepare.sh
+# here, with carry [".whl", ".bin"]. Two calls, each within the device's 10-minute limit:
+#   bash bench/gpu/run.sh a   # GPU tests, index builder (nvJPEG per batch), 4 server processes
+#   bash bench/gpu/run.sh b   # the full suite: text, image, search over 1M, against naive
+# Logs and JSON land under $OUT.
+set -uo pipefail
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  || exit 1
+export PYTHONPATH=/tmp/site:$PWD PATH=$PWD/.bin:$PATH LD_LIBRARY_PATH=$PWD/.bin:${LD_LIBRARY_PATH:-} PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/clipsearch-gpu-out}
+mkdir -p "$OUT"
+nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
+model=(--model ViT-B-32 --device cuda)
+case "${1:-}" in
+  a)
+    echo "== GPU tests"
+    timeout 180 python3 -m pytest -q -p no:cacheprovider -m gpu tests/service 2>&1 | tee "$OUT/gpu-tests.log"
+    echo "== index builder, nvJPEG per batch"
+    timeout 180 python3 bench/build_bench.py "${model[@]}" --n 20000 --workers 14 --image-decode torch 2>&1 \
+      | tee "$OUT/build.log"
+    echo "== text and search, 4 server processes"
+    timeout 200 python3 bench/suite.py "${model[@]}" --paths text,search --clients 16,256 --max-batch-size 256 \
+      --workers 4 --duration 4 --threads 4 --skip-naive --json "$OUT/suite-4.json" 2>&1 | tee "$OUT/suite-4.log"
+    ;;
+  b)
+    echo "== suite: text, image (nvJPEG per batch), search over 1M; one process; naive wrapper"
+    timeout 560 python3 bench/suite.py "${model[@]}" --image-decode torch --max-batch-size 256 --duration 4 \
+      --threads 4 --json "$OUT/suite-1.json" 2>&1 | tee "$OUT/suite-1.log"
+    ;;
+  *) echo "usage: bash bench/gpu/run.sh a|b" >&2; exit 2 ;;
+esac
