@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -104,6 +105,7 @@ def serve(
     import uvicorn
 
     from service.http.app import create_app
+    from service.metrics import MULTIPROC_ENV
     from service.state import ServiceState
 
     common: dict[str, Any] = {
@@ -114,19 +116,19 @@ def serve(
     # each worker loads its own copy.
     check = settings if settings.workers == 1 else settings.model_copy(update={
         "device": "cpu", "dtype": "fp32", "warmup": False, "cuda_graphs": False, "search_backend": "faiss-cpu"})
-    metrics_dir = _metrics_dir() if settings.workers > 1 else None
+    given = os.environ.get(MULTIPROC_ENV)
+    if given:  # this process writes its metrics there too (prometheus_client saw the variable at import)
+        Path(given).mkdir(parents=True, exist_ok=True)
     try:
         state = ServiceState.build(check)
     except ClipsearchError as exc:
         typer.echo(f"clipsearch: cannot start: {exc.message}", err=True)
         raise typer.Exit(2) from None
-    if metrics_dir is None:
+    if settings.workers == 1:
         uvicorn.run(create_app(settings, state=state), **common)
         return
     del state
-    made, path = metrics_dir
-    for stale in path.glob("*.db"):  # prometheus_client: the directory must start empty (the check wrote too)
-        stale.unlink()
+    made, path = _metrics_dir()
     _export_settings(overrides)
     try:
         uvicorn.run("service.http.app:app_from_env", factory=True, workers=settings.workers, **common)
@@ -138,9 +140,8 @@ def serve(
 
 
 def _metrics_dir() -> tuple[bool, Path]:
-    """The directory for multiprocess metrics: PROMETHEUS_MULTIPROC_DIR, or a temporary one
-    (True: made here, removed at exit). Set before prometheus_client is imported."""
-    import os
+    """An empty directory for the workers' multiprocess metrics: PROMETHEUS_MULTIPROC_DIR
+    emptied (prometheus_client needs that), or a temporary one (True: removed at exit)."""
     import tempfile
 
     from service.metrics import MULTIPROC_ENV
@@ -148,14 +149,14 @@ def _metrics_dir() -> tuple[bool, Path]:
     given = os.environ.get(MULTIPROC_ENV)
     path = Path(given) if given else Path(tempfile.mkdtemp(prefix="clipsearch-metrics-"))
     path.mkdir(parents=True, exist_ok=True)
+    for stale in path.glob("*.db"):
+        stale.unlink()
     os.environ[MULTIPROC_ENV] = str(path)
     return not given, path
 
 
 def _export_settings(overrides: dict[str, Any]) -> None:
     """Hand the flags to the worker processes, which build their app from CLIPSEARCH_* variables."""
-    import os
-
     for key, value in overrides.items():
         os.environ[f"CLIPSEARCH_{key.upper()}"] = str(value).lower() if isinstance(value, bool) else str(value)
 
