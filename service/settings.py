@@ -98,6 +98,9 @@ class Settings(BaseSettings):
     def _check(self) -> Settings:
         if self.max_items_per_request > self.max_queue:
             raise ValueError("max_items_per_request must not exceed max_queue (such a request could never run)")
+        if self.workers > 1 and self.index_dir is not None and self.index_poll_s == 0:
+            raise ValueError("with several workers, index_poll_s must be above 0: POST /admin/reload reaches only "
+                             "the worker that answers it, and the others learn of a new index by polling")
         return self
 
     @property

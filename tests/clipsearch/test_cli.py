@@ -51,6 +51,7 @@ def test_every_command_has_help() -> None:
         (("--index-dir", "/nonexistent/index"), "does not exist"),
         (("--max-batch-size", "0"), "invalid settings"),
         (("--workers", "2", "--model", "no-such-model"), "unknown open_clip model"),  # checked before any worker
+        (("--workers", "2", "--index-dir", "/tmp", "--index-poll-s", "0"), "index_poll_s must be above 0"),
     ],
 )
 def test_serve_fails_fast_with_a_clear_message(args, message) -> None:
