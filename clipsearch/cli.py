@@ -81,6 +81,8 @@ def serve(
     image_decode: Annotated[str | None, typer.Option(
         help="exact | draft (JPEG at reduced scale) | torch (JPEG decode + resize as tensor ops, nvJPEG on GPU) "
         "[exact]")] = None,
+    exif_orientation: Annotated[bool | None, typer.Option(
+        help="turn images upright by their EXIF orientation first (open_clip does not) [off]")] = None,
     image_decode_scope: Annotated[str | None, typer.Option(
         help="auto | request | batch: with --image-decode torch, decode JPEGs per request or per batch "
         "(one nvJPEG call) [auto: batch on GPU]")] = None,

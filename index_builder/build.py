@@ -69,6 +69,7 @@ class BuildOptions:
     max_image_bytes: int = 20 * 1024 * 1024
     max_image_pixels: int = 100_000_000
     image_decode: str = "exact"  # exact | draft | torch, as the service's CLIPSEARCH_IMAGE_DECODE
+    exif_orientation: bool = False  # turn images upright by their EXIF orientation, as CLIPSEARCH_EXIF_ORIENTATION
     jpegs_on_device: bool | None = None  # torch: a batch of JPEGs per decoder call on the model's device; None: on GPU
     progress: bool = True
     hash_inputs: bool = True
@@ -115,6 +116,7 @@ def job_key(opts: BuildOptions, inputs: list[dict[str, Any]], fingerprint: str) 
         "inputs": inputs, "format": opts.fmt, "schema": opts.schema, "model": fingerprint,
         "shard_size": opts.shard_size, "limits": [opts.max_image_bytes, opts.max_image_pixels],
         **({"image_decode": opts.image_decode} if opts.image_decode != "exact" else {}),  # old keys stay valid
+        **({"exif_orientation": True} if opts.exif_orientation else {}),
     }
     return hashlib.sha256(orjson.dumps(desc, option=orjson.OPT_SORT_KEYS)).hexdigest()[:16]
 
@@ -153,7 +155,7 @@ def run_build(opts: BuildOptions, model: ClipModel | None = None) -> BuildSummar
 
     encoder = Encoder(model, workers=opts.workers, batch_size=opts.batch_size, max_image_bytes=opts.max_image_bytes,
                       max_image_pixels=opts.max_image_pixels, image_decode=opts.image_decode,
-                      jpegs_on_device=opts.jpegs_on_device)
+                      exif_orientation=opts.exif_orientation, jpegs_on_device=opts.jpegs_on_device)
     bar = tqdm(total=total, initial=skip_records, unit="rec", desc="encoding", disable=not opts.progress,
                dynamic_ncols=True, smoothing=0.1)
     encoded_now = 0
@@ -208,6 +210,7 @@ def run_build(opts: BuildOptions, model: ClipModel | None = None) -> BuildSummar
         "records": n_records,
         "image_decode": opts.image_decode,
         "jpegs_on_device": encoder.jpegs_on_device,
+        "exif_orientation": opts.exif_orientation,
         "encoded": {"image": len(image_items), "text": len(text_items)},
         "skipped": len(errors),
         "skip_reasons": dict(reasons),

@@ -53,6 +53,9 @@ def build(
     image_decode: Annotated[str, typer.Option(
         help="exact | draft | torch: how JPEGs are decoded, as the service's --image-decode (recorded in the "
         "manifest)")] = "exact",
+    exif_orientation: Annotated[bool, typer.Option(
+        help="turn images upright by their EXIF orientation first, as the service's --exif-orientation (recorded "
+        "in the manifest)")] = False,
     jpegs_on_device: Annotated[bool | None, typer.Option(
         "--jpegs-on-device/--jpegs-in-workers",
         help="with --image-decode torch: decode each model batch of JPEGs in one call on the model's device "
@@ -73,7 +76,7 @@ def build(
             index_type=index_type, fmt=format, schema=input_schema, batch_size=batch_size, workers=workers,
             shard_size=shard_size, max_errors=max_errors, keep=keep, recall_target=recall_target,
             memory_budget=parse_bytes(memory_budget), flat_max=flat_max, progress=progress and not quiet,
-            image_decode=image_decode, jpegs_on_device=jpegs_on_device,
+            image_decode=image_decode, exif_orientation=exif_orientation, jpegs_on_device=jpegs_on_device,
         )
         summary = run_build(opts)
     except (BuildError, InputError, ClipsearchError, ValueError) as exc:

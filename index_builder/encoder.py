@@ -106,14 +106,16 @@ class PendingShard:
 class Encoder:
     def __init__(self, model: ClipModel, *, workers: int = 0, batch_size: int = 256,
                  max_image_bytes: int = 20 * 1024 * 1024, max_image_pixels: int = 100_000_000,
-                 image_decode: str = "exact", jpegs_on_device: bool | None = None) -> None:
+                 image_decode: str = "exact", exif_orientation: bool = False,
+                 jpegs_on_device: bool | None = None) -> None:
         """`jpegs_on_device` (with `image_decode="torch"`; default: when the model is on a GPU):
         JPEGs decode in the main process, a model batch per decoder call, on the model's
         device, instead of one by one in the workers."""
         self.model = model
         self.batch_size = batch_size
         self._chunk = 16
-        decoder = ImageDecoder.create(model.preprocess_transform, image_decode, model.image_size, max_image_pixels)
+        decoder = ImageDecoder.create(model.preprocess_transform, image_decode, model.image_size, max_image_pixels,
+                                      exif=exif_orientation)
         if jpegs_on_device is None:
             jpegs_on_device = model.device.type == "cuda"
         self.jpegs_on_device = jpegs_on_device and decoder.torch_path is not None

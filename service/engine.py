@@ -57,7 +57,7 @@ class Engine:
         self.settings = settings
         self.metrics = metrics
         self._decoder = ImageDecoder.create(model.preprocess_transform, settings.image_decode, model.image_size,
-                                            settings.max_image_pixels)
+                                            settings.max_image_pixels, exif=settings.exif_orientation)
         if settings.image_decode == "torch" and self._decoder.torch_path is None:
             log.warning("image_decode=torch: %s has a preprocessing transform other than open_clip's "
                         "standard one, or torchvision has no JPEG decoder; images decode exactly", model.info.spec)

@@ -14,7 +14,7 @@ import re
 import warnings
 from collections.abc import Iterator
 
-from PIL import Image, UnidentifiedImageError
+from PIL import ExifTags, Image, UnidentifiedImageError
 
 from service.errors import InvalidBase64, InvalidImage, PayloadTooLarge
 
@@ -84,26 +84,51 @@ def _probe(data: bytes, field: str, max_pixels: int) -> Image.Image:
     return image
 
 
-def probe_image(data: bytes, *, field: str, max_pixels: int) -> tuple[str | None, tuple[int, int]]:
-    """Format and size from the header, with the pixel limit checked; no pixels are decoded."""
+def exif_orientation(image: Image.Image) -> int:
+    """The EXIF orientation tag (1-8; 1: show as stored), read from the header only."""
+    try:
+        value = image.getexif().get(ExifTags.Base.Orientation, 1)
+    except Exception:  # a malformed EXIF block: show the image as stored, as browsers do
+        return 1
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
+
+
+def probe_image(data: bytes, *, field: str, max_pixels: int, exif: bool = False
+                ) -> tuple[str | None, tuple[int, int], int]:
+    """Format, size and (with `exif`) EXIF orientation from the header, with the pixel
+    limit checked; no pixels are decoded."""
     with _image_errors(field):
         image = _probe(data, field, max_pixels)
-        return image.format, image.size
+        return image.format, image.size, exif_orientation(image) if exif else 1
 
 
-def open_image(data: bytes, *, field: str, max_pixels: int, draft: tuple[int, int] | None = None) -> Image.Image:
+def open_image(data: bytes, *, field: str, max_pixels: int, draft: tuple[int, int] | None = None,
+               exif: bool = False) -> Image.Image:
     """Decode image bytes fully; pixel count is checked from the header before decoding.
 
     `draft` (JPEG only): let libjpeg decode at the smallest 1/2, 1/4 or 1/8 scale that
     still covers this size (DCT scaling), 2-3x faster for photos much larger than the
     model's input. The result differs slightly from a full decode; see `Settings.image_decode`.
+    `exif`: turn the image as its EXIF orientation says (phone photos are often stored
+    sideways); open_clip itself does not.
     """
     with _image_errors(field):
         image = _probe(data, field, max_pixels)
+        orientation = exif_orientation(image) if exif else 1
         if draft is not None and image.format == "JPEG":
             image.draft(image.mode, draft)
         image.load()
+    if orientation != 1:
+        image = image.transpose(_PIL_ORIENT[orientation])
     return image
+
+
+# What turns a stored image upright, per EXIF orientation (as PIL's ImageOps.exif_transpose).
+_PIL_ORIENT = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
 
 
 def decode_image(

@@ -75,6 +75,11 @@ class Settings(BaseSettings):
         "on the model's device (2x faster on CPU; within one grey level of exact, tested)",
     )
 
+    exif_orientation: bool = Field(
+        False, description="turn each image upright by its EXIF orientation before preprocessing (phone photos "
+        "are often stored sideways); off by default because open_clip does not, so vectors equal open_clip's. "
+        "Build the index with the same setting (index build --exif-orientation)",
+    )
     image_decode_scope: Literal["auto", "request", "batch"] = Field(
         "auto", description="with image_decode=torch, where JPEGs decode: per request in the preprocess threads, "
         "or all JPEGs of a batch in one call (nvJPEG decodes a batch far faster than one image at a time); "

@@ -107,18 +107,20 @@ class ImageDecoder:
     image_size: tuple[int, int]
     max_pixels: int
     torch_path: TorchPreprocess | None
+    exif: bool = False  # turn images upright by their EXIF orientation first
 
     @classmethod
-    def create(cls, transform: Any, mode: str, image_size: tuple[int, int], max_pixels: int) -> ImageDecoder:
+    def create(cls, transform: Any, mode: str, image_size: tuple[int, int], max_pixels: int, *,
+               exif: bool = False) -> ImageDecoder:
         if mode not in ("exact", "draft", "torch"):
             raise ValueError(f"image decode must be exact, draft or torch, not {mode!r}")
         torch_path = TorchPreprocess.from_transform(transform) if mode == "torch" else None
-        return cls(transform, mode, image_size, max_pixels, torch_path)
+        return cls(transform, mode, image_size, max_pixels, torch_path, exif)
 
     def _pil(self, raw: bytes, name: str) -> torch.Tensor:
         """open_clip's own transform on a PIL decode (at a reduced scale in draft mode)."""
         draft = self.image_size if self.mode == "draft" else None
-        image = open_image(raw, field=name, max_pixels=self.max_pixels, draft=draft)
+        image = open_image(raw, field=name, max_pixels=self.max_pixels, draft=draft, exif=self.exif)
         try:
             return self.transform(image)
         except Exception as exc:  # an odd mode or palette PIL decodes but cannot convert
@@ -130,11 +132,12 @@ class ImageDecoder:
         them; errors name the item."""
         out: list[torch.Tensor | Jpeg] = []
         for raw, name in zip(raws, names, strict=True):
-            if self.torch_path is not None and is_jpeg(raw) and \
-                    probe_image(raw, field=name, max_pixels=self.max_pixels)[0] == "JPEG":
-                out.append(Jpeg(name, raw))
-            else:
-                out.append(self._pil(raw, name))
+            if self.torch_path is not None and is_jpeg(raw):
+                fmt, _, orientation = probe_image(raw, field=name, max_pixels=self.max_pixels, exif=self.exif)
+                if fmt == "JPEG":
+                    out.append(Jpeg(name, raw, orientation))
+                    continue
+            out.append(self._pil(raw, name))
         return out
 
     def decode_jpegs(self, jpegs: list[Jpeg], device: torch.device) -> list[torch.Tensor | InvalidImage]:
@@ -149,7 +152,8 @@ class ImageDecoder:
         if tp is None:
             raise ValueError("decode_jpegs needs the torch path")
         try:
-            return list(tp.pixels(tp.decode([j.data for j in jpegs], device)))
+            decoded = tp.decode([j.data for j in jpegs], device)
+            return list(tp.pixels([upright(t, j.orientation) for t, j in zip(decoded, jpegs, strict=True)]))
         except RuntimeError:
             if len(jpegs) > 1:
                 return [r for j in jpegs for r in self.decode_jpegs([j], device)]
@@ -181,3 +185,25 @@ class Jpeg:
 
     name: str
     data: bytes
+    orientation: int = 1  # EXIF orientation to undo after decoding (1: none, or not asked for)
+
+
+def upright(image: torch.Tensor, orientation: int) -> torch.Tensor:
+    """A (C, H, W) image as stored -> as its EXIF orientation says to show it; the same
+    turns as PIL's `ImageOps.exif_transpose`, as tensor ops on any device (torchvision
+    applies EXIF orientation on the CPU only)."""
+    if orientation == 2:
+        return image.flip(-1)
+    if orientation == 3:
+        return image.flip(-2, -1)
+    if orientation == 4:
+        return image.flip(-2)
+    if orientation == 5:
+        return image.transpose(-2, -1)
+    if orientation == 6:
+        return torch.rot90(image, -1, (-2, -1))
+    if orientation == 7:
+        return torch.rot90(image, 2, (-2, -1)).transpose(-2, -1)
+    if orientation == 8:
+        return torch.rot90(image, 1, (-2, -1))
+    return image

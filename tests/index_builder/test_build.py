@@ -407,3 +407,23 @@ def test_jpegs_decoded_a_batch_at_a_time_on_the_device_give_the_same_index(tmp_p
     assert [m["jpegs_on_device"] for m in manifests] == [False, True, True]
     assert manifests[0]["errors_sample"] == manifests[1]["errors_sample"] == manifests[2]["errors_sample"]
     assert manifests[1]["skipped"] == 1
+
+
+def test_exif_orientation_build_matches_the_service_with_the_same_setting(tmp_path, tiny_model) -> None:
+    """`--exif-orientation`: the index holds the vectors the service computes with
+    CLIPSEARCH_EXIF_ORIENTATION on; without it, the ones it computes with it off."""
+    from service.engine import Engine
+    from service.settings import Settings
+    from tests.service.test_exif import sideways_jpeg
+
+    image = base64.b64encode(sideways_jpeg(6)).decode()
+    corpus = tmp_path / "c.tsv"
+    corpus.write_text(f"a sideways photo\t{image}\n")
+    for exif in (False, True):
+        built = run_build(opts(tmp_path / str(exif), [corpus], tiny_model, index_type="flat", exif_orientation=exif),
+                          model=tiny_model)
+        vectors, _ = load_vectors(built.version_dir, "image")
+        engine = Engine(tiny_model, Settings(model="x", exif_orientation=exif))
+        want = tiny_model.encode_pixels(engine._prepare_images([image], "images"))
+        np.testing.assert_allclose(vectors, want, atol=1e-5)
+        assert read_manifest(built.version_dir).build["exif_orientation"] is exif
