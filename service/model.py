@@ -191,6 +191,11 @@ class ClipModel:
         features = self._image_graphs or self._image_features
         return features(pixels).cpu().numpy()
 
+    @property
+    def graphed_towers(self) -> list[str]:
+        """The towers replayed from CUDA graphs (see `capture_graphs`)."""
+        return [t for t, g in (("text", self._text_graphs), ("image", self._image_graphs)) if g is not None]
+
     def _text_features(self, tokens: torch.Tensor) -> torch.Tensor:
         """Token ids on the device -> L2-normalized float32 vectors (what a text graph replays)."""
         feats = _encode_text_trimmed(self.model, tokens) if self.trims_padding else self.model.encode_text(tokens)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -192,11 +193,22 @@ async def metrics(state: State) -> Response:
 
 @router.get("/")
 async def info(state: State) -> Response:
-    """What is served: model, dimension, device, index version and sizes."""
+    """What is served: model, dimension, device, index version and sizes, and how this
+    worker runs it (CUDA graphs fall back to eager with only a log line: this says which)."""
     current = state.indexes.current
+    settings = state.settings
     return json_response({
         "service": "clipsearch",
         "model": state.model.info.__dict__,
+        "runtime": {
+            "cuda_graphs": state.model.graphed_towers,
+            "max_batch_size": settings.max_batch_size,
+            "image_decode": settings.image_decode,
+            "jpegs_per_batch": state.engine.jpegs_per_batch,
+            "exif_orientation": settings.exif_orientation,
+            "workers": settings.workers,
+            "pid": os.getpid(),
+        },
         "search_backend": state.backend,
         "index": None if current is None else {
             "version": current.version,

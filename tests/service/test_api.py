@@ -336,6 +336,7 @@ async def test_healthz_and_info(make_client, tiny_model) -> None:
         assert (await client.get("/healthz")).json() == {"status": "ok"}
         info = (await client.get("/")).json()
         assert info["model"]["dim"] == 64 and info["index"] is None
+        assert info["runtime"]["cuda_graphs"] == [] and info["runtime"]["workers"] == 1  # CPU: no graphs
         schema = (await client.get("/openapi.json")).json()
         assert {"/embed", "/search/text", "/search/image"} <= set(schema["paths"])
 

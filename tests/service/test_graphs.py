@@ -99,6 +99,24 @@ def test_graphed_images_equal_open_clip(graphed: ClipModel, reference, n: int) -
     np.testing.assert_allclose(graphed.encode_images(images), want, atol=2e-6)
 
 
+async def test_service_on_a_graphed_model_serves_open_clips_vectors(graphed: ClipModel, reference,
+                                                                   make_client) -> None:
+    """End to end through the batcher: concurrent /embed requests merge into batches that
+    replay the (emulated) graphs, and every answer equals open_clip's own vectors."""
+    import asyncio
+
+    model, _, tokenizer = reference
+    async with make_client(graphed, warmup=False) as client:
+        info = (await client.get("/")).json()
+        assert info["runtime"]["cuda_graphs"] == ["text", "image"]
+        replies = await asyncio.gather(*[client.post("/embed", json={"texts": TEXTS[: 1 + i % 5]}) for i in range(12)])
+    for i, reply in enumerate(replies):
+        with torch.no_grad():
+            want = model.encode_text(tokenizer(TEXTS[: 1 + i % 5]))
+        want = (want / want.norm(dim=-1, keepdim=True)).numpy()
+        np.testing.assert_allclose(np.asarray(reply.json()["texts"], np.float32), want, atol=2e-6)
+
+
 def test_a_tower_whose_graphs_differ_stays_eager(tiny_spec: str, reference, caplog) -> None:
     """A capture whose replay does nothing (output stuck at the capture-time zeros input) is
     caught by the start-up check; that tower keeps eager vectors, the other is graphed."""
