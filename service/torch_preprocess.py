@@ -14,6 +14,7 @@ deviation (model input and embedding) against open_clip's PIL path.
 
 from __future__ import annotations
 
+import functools
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -85,9 +86,17 @@ class TorchPreprocess:
             resized = F.resize(image, [self.size], interpolation=InterpolationMode.BICUBIC, antialias=True)
             out.append(F.center_crop(resized, list(self.crop)))
         batch = torch.stack(out).to(torch.float32).div_(255.0)
-        mean = torch.tensor(self.mean, device=batch.device).view(1, -1, 1, 1)
-        std = torch.tensor(self.std, device=batch.device).view(1, -1, 1, 1)
+        mean, std = _normalization(self.mean, self.std, batch.device)
         return batch.sub_(mean).div_(std)
+
+
+@functools.lru_cache(maxsize=16)
+def _normalization(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and std as (1, C, 1, 1) tensors on `device`, made once: building them per batch
+    is a blocking host-to-device copy on a GPU, which would wait for the model's batch."""
+    return (torch.tensor(mean, device=device).view(1, -1, 1, 1),
+            torch.tensor(std, device=device).view(1, -1, 1, 1))
 
 
 @dataclass(frozen=True)
