@@ -108,14 +108,29 @@ def test_served_vectors_equal_open_clip(tiny_spec: str) -> None:
 
 
 @pytest.mark.slow
-def test_workers_share_the_port_and_report_metrics_together(tiny_spec: str, tmp_path: Path) -> None:
+def test_workers_share_the_port_and_report_metrics_together(tiny_spec: str, tiny_model, tmp_path: Path) -> None:
     """--workers 2: two processes with their own model answer on one port with the same
-    vectors as open_clip, and /metrics (whichever worker answers) counts every request."""
+    vectors as open_clip, /metrics (whichever worker answers) counts every request, and a
+    newly published index reaches every worker."""
+    from service.index_format import ModelRef, write_index_from_vectors
+
+    ref = ModelRef(spec=tiny_spec, fingerprint=tiny_model.info.fingerprint)
+    rng = np.random.default_rng(0)
+
+    def publish(tag: str) -> str:
+        vectors = rng.normal(size=(20, tiny_model.dim)).astype(np.float32)
+        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+        version_dir = write_index_from_vectors(tmp_path / "index", model=ref,
+                                               image=(vectors, [{"id": f"{tag}-{i}"} for i in range(20)]))
+        return version_dir.name
+
+    first = publish("a")
     port = free_port()
     metrics_dir = tmp_path / "metrics"
     env = {**os.environ, "CLIPSEARCH_MODEL": tiny_spec, "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}
     proc = subprocess.Popen([sys.executable, "-m", "clipsearch", "serve", "--workers", "2", "--host", "127.0.0.1",
-                             "--port", str(port), "--device", "cpu", "--log-level", "warning"], cwd=ROOT, env=env,
+                             "--port", str(port), "--device", "cpu", "--log-level", "warning",
+                             "--index-dir", str(tmp_path / "index"), "--index-poll-s", "0.5"], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
     try:
@@ -133,26 +148,38 @@ def test_workers_share_the_port_and_report_metrics_together(tiny_spec: str, tmp_
             time.sleep(0.5)
         time.sleep(2)  # the second worker finishes its start-up
 
-        def embed(i: int) -> list[float]:
+        def post(path: str, body: dict) -> dict:
             with httpx.Client(timeout=60) as client:  # a new connection each: the workers share them out
-                r = client.post(f"{base}/embed", json={"texts": ["a red circle"]})
+                r = client.post(f"{base}{path}", json=body)
                 assert r.status_code == 200, r.text
-                return r.json()["texts"][0]
+                return r.json()
 
         from concurrent.futures import ThreadPoolExecutor
 
         with ThreadPoolExecutor(8) as pool:
-            vectors = np.array(list(pool.map(embed, range(40))), np.float32)
-        model = open_clip.create_model_and_transforms(tiny_spec)[0].eval()
-        with torch.no_grad():
-            want = model.encode_text(open_clip.get_tokenizer(tiny_spec)(["a red circle"]))
-        want = (want / want.norm(dim=-1, keepdim=True)).numpy()[0]
-        assert (vectors @ want).min() >= 0.9999
-        text = httpx.get(f"{base}/metrics", timeout=10).text
-        counted = [line for line in text.splitlines()
-                   if line.startswith("clipsearch_requests_total{") and 'route="/embed"' in line]
-        assert len(counted) == 1 and float(counted[0].rsplit(" ", 1)[1]) == 40.0, counted
-        assert "clipsearch_model_info{" in text and 'spec="local-dir:' in text
+            vectors = np.array([r["texts"][0] for r in pool.map(
+                lambda _: post("/embed", {"texts": ["a red circle"]}), range(40))], np.float32)
+            model = open_clip.create_model_and_transforms(tiny_spec)[0].eval()
+            with torch.no_grad():
+                want = model.encode_text(open_clip.get_tokenizer(tiny_spec)(["a red circle"]))
+            want = (want / want.norm(dim=-1, keepdim=True)).numpy()[0]
+            assert (vectors @ want).min() >= 0.9999
+            text = httpx.get(f"{base}/metrics", timeout=10).text
+            counted = [line for line in text.splitlines()
+                       if line.startswith("clipsearch_requests_total{") and 'route="/embed"' in line]
+            assert len(counted) == 1 and float(counted[0].rsplit(" ", 1)[1]) == 40.0, counted
+            assert "clipsearch_model_info{" in text and 'spec="local-dir:' in text
+
+            def versions() -> set[str]:
+                return {r["index_version"] for r in pool.map(
+                    lambda _: post("/search/text", {"text": "x", "k": 1}), range(16))}
+
+            assert versions() == {first}
+            second = publish("b")
+            deadline = time.monotonic() + 30
+            while (seen := versions()) != {second}:  # every worker polls and swaps on its own
+                assert time.monotonic() < deadline, seen
+                time.sleep(0.5)
     finally:
         proc.terminate()
         proc.wait(timeout=60)
