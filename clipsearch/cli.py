@@ -130,7 +130,7 @@ def serve(
         uvicorn.run(create_app(settings, state=state), **common)
         return
     del state
-    made, path = _metrics_dir()
+    made, path = _metrics_dir(given)
     _export_settings(overrides)
     try:
         uvicorn.run("service.http.app:app_from_env", factory=True, workers=settings.workers, **common)
@@ -141,14 +141,13 @@ def serve(
             shutil.rmtree(path, ignore_errors=True)
 
 
-def _metrics_dir() -> tuple[bool, Path]:
-    """An empty directory for the workers' multiprocess metrics: PROMETHEUS_MULTIPROC_DIR
-    emptied (prometheus_client needs that), or a temporary one (True: removed at exit)."""
+def _metrics_dir(given: str | None) -> tuple[bool, Path]:
+    """An empty directory for the workers' multiprocess metrics: the PROMETHEUS_MULTIPROC_DIR
+    `given`, emptied (prometheus_client needs that), or a temporary one (True: removed at exit)."""
     import tempfile
 
     from service.metrics import MULTIPROC_ENV
 
-    given = os.environ.get(MULTIPROC_ENV)
     path = Path(given) if given else Path(tempfile.mkdtemp(prefix="clipsearch-metrics-"))
     path.mkdir(parents=True, exist_ok=True)
     for stale in path.glob("*.db"):

@@ -181,17 +181,14 @@ class Encoder:
             records=len(pending.records),
         )
 
-
     def _encode_images(self, batch: list[tuple[Record, np.ndarray | Jpeg]], vectors: list[np.ndarray],
                        items: list[dict[str, Any]], errors: list[ItemError]) -> None:
         """One model call; the batch's JPEGs (if left for the device) decode first, in one call."""
         device = self.model.device
-        jpegs = [p for _, p in batch if isinstance(p, Jpeg)]
-        decoded = iter(self._decoder.decode_jpegs(jpegs, device))
-        on = device if jpegs else _CPU  # CPU rows only: stacked here, copied once (pinned) by encode_pixels
+        pending = [p if isinstance(p, Jpeg) else torch.from_numpy(p) for _, p in batch]
+        on = device if any(isinstance(p, Jpeg) for p in pending) else _CPU  # CPU rows only: copied once, pinned
         rows = []
-        for rec, pixels in batch:
-            row = next(decoded) if isinstance(pixels, Jpeg) else torch.from_numpy(pixels)
+        for (rec, _), row in zip(batch, self._decoder.resolve(pending, device), strict=True):
             if isinstance(row, InvalidImage):
                 errors.append(ItemError(rec.source, "image", _reason(row)))
                 continue

@@ -172,13 +172,12 @@ class Engine:
         resolved = iter(self._decoder.resolve([item for items in payloads for item in items], device))
         rows: list[torch.Tensor] = []
         failed: dict[int, Exception] = {}
-        blank = torch.zeros((3, *self.model.image_size), device=device)
         for i, items in enumerate(payloads):
             for _ in items:
                 item = next(resolved)
                 if isinstance(item, InvalidImage):
                     failed.setdefault(i, item)
-                    item = blank
+                    item = torch.zeros((3, *self.model.image_size), device=device)
                 rows.append(item.to(device))
         return Collated(torch.stack(rows), failed)
 

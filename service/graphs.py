@@ -14,6 +14,7 @@ holds) in plain torch, so that the bucketing, padding and copying are tested on 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -68,7 +69,7 @@ class BucketedGraphs:
         self.fn = fn
         self.graphs: dict[tuple[int, ...], Captured] = {}
         # Smallest first, so `bucket` can take the first shape that fits.
-        for shape in sorted(set(shapes), key=lambda s: (_numel(s), s)):
+        for shape in sorted(set(shapes), key=lambda s: (math.prod(s), s)):
             self.graphs[shape] = capture(fn, torch.zeros(shape, dtype=dtype, device=device))
 
     def bucket(self, shape: Sequence[int]) -> tuple[int, ...] | None:
@@ -104,10 +105,3 @@ def batch_buckets(max_batch: int) -> list[int]:
 def length_buckets(context_length: int) -> list[int]:
     """Token lengths for text graphs when padding can be trimmed: short queries are common."""
     return sorted({n for n in (8, 16, 32) if n < context_length} | {context_length})
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    out = 1
-    for n in shape:
-        out *= n
-    return out

@@ -145,8 +145,7 @@ class ClipModel:
         size = getattr(model.visual, "image_size", 224)
         self.image_size = (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
         self.trims_padding = _supports_trimmed_text(model)
-        self._text_graphs: BucketedGraphs | None = None
-        self._image_graphs: BucketedGraphs | None = None
+        self._graphs: dict[str, BucketedGraphs] = {}  # tower -> its CUDA graphs (see `capture_graphs`)
         self.dim = int(self.encode_tokens(self.tokenize([""])).shape[1])
         self.info = ModelInfo(
             spec=spec,
@@ -180,7 +179,7 @@ class ClipModel:
         if self.trims_padding:
             tokens = trim_padding(tokens)
         tokens = tokens.to(self.device, non_blocking=True)
-        features = self._text_graphs or self._text_features
+        features = self._graphs.get("text") or self._text_features
         return features(tokens).cpu().numpy()
 
     @torch.inference_mode()
@@ -188,13 +187,13 @@ class ClipModel:
         if self.device.type == "cuda" and pixels.device.type == "cpu":
             pixels = pixels.pin_memory()  # page-locked: the copy below runs asynchronously
         pixels = pixels.to(self.device, dtype=self.dtype, non_blocking=True)
-        features = self._image_graphs or self._image_features
+        features = self._graphs.get("image") or self._image_features
         return features(pixels).cpu().numpy()
 
     @property
     def graphed_towers(self) -> list[str]:
         """The towers replayed from CUDA graphs (see `capture_graphs`)."""
-        return [t for t, g in (("text", self._text_graphs), ("image", self._image_graphs)) if g is not None]
+        return list(self._graphs)
 
     def _text_features(self, tokens: torch.Tensor) -> torch.Tensor:
         """Token ids on the device -> L2-normalized float32 vectors (what a text graph replays)."""
@@ -221,7 +220,6 @@ class ClipModel:
             ("image", self._image_features, [(n, 3, *self.image_size) for n in batches], self.dtype,
              self._image_examples(max_batch)),
         ]
-        graphed = []
         for tower, fn, shapes, dtype, examples in towers:
             try:
                 graphs = BucketedGraphs(fn, shapes, dtype=dtype, device=self.device, capture=capture)
@@ -229,10 +227,9 @@ class ClipModel:
             except Exception as exc:  # capture has many failure modes (sync in the model, memory); all mean eager
                 log.warning("%s tower stays eager: CUDA graphs failed (%s: %s)", tower, type(exc).__name__, exc)
                 continue
-            setattr(self, f"_{tower}_graphs", graphs)
-            graphed.append(tower)
-        log.info("CUDA graphs for %s at batch sizes %s", ", ".join(graphed) or "no tower", batches)
-        return graphed
+            self._graphs[tower] = graphs
+        log.info("CUDA graphs for %s at batch sizes %s", ", ".join(self._graphs) or "no tower", batches)
+        return self.graphed_towers
 
     def _text_examples(self, max_batch: int) -> list[torch.Tensor]:
         texts = ["a photo of a dog", "a red circle on a white background, drawn small in the upper left corner "
