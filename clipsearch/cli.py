@@ -64,6 +64,9 @@ def serve(
     device: Annotated[str | None, typer.Option(help="auto | cpu | cuda")] = None,
     dtype: Annotated[str | None, typer.Option(help="auto | fp32 | fp16 | bf16")] = None,
     search_backend: Annotated[str | None, typer.Option(help="auto | faiss-cpu | faiss-gpu | torch")] = None,
+    text_search_on_device: Annotated[bool | None, typer.Option(
+        help="with a torch index on the model's device, encode and search a query text in one step there [on]")
+    ] = None,
     max_batch_size: Annotated[int | None, typer.Option(help="most items per model call [64]")] = None,
     max_wait_ms: Annotated[float | None, typer.Option(help="extra wait to fill a batch [0]")] = None,
     max_queue: Annotated[int | None, typer.Option(help="items waiting per modality before 429 [2048]")] = None,

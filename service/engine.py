@@ -31,16 +31,43 @@ Disconnected = Callable[[], Awaitable[Any]]
 
 @dataclass(frozen=True)
 class SearchJob:
-    """One query for the search batcher: the index is part of the job (search is stateless),
-    so a hot reload never mixes versions inside a request."""
+    """What one query searches: the index is part of the job (search is stateless), so a hot
+    reload never mixes versions inside a request."""
 
     index: LoadedIndex
-    query: np.ndarray  # (dim,)
     k: int
     params: SearchParams
 
 
+@dataclass(frozen=True)
+class TextQueries:
+    """A collated batch of text searches: token rows and the search each row is for.
+    Indexable by a list of rows, as the batcher needs to drop requests that ended."""
+
+    tokens: torch.Tensor
+    jobs: list[SearchJob]
+
+    def __getitem__(self, rows: list[int]) -> TextQueries:
+        return TextQueries(self.tokens[rows], [self.jobs[r] for r in rows])
+
+
 _HIT = np.dtype([("id", np.int64), ("score", np.float32)])
+
+
+def search_rows(jobs: Sequence[SearchJob], queries: np.ndarray | torch.Tensor) -> np.ndarray:
+    """Rows of (id, score), -1 padded to the largest k, for query row i searched as `jobs[i]`
+    says: one backend call per (index, params)."""
+    out = np.zeros((len(jobs), max(job.k for job in jobs)), _HIT)
+    out["id"] = -1
+    groups: dict[tuple[int, SearchParams], list[int]] = {}
+    for row, job in enumerate(jobs):
+        groups.setdefault((id(job.index), job.params), []).append(row)
+    for rows in groups.values():
+        index, params = jobs[rows[0]].index, jobs[rows[0]].params
+        scores, ids = index.raw_search(queries[rows], max(jobs[r].k for r in rows), params)
+        out["id"][rows, : ids.shape[1]] = ids
+        out["score"][rows, : ids.shape[1]] = scores
+    return out
 
 
 def item_name(field: str, i: int) -> str:
@@ -92,9 +119,16 @@ class Engine:
         # one FAISS call, which uses BLAS from ~20 queries) instead of one scan each.
         # Its own thread, so a search never waits behind an encode.
         self._search_executor = ThreadPoolExecutor(1, thread_name_prefix="clip-search")
-        self.searcher: DynamicBatcher[list[SearchJob]] = DynamicBatcher(
+        self.searcher: DynamicBatcher[list[tuple[SearchJob, np.ndarray]]] = DynamicBatcher(
             "search", self._infer_search, **{**common, "model_executor": self._search_executor},
             **self._hooks("search"),
+        )
+        # Text searches against an index searched by torch on the model's device: encoded and
+        # searched in one model-thread step, the query vectors never leaving the device (no
+        # device -> host -> device round trip, and one batcher hop instead of two).
+        self.text_search: DynamicBatcher[list[tuple[str, SearchJob]]] = DynamicBatcher(
+            "text_search", self._infer_text_search, collate=self._collate_text_searches, **common,
+            **self._hooks("text_search"),
         )
 
     def _hooks(self, modality: str) -> dict[str, Any]:
@@ -114,11 +148,13 @@ class Engine:
         await self.text.start()
         await self.image.start()
         await self.searcher.start()
+        await self.text_search.start()
 
     async def stop(self) -> None:
         await self.text.stop()
         await self.image.stop()
         await self.searcher.stop()
+        await self.text_search.stop()
         self._prepare_executor.shutdown(wait=False, cancel_futures=True)
         self._model_executor.shutdown(wait=True, cancel_futures=True)
         self._search_executor.shutdown(wait=True, cancel_futures=True)
@@ -137,25 +173,20 @@ class Engine:
         return self.model.encode_pixels(payload)
 
     @staticmethod
-    def _infer_search(payloads: list[list[SearchJob]]) -> np.ndarray:
-        """Rows of (id, score), -1 padded to the largest k; one backend call per (index, params)."""
-        jobs = [job for p in payloads for job in p]
-        out = np.zeros((len(jobs), max(job.k for job in jobs)), _HIT)
-        out["id"] = -1
-        groups: dict[tuple[int, SearchParams], list[int]] = {}
-        for row, job in enumerate(jobs):
-            groups.setdefault((id(job.index), job.params), []).append(row)
-        for rows in groups.values():
-            index, params = jobs[rows[0]].index, jobs[rows[0]].params
-            scores, ids = index.raw_search(np.stack([jobs[r].query for r in rows]), max(jobs[r].k for r in rows),
-                                           params)
-            out["id"][rows, : ids.shape[1]] = ids
-            out["score"][rows, : ids.shape[1]] = scores
-        return out
+    def _infer_search(payloads: list[list[tuple[SearchJob, np.ndarray]]]) -> np.ndarray:
+        pairs = [pair for p in payloads for pair in p]
+        return search_rows([job for job, _ in pairs], np.stack([query for _, query in pairs]))
+
+    def _infer_text_search(self, queries: TextQueries) -> np.ndarray:
+        return search_rows(queries.jobs, self.model.text_vectors(queries.tokens))
 
     # -- CPU work (prepare threads) ---------------------------------------------------
     def _collate_texts(self, payloads: list[list[str]]) -> torch.Tensor:
         return self.model.tokenize([text for texts in payloads for text in texts])
+
+    def _collate_text_searches(self, payloads: list[list[tuple[str, SearchJob]]]) -> TextQueries:
+        pairs = [pair for p in payloads for pair in p]
+        return TextQueries(self.model.tokenize([text for text, _ in pairs]), [job for _, job in pairs])
 
     def _prepare_images(self, images: Sequence[str], field: str) -> torch.Tensor | list[torch.Tensor | Jpeg]:
         names = [item_name(field, i) for i in range(len(images))]
@@ -211,11 +242,32 @@ class Engine:
         *, disconnected: Disconnected | None = None,
     ) -> list[Hit]:
         """Top-k hits for one query vector, batched with concurrent searches."""
-        job = SearchJob(index, np.asarray(query, np.float32).reshape(-1), k, params)
-        rows = await self.searcher.submit(1, payload=[job], timeout=self.settings.request_timeout_s,
-                                          disconnected=disconnected)
-        row = rows[0][:k]
-        return index.to_hits(row["score"][None], row["id"][None])[0]
+        job = SearchJob(index, k, params)
+        rows = await self.searcher.submit(1, payload=[(job, np.asarray(query, np.float32).reshape(-1))],
+                                          timeout=self.settings.request_timeout_s, disconnected=disconnected)
+        return _hits(index, rows, k)
+
+    async def search_text(
+        self, index: LoadedIndex, text: str, k: int, params: SearchParams,
+        *, field: str = "text", disconnected: Disconnected | None = None,
+    ) -> list[Hit]:
+        """Top-k hits for a text, batched with concurrent text searches: in one step on the
+        device when `index` is searched there (see `text_search`), else encode, then search."""
+        if not (self.settings.text_search_on_device and index.searches_on(self.model.device)):
+            vector = await self.embed_texts([text], field=field, disconnected=disconnected)
+            return await self.search(index, vector[0], k, params, disconnected=disconnected)
+        self.check_texts([text], field)
+        rows = await self.text_search.submit(1, payload=[(text, SearchJob(index, k, params))],
+                                             timeout=self.settings.request_timeout_s, disconnected=disconnected)
+        return _hits(index, rows, k)
+
+    async def search_image(
+        self, index: LoadedIndex, image: str, k: int, params: SearchParams,
+        *, field: str = "image", disconnected: Disconnected | None = None,
+    ) -> list[Hit]:
+        """Top-k hits for a base64 image: encode it, then search (both batched)."""
+        vector = await self.embed_images([image], field=field, disconnected=disconnected)
+        return await self.search(index, vector[0], k, params, disconnected=disconnected)
 
     async def embed_images(
         self, images: Sequence[str], *, field: str = "images", disconnected: Disconnected | None = None
@@ -225,3 +277,8 @@ class Engine:
             len(images), lambda: self._prepare_images(images, field),
             timeout=self.settings.request_timeout_s, disconnected=disconnected,
         )
+
+
+def _hits(index: LoadedIndex, rows: np.ndarray, k: int) -> list[Hit]:
+    row = rows[0][:k]
+    return index.to_hits(row["score"][None], row["id"][None])[0]

@@ -172,15 +172,19 @@ class ClipModel:
     # -- model side ---------------------------------------------------------------
     # Not thread-safe once graphs are captured (they replay from fixed buffers): the
     # service calls these from its one model thread.
-    @torch.inference_mode()
     def encode_tokens(self, tokens: torch.Tensor) -> np.ndarray:
         """Token ids -> vectors. Padding past the batch's longest text is cut off where
         the architecture makes that exact (causal mask, EOT pooling); see `trim_padding`."""
+        return self.text_vectors(tokens).cpu().numpy()
+
+    @torch.inference_mode()
+    def text_vectors(self, tokens: torch.Tensor) -> torch.Tensor:
+        """`encode_tokens`, left on the model's device (for a search on the same device)."""
         if self.trims_padding:
             tokens = trim_padding(tokens)
         tokens = tokens.to(self.device, non_blocking=True)
         features = self._graphs.get("text") or self._text_features
-        return features(tokens).cpu().numpy()
+        return features(tokens)
 
     @torch.inference_mode()
     def encode_pixels(self, pixels: torch.Tensor) -> np.ndarray:

@@ -53,9 +53,12 @@ class Hit:
 class SearchBackend(Protocol):
     name: str
     ntotal: int
+    # The torch device whose tensors `search` takes as they are (no host round trip), if any.
+    tensor_device: Any
 
-    def search(self, queries: np.ndarray, k: int, params: SearchParams) -> tuple[np.ndarray, np.ndarray]:
-        """(scores, ids), each (n, k); ids of -1 mark empty slots."""
+    def search(self, queries: Any, k: int, params: SearchParams) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, ids), each (n, k); ids of -1 mark empty slots. `queries`: a float32
+        array, or a tensor on `tensor_device`."""
         ...
 
 
@@ -84,6 +87,7 @@ class FaissBackend:
         faiss = _faiss()
         self._faiss = faiss
         self.name = "faiss-cpu"
+        self.tensor_device = None
         self._ivf = faiss.try_extract_index_ivf(index)
         self._hnsw = isinstance(index, faiss.IndexHNSW)
         if gpu and not self._hnsw:
@@ -120,11 +124,14 @@ class TorchExactBackend:
         self.vectors = torch.from_numpy(np.ascontiguousarray(vectors, dtype=np.float32)).to(self.device, tdtype)
         self.ntotal = int(self.vectors.shape[0])
         self.name = f"torch-{self.device.type}"
+        self.tensor_device = self.device
 
-    def search(self, queries: np.ndarray, k: int, params: SearchParams) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, queries: Any, k: int, params: SearchParams) -> tuple[np.ndarray, np.ndarray]:
         torch = self._torch
         with torch.inference_mode():
-            q = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32)).to(self.device, self.vectors.dtype)
+            if not isinstance(queries, torch.Tensor):
+                queries = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32))
+            q = queries.to(self.device, self.vectors.dtype)
             scores = (q @ self.vectors.T).float()
             kk = min(k, self.ntotal)
             top = torch.topk(scores, kk, dim=1)
@@ -182,11 +189,15 @@ class LoadedIndex:
     def count(self) -> int:
         return self.backend.ntotal
 
+    def searches_on(self, device: Any) -> bool:
+        """Whether this index takes query tensors on `device` as they are (torch search there)."""
+        return self.backend.tensor_device is not None and self.backend.tensor_device == device
+
     def search(self, queries: np.ndarray, k: int, params: SearchParams | None = None) -> list[list[Hit]]:
         return self.to_hits(*self.raw_search(queries, k, params))
 
     def raw_search(
-        self, queries: np.ndarray, k: int, params: SearchParams | None = None
+        self, queries: Any, k: int, params: SearchParams | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
         """(scores, ids) of the top `k` (at most the index size), with this index's default
         search parameters filling in what `params` leaves unset."""

@@ -34,6 +34,12 @@ class Settings(BaseSettings):
     search_backend: Literal["auto", "faiss-cpu", "faiss-gpu", "torch"] = Field(
         "auto", description="auto: faiss-gpu, else torch on a GPU, else faiss-cpu"
     )
+    text_search_on_device: bool = Field(
+        True, description="when the image index is searched by torch on the model's device (search_backend torch, "
+        "or auto on a GPU without faiss-gpu), /search/text encodes and searches in one batched step there: the "
+        "query vector never leaves the device and the request takes one batcher hop instead of two. "
+        "Off: encode, then search, as two batched steps",
+    )
 
     # HTTP
     host: str = Field("0.0.0.0", description="bind address")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from typing import Any
 
 import numpy as np
@@ -16,7 +16,6 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from service import zeroshot
-from service.engine import Disconnected
 from service.errors import OutOfRange
 from service.http.deps import AdminAuth, State, client_gone, service_state
 from service.http.schemas import (
@@ -31,8 +30,7 @@ from service.http.schemas import (
     SimilarityResponse,
     TextSearchRequest,
 )
-from service.index_format import Modality
-from service.search import Hit, SearchParams
+from service.search import Hit, IndexSet, SearchParams
 from service.state import ServiceState
 
 router = APIRouter()
@@ -87,39 +85,35 @@ def _check_k(k: int, state: ServiceState) -> None:
         raise OutOfRange(f"k: {k} is above the limit of {state.settings.max_k}", field="k")
 
 
-async def _search(state: ServiceState, modality: Modality, encode: Callable[[], Awaitable[np.ndarray]],
-                  body: TextSearchRequest | ImageSearchRequest, disconnected: Disconnected) -> Response:
-    """Search the `modality` index with the vector `encode()` gives. The index is taken before
-    encoding: a missing one answers 503 at once, and a hot reload meanwhile does not matter."""
-    current, index = state.index_for(modality)
-    vector = await encode()
-    params = SearchParams(nprobe=body.nprobe, ef_search=body.ef_search)
-    hits = await state.engine.search(index, vector[0], body.k, params, disconnected=disconnected)
+def _params(body: TextSearchRequest | ImageSearchRequest) -> SearchParams:
+    return SearchParams(nprobe=body.nprobe, ef_search=body.ef_search)
+
+
+def _search_response(hits: list[Hit], current: IndexSet) -> Response:
     return json_response({"results": _hits(hits), "index_version": current.version})
 
 
+# The index is taken before encoding: a missing one answers 503 at once, and a hot reload
+# meanwhile does not matter.
 @router.post("/search/text", response_model=SearchResponse, responses=_ERRORS)
 async def search_text(body: TextSearchRequest, request: Request) -> Response:
     """Text -> images: the query text's vector searched in the image index."""
-    state, disconnected = service_state(request), client_gone(request)
+    state = service_state(request)
     _check_k(body.k, state)
-    return await _search(
-        state, "image",
-        lambda: state.engine.embed_texts([body.text], field="text", disconnected=disconnected),
-        body, disconnected,
-    )
+    current, index = state.index_for("image")
+    hits = await state.engine.search_text(index, body.text, body.k, _params(body), disconnected=client_gone(request))
+    return _search_response(hits, current)
 
 
 @router.post("/search/image", response_model=SearchResponse, responses=_ERRORS)
 async def search_image(body: ImageSearchRequest, request: Request) -> Response:
     """Image -> texts: the query image's vector searched in the text index."""
-    state, disconnected = service_state(request), client_gone(request)
+    state = service_state(request)
     _check_k(body.k, state)
-    return await _search(
-        state, "text",
-        lambda: state.engine.embed_images([body.image], field="image", disconnected=disconnected),
-        body, disconnected,
-    )
+    current, index = state.index_for("text")
+    hits = await state.engine.search_image(index, body.image, body.k, _params(body),
+                                           disconnected=client_gone(request))
+    return _search_response(hits, current)
 
 
 @router.post("/classify", response_model=ClassifyResponse, responses=_ERRORS)

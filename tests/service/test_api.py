@@ -123,10 +123,16 @@ async def test_concurrent_requests_batch_and_match_sequential(make_client, tiny_
     assert 'clipsearch_requests_total{method="POST",route="/embed",status="200"}' in metrics
 
 
-async def test_search_text_equals_brute_force(make_client, tiny_model, reference, index_dir) -> None:
+# faiss-cpu: encode, then search (two batched steps); torch: the same index searched by torch
+# on the model's device, so a query text is encoded and searched in one step there.
+SEARCH_BACKENDS = ["faiss-cpu", "torch"]
+
+
+@pytest.mark.parametrize("backend", SEARCH_BACKENDS)
+async def test_search_text_equals_brute_force(make_client, tiny_model, reference, index_dir, backend) -> None:
     path, img_vecs, _, _ = index_dir
     queries = ["a red picture", "number 7", "blue"]
-    async with make_client(tiny_model, index_dir=path) as client:
+    async with make_client(tiny_model, index_dir=path, search_backend=backend) as client:
         assert (await client.get("/readyz")).status_code == 200
         for q, qv in zip(queries, ref_text(reference, queries), strict=True):
             r = await client.post("/search/text", json={"text": q, "k": 7})
@@ -151,23 +157,112 @@ async def test_search_image_equals_brute_force(make_client, tiny_model, referenc
     assert [h["text"] for h in results] == [captions[i] for i in expected]
 
 
+@pytest.mark.parametrize("backend", SEARCH_BACKENDS)
 async def test_concurrent_searches_are_batched_and_equal_brute_force(make_client, tiny_model, reference,
-                                                                      index_dir) -> None:
+                                                                      index_dir, backend) -> None:
     path, img_vecs, _, _ = index_dir
     queries = [f"picture {i} in {c}" for i, c in enumerate(["red", "blue", "gold", "green"] * 6)]
     ks = [1, 3, 10, 40, 7, 2] * 4  # different k in one batch: each gets its own top-k
-    async with make_client(tiny_model, index_dir=path) as client:
-        searcher = client.state.engine.searcher
-        before = searcher.stats.batches
+    async with make_client(tiny_model, index_dir=path, search_backend=backend) as client:
+        engine = client.state.engine
+        batcher = engine.text_search if backend == "torch" else engine.searcher
+        before = batcher.stats.batches
         responses = await asyncio.gather(*[
             client.post("/search/text", json={"text": q, "k": k}) for q, k in zip(queries, ks, strict=True)
         ])
-        batches = searcher.stats.batches - before
+        batches = batcher.stats.batches - before
     for r, qv, k in zip(responses, ref_text(reference, queries), ks, strict=True):
         assert r.status_code == 200, r.text
         expected = np.argsort(-(img_vecs @ qv), kind="stable")[:k]
         assert [h["id"] for h in r.json()["results"]] == [f"img-{i}" for i in expected]
     assert batches < len(queries)  # merged into fewer index calls
+
+
+@pytest.mark.parametrize("on_device", [True, False])
+async def test_text_search_on_the_models_device_skips_the_host(make_client, tiny_model, reference, index_dir,
+                                                                monkeypatch, on_device) -> None:
+    """With a torch index on the model's device, the query vector goes from the text tower into
+    the search as a tensor, in one batcher step; with the setting off, as a host array in two."""
+    path, img_vecs, _, _ = index_dir
+    seen: list[type] = []
+    async with make_client(tiny_model, index_dir=path, search_backend="torch",
+                           text_search_on_device=on_device) as client:
+        engine, index = client.state.engine, client.state.indexes.current.get("image")
+        search = index.backend.search
+
+        def spy(queries, k, params):
+            seen.append(type(queries))
+            return search(queries, k, params)
+
+        monkeypatch.setattr(index.backend, "search", spy)
+        steps = {b.name: b.stats.batches for b in (engine.text, engine.searcher, engine.text_search)}
+        r = await client.post("/search/text", json={"text": "number 7", "k": 4})
+        steps = {b.name: b.stats.batches - steps[b.name] for b in (engine.text, engine.searcher, engine.text_search)}
+    assert r.status_code == 200, r.text
+    qv = ref_text(reference, ["number 7"])[0]
+    expected = np.argsort(-(img_vecs @ qv), kind="stable")[:4]
+    assert [h["id"] for h in r.json()["results"]] == [f"img-{i}" for i in expected]
+    if on_device:
+        assert seen == [torch.Tensor] and steps == {"text": 0, "search": 0, "text_search": 1}
+    else:
+        assert seen == [np.ndarray] and steps == {"text": 1, "search": 1, "text_search": 0}
+
+
+@pytest.mark.gpu
+async def test_text_search_on_the_gpu_equals_brute_force(make_client, tiny_spec, index_dir) -> None:
+    """On a GPU (fp16, CUDA graphs, torch index in fp16): the one-step text search returns the
+    brute-force top-k of the service's own query vector, within fp16 rounding."""
+    from service.model import load_model
+
+    path, img_vecs, _, _ = index_dir
+    model = load_model(tiny_spec, device="cuda", dtype="fp16")
+    queries = [f"picture {i} in {c}" for i, c in enumerate(["red", "blue", "gold", "green"] * 4)]
+    async with make_client(model, index_dir=path, search_backend="torch") as client:
+        engine = client.state.engine
+        assert client.state.model.graphed_towers == ["text", "image"]
+        vectors = np.array((await client.post("/embed", json={"texts": queries})).json()["texts"])
+        responses = await asyncio.gather(*[client.post("/search/text", json={"text": q, "k": 8}) for q in queries])
+        assert engine.text_search.stats.batches > 0 and engine.searcher.stats.batches == 0
+    for r, qv in zip(responses, vectors, strict=True):
+        assert r.status_code == 200, r.text
+        scores = [h["score"] for h in r.json()["results"]]
+        got = np.array([img_vecs[int(h["id"].removeprefix("img-"))] @ qv for h in r.json()["results"]])
+        np.testing.assert_allclose(np.sort(got)[::-1], np.sort(img_vecs @ qv)[::-1][:8], atol=5e-3)
+        np.testing.assert_allclose(scores, got, atol=5e-3)
+
+
+async def test_text_searches_of_two_index_versions_share_a_batch(make_client, tiny_model, reference,
+                                                                  index_dir) -> None:
+    """A hot reload while text searches are batched: each query is searched in the index it
+    was given (one backend call per index), and a request that left is dropped by rows."""
+    from service.engine import SearchJob, TextQueries
+    from service.index_format import current_version_dir
+    from service.search import SearchParams, load_index_set
+
+    path, img_vecs, _, _ = index_dir
+    other_vecs = img_vecs[::-1].copy()
+    ref = ModelRef(spec=tiny_model.info.spec, fingerprint=tiny_model.info.fingerprint)
+    write_index_from_vectors(path.parent / "other", model=ref,
+                             image=(other_vecs, [{"id": f"other-{i}"} for i in range(40)]))
+    async with make_client(tiny_model, index_dir=path, search_backend="torch") as client:
+        engine = client.state.engine
+        served = client.state.indexes.current.get("image")
+        other = load_index_set(current_version_dir(path.parent / "other"), fingerprint=tiny_model.info.fingerprint,
+                               dim=tiny_model.dim, backend="torch", device="cpu").get("image")
+        queries = [f"picture {i}" for i in range(12)]
+        before = engine.text_search.stats.batches
+        results = await asyncio.gather(*[
+            engine.search_text(served if i % 2 else other, q, 5, SearchParams()) for i, q in enumerate(queries)
+        ])
+        assert engine.text_search.stats.batches - before < len(queries)
+    for i, (hits, qv) in enumerate(zip(results, ref_text(reference, queries), strict=True)):
+        vecs, prefix = (img_vecs, "img") if i % 2 else (other_vecs, "other")
+        expected = np.argsort(-(vecs @ qv), kind="stable")[:5]
+        assert [h.id for h in hits] == [f"{prefix}-{j}" for j in expected]
+        np.testing.assert_allclose([h.score for h in hits], (vecs @ qv)[expected], atol=1e-4)
+    jobs = [SearchJob(served, k, SearchParams()) for k in (1, 2, 3)]
+    kept = TextQueries(torch.arange(6).reshape(3, 2), jobs)[[0, 2]]
+    assert kept.tokens.tolist() == [[0, 1], [4, 5]] and [j.k for j in kept.jobs] == [1, 3]
 
 
 async def test_k_above_index_size_returns_all(make_client, tiny_model, index_dir) -> None:
@@ -292,6 +387,7 @@ BAD_REQUESTS = [
     ("POST", "/search/text", {"text": "x", "k": 5000}, 422, "validation_error", "k"),
     ("POST", "/search/text", {"k": 3}, 422, "validation_error", "text"),
     ("POST", "/search/text", {"text": None}, 422, "validation_error", "text"),
+    ("POST", "/search/text", {"text": "y" * 2001}, 413, "payload_too_large", "text"),
     ("POST", "/search/image", {"image": "aGVsbG8"}, 400, "invalid_image", "image"),
     ("POST", "/search/image", {"image": ""}, 400, "invalid_base64", "image"),
     ("POST", "/search/image", {"image": GOOD, "nprobe": -1}, 422, "validation_error", "nprobe"),
@@ -300,8 +396,11 @@ BAD_REQUESTS = [
 ]
 
 
-async def test_bad_input_gets_documented_4xx_and_service_stays_ready(make_client, tiny_model, index_dir) -> None:
-    async with make_client(tiny_model, index_dir=index_dir[0], max_image_pixels=4_000_000) as client:
+@pytest.mark.parametrize("backend", SEARCH_BACKENDS)
+async def test_bad_input_gets_documented_4xx_and_service_stays_ready(make_client, tiny_model, index_dir,
+                                                                     backend) -> None:
+    async with make_client(tiny_model, index_dir=index_dir[0], max_image_pixels=4_000_000,
+                           search_backend=backend) as client:
         for method, path, body, status, kind, field in BAD_REQUESTS:
             if isinstance(body, bytes):
                 r = await client.request(method, path, content=body, headers={"content-type": "application/json"})
