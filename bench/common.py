@@ -83,6 +83,22 @@ def torch_decode_rate(model, image_b64: str, batch: int, seconds: float) -> floa
     return rate(run, batch, seconds)
 
 
+def build_index(index_dir: Path, model, n: int, seed: int = 0) -> float:
+    """A flat image index of `n` random unit vectors (search cost does not depend on content)."""
+    from service.index_format import ModelRef, write_index_from_vectors
+
+    t0 = time.perf_counter()
+    rng = np.random.default_rng(seed)
+    vectors = np.empty((n, model.dim), np.float32)
+    for lo in range(0, n, 100_000):
+        block = rng.standard_normal((min(100_000, n - lo), model.dim), dtype=np.float32)
+        vectors[lo : lo + len(block)] = block / np.linalg.norm(block, axis=1, keepdims=True)
+    items = [{"id": f"img{i}"} for i in range(n)]
+    ref = ModelRef(spec=model.info.spec, pretrained=model.info.pretrained, fingerprint=model.info.fingerprint)
+    write_index_from_vectors(index_dir, model=ref, image=(vectors, items))
+    return time.perf_counter() - t0
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

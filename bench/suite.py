@@ -32,10 +32,7 @@ import platform
 import shutil
 import sys
 import tempfile
-import time
 from pathlib import Path
-
-import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -44,6 +41,7 @@ from bench.common import (  # noqa: E402
     Server,
     add_model_args,
     bench_texts,
+    build_index,
     decode_rate,
     free_port,
     jpeg_b64,
@@ -53,22 +51,6 @@ from bench.common import (  # noqa: E402
 )
 
 
-def build_index(index_dir: Path, model, n: int, seed: int = 0) -> float:
-    """A flat image index of `n` random unit vectors (search cost does not depend on content)."""
-    from service.index_format import ModelRef, write_index_from_vectors
-
-    t0 = time.perf_counter()
-    rng = np.random.default_rng(seed)
-    vectors = np.empty((n, model.dim), np.float32)
-    for lo in range(0, n, 100_000):
-        block = rng.standard_normal((min(100_000, n - lo), model.dim), dtype=np.float32)
-        vectors[lo : lo + len(block)] = block / np.linalg.norm(block, axis=1, keepdims=True)
-    items = [{"id": f"img{i}"} for i in range(n)]
-    ref = ModelRef(spec=model.info.spec, pretrained=model.info.pretrained, fingerprint=model.info.fingerprint)
-    write_index_from_vectors(index_dir, model=ref, image=(vectors, items))
-    return time.perf_counter() - t0
-
-
 def bare_rates(model, index_dir: Path | None, batches: list[int], image_b64: str,
                seconds: float) -> dict[str, dict[int, float]]:
     """Items/s of the model seam (and the index) alone, per batch size: what the service is compared with."""
@@ -76,11 +58,13 @@ def bare_rates(model, index_dir: Path | None, batches: list[int], image_b64: str
     from PIL import Image
 
     from service.index_format import current_version_dir
-    from service.search import SearchParams, load_index_set
+    from service.search import SearchParams, choose_backend, load_index_set
 
     version = current_version_dir(index_dir) if index_dir is not None else None
-    index = None if version is None else load_index_set(version, fingerprint=model.info.fingerprint,
-                                                         dim=model.dim).get("image")
+    # The backend the service picks by default (torch on a GPU without faiss-gpu).
+    index = None if version is None else load_index_set(
+        version, fingerprint=model.info.fingerprint, dim=model.dim,
+        backend=choose_backend("auto", model.info.device), device=model.info.device).get("image")
     texts = bench_texts(max(batches))
     pixel = model.preprocess(Image.open(io.BytesIO(base64.b64decode(image_b64))))
     out: dict[str, dict[int, float]] = {"text": {}, "image": {}, "search": {}, "decode": {}}

@@ -64,7 +64,8 @@ def search_rows(jobs: Sequence[SearchJob], queries: np.ndarray | torch.Tensor) -
         groups.setdefault((id(job.index), job.params), []).append(row)
     for rows in groups.values():
         index, params = jobs[rows[0]].index, jobs[rows[0]].params
-        scores, ids = index.raw_search(queries[rows], max(jobs[r].k for r in rows), params)
+        group = queries if len(rows) == len(jobs) else queries[rows]  # the usual case: one group, no gather
+        scores, ids = index.raw_search(group, max(jobs[r].k for r in rows), params)
         out["id"][rows, : ids.shape[1]] = ids
         out["score"][rows, : ids.shape[1]] = scores
     return out

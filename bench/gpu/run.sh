@@ -3,6 +3,7 @@
 # here, with carry [".whl", ".bin"]. Two calls, each within the device's 10-minute limit:
 #   bash bench/gpu/run.sh a   # GPU tests, index builder (nvJPEG per batch), 4 server processes
 #   bash bench/gpu/run.sh b   # the full suite: text, image, search over 1M, against naive
+#   bash bench/gpu/run.sh c   # A/B: text search in one step on the GPU vs encode-then-search
 # Logs and JSON land under $OUT.
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -28,5 +29,11 @@ case "${1:-}" in
     timeout 560 python3 bench/suite.py "${model[@]}" --image-decode torch --max-batch-size 256 --duration 4 \
       --threads 4 --json "$OUT/suite-1.json" 2>&1 | tee "$OUT/suite-1.log"
     ;;
-  *) echo "usage: bash bench/gpu/run.sh a|b" >&2; exit 2 ;;
+  c)
+    echo "== A/B: /search/text over 1M in one step on the GPU (B) vs encode, then search (A); torch index"
+    timeout 560 python3 bench/ab.py "${model[@]}" --path search --index-size 1000000 --clients 1,256 --rounds 2 \
+      --duration 4 --threads 4 --set CLIPSEARCH_SEARCH_BACKEND=torch --a CLIPSEARCH_TEXT_SEARCH_ON_DEVICE=false \
+      --b CLIPSEARCH_TEXT_SEARCH_ON_DEVICE=true 2>&1 | tee "$OUT/ab-search.log"
+    ;;
+  *) echo "usage: bash bench/gpu/run.sh a|b|c" >&2; exit 2 ;;
 esac
