@@ -144,11 +144,12 @@ async def test_search_text_equals_brute_force(make_client, tiny_model, reference
             assert results[0]["metadata"] == {"n": int(expected[0])}
 
 
-async def test_search_image_equals_brute_force(make_client, tiny_model, reference, index_dir) -> None:
+@pytest.mark.parametrize("backend", SEARCH_BACKENDS)
+async def test_search_image_equals_brute_force(make_client, tiny_model, reference, index_dir, backend) -> None:
     path, _, txt_vecs, captions = index_dir
     data = image_bytes(make_image(999), "PNG")
     qv = ref_image(reference, data)
-    async with make_client(tiny_model, index_dir=path) as client:
+    async with make_client(tiny_model, index_dir=path, search_backend=backend) as client:
         r = await client.post("/search/image", json={"image": base64.b64encode(data).decode(), "k": 5})
     assert r.status_code == 200, r.text
     expected = np.argsort(-(txt_vecs @ qv), kind="stable")[:5]
@@ -263,6 +264,43 @@ async def test_text_searches_of_two_index_versions_share_a_batch(make_client, ti
     jobs = [SearchJob(served, k, SearchParams()) for k in (1, 2, 3)]
     kept = TextQueries(torch.arange(6).reshape(3, 2), jobs)[[0, 2]]
     assert kept.tokens.tolist() == [[0, 1], [4, 5]] and [j.k for j in kept.jobs] == [1, 3]
+
+
+async def test_text_search_whose_client_left_is_dropped_from_its_batch(make_client, tiny_model, reference,
+                                                                      index_dir, monkeypatch) -> None:
+    """A text search that ends while its batch waits for the model: its row is cut from the
+    collated batch (tokens and search jobs together), its batch-mate gets exactly its hits."""
+    from service.search import SearchParams
+
+    path, img_vecs, _, _ = index_dir
+    gate, rows = threading.Event(), []
+    original = tiny_model.text_vectors
+
+    def slow(tokens):
+        gate.wait(10)
+        rows.append(len(tokens))
+        return original(tokens)
+
+    monkeypatch.setattr(tiny_model, "text_vectors", slow)
+    async with make_client(tiny_model, index_dir=path, search_backend="torch", warmup=False) as client:
+        engine, index = client.state.engine, client.state.indexes.current.get("image")
+        left = asyncio.Event()
+        blocker = asyncio.ensure_future(engine.search_text(index, "blocker", 3, SearchParams()))
+        await asyncio.sleep(0.2)
+        leaver = asyncio.ensure_future(engine.search_text(index, "leaver", 3, SearchParams(),
+                                                          disconnected=left.wait))
+        stayer = asyncio.ensure_future(engine.search_text(index, "number 7", 3, SearchParams()))
+        await asyncio.sleep(0.2)  # both are collated into one batch, waiting for the blocker
+        left.set()
+        await asyncio.sleep(0.1)
+        gate.set()
+        await blocker
+        hits = await stayer
+        with pytest.raises(asyncio.CancelledError):
+            await leaver
+    assert rows == [1, 1]
+    qv = ref_text(reference, ["number 7"])[0]
+    assert [h.id for h in hits] == [f"img-{i}" for i in np.argsort(-(img_vecs @ qv), kind="stable")[:3]]
 
 
 async def test_k_above_index_size_returns_all(make_client, tiny_model, index_dir) -> None:
