@@ -112,9 +112,13 @@ class Engine:
         if scope == "auto":
             scope = "batch" if model.device.type == "cuda" else "request"
         self.jpegs_per_batch = self._decoder.torch_path is not None and scope == "batch"
+        image_collate: Callable[[list[Any]], Any] | None = None
+        if self.jpegs_per_batch:
+            image_collate = self._collate_images
+        elif model.device.type == "cuda":
+            image_collate = self._collate_pixels
         self.image: DynamicBatcher[Any] = DynamicBatcher(
-            "image", self._infer_image, collate=self._collate_images if self.jpegs_per_batch else None,
-            **common, **self._hooks("image"),
+            "image", self._infer_image, collate=image_collate, **common, **self._hooks("image"),
         )
         # Queries from concurrent requests are searched together: one matrix product (or
         # one FAISS call, which uses BLAS from ~20 queries) instead of one scan each.
@@ -169,8 +173,8 @@ class Engine:
         return self.model.encode_tokens(tokens)
 
     def _infer_image(self, payload: torch.Tensor | list[torch.Tensor]) -> np.ndarray:
-        if isinstance(payload, list):  # not collated: one tensor per request
-            payload = payload[0] if len(payload) == 1 else torch.cat(payload)
+        if isinstance(payload, list):  # not collated (the CPU): one tensor per request
+            payload = gather_rows(payload, pin=False, device=self.model.device)
         return self.model.encode_pixels(payload)
 
     @staticmethod
@@ -196,6 +200,12 @@ class Engine:
         if self.jpegs_per_batch:  # checked here (bad base64, headers, limits); decoded in `_collate_images`
             return self._decoder.split(raws, names)
         return self._decoder.pixels(raws, names, self.model.device)
+
+    def _collate_pixels(self, payloads: list[torch.Tensor]) -> torch.Tensor:
+        """On a GPU, the batch's pixels decoded on the CPU are gathered into one page-locked
+        tensor here, while the model runs the previous batch: the model thread is left one
+        asynchronous copy instead of a concatenation and a pinning copy (~0.6 MB an image)."""
+        return gather_rows(payloads, pin=self.model.device.type == "cuda", device=self.model.device)
 
     def _collate_images(self, payloads: list[list[torch.Tensor | Jpeg]]) -> Collated:
         """All JPEGs of a batch in one decoder call; a request with an image the decoder and
@@ -283,3 +293,16 @@ class Engine:
 def _hits(index: LoadedIndex, rows: np.ndarray, k: int) -> list[Hit]:
     row = rows[0][:k]
     return index.to_hits(row["score"][None], row["id"][None])[0]
+
+
+def gather_rows(tensors: Sequence[torch.Tensor], *, pin: bool, device: torch.device) -> torch.Tensor:
+    """One tensor of all rows: page-locked (`pin`) when all are on the CPU, else on `device`."""
+    if len(tensors) == 1 and not pin:
+        return tensors[0]
+    if any(t.device.type != "cpu" for t in tensors):  # decoded on the device (nvJPEG per request)
+        return torch.cat([t.to(device) for t in tensors])
+    if not pin:
+        return torch.cat(list(tensors))
+    first = tensors[0]
+    out = torch.empty((sum(len(t) for t in tensors), *first.shape[1:]), dtype=first.dtype, pin_memory=True)
+    return torch.cat(list(tensors), out=out)

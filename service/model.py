@@ -188,7 +188,7 @@ class ClipModel:
 
     @torch.inference_mode()
     def encode_pixels(self, pixels: torch.Tensor) -> np.ndarray:
-        if self.device.type == "cuda" and pixels.device.type == "cpu":
+        if self.device.type == "cuda" and pixels.device.type == "cpu" and not pixels.is_pinned():
             pixels = pixels.pin_memory()  # page-locked: the copy below runs asynchronously
         pixels = pixels.to(self.device, dtype=self.dtype, non_blocking=True)
         features = self._graphs.get("image") or self._image_features

@@ -233,3 +233,52 @@ def test_request_scope_is_the_default_on_the_cpu(tiny_model) -> None:
     assert not Engine(tiny_model, Settings(model="x", image_decode="torch")).jpegs_per_batch
     assert not Engine(tiny_model, Settings(model="x", image_decode_scope="batch")).jpegs_per_batch  # exact: PIL
     assert Engine(tiny_model, Settings(model="x", image_decode="torch", image_decode_scope="batch")).jpegs_per_batch
+
+
+def test_pixels_are_gathered_by_the_model_thread_only_on_the_cpu(tiny_model) -> None:
+    """On the CPU the image batcher has no collate (the model waits for nothing to overlap);
+    `gather_rows` keeps rows in order and passes a lone tensor through uncopied."""
+    import torch
+
+    from service.engine import Engine, gather_rows
+    from service.settings import Settings
+
+    for settings in (Settings(model="x"), Settings(model="x", image_decode="torch")):
+        assert Engine(tiny_model, settings).image._collate is None
+    parts = [torch.randn(2, 3, 4, 4), torch.randn(1, 3, 4, 4), torch.randn(3, 3, 4, 4)]
+    cpu = torch.device("cpu")
+    assert torch.equal(gather_rows(parts, pin=False, device=cpu), torch.cat(parts))
+    assert gather_rows(parts[:1], pin=False, device=cpu) is parts[0]
+
+
+@pytest.mark.gpu
+async def test_pixels_decoded_on_the_cpu_reach_a_gpu_model_pinned(make_client, tiny_model) -> None:
+    """On a GPU the batch's CPU-decoded pixels are gathered into page-locked memory in the
+    collate step; a batch mixing CPU-decoded (PNG) and GPU-decoded (JPEG, nvJPEG per request)
+    images is gathered on the GPU. Vectors stay those of the CPU model, within fp16."""
+    import asyncio
+
+    import torch
+
+    from service.engine import Engine, gather_rows
+    from service.model import load_model
+    from service.settings import Settings
+
+    cuda = torch.device("cuda")
+    parts = [torch.randn(2, 3, 4, 4), torch.randn(1, 3, 4, 4)]
+    pinned = gather_rows(parts, pin=True, device=cuda)
+    assert pinned.is_pinned() and torch.equal(pinned, torch.cat(parts))
+    mixed = gather_rows([parts[0], parts[1].to(cuda)], pin=True, device=cuda)
+    assert mixed.device.type == "cuda" and torch.equal(mixed.cpu(), torch.cat(parts))
+
+    model = load_model(tiny_model.info.spec, device="cuda", dtype="fp16")
+    assert Engine(model, Settings(model="x")).image._collate is not None
+    png = encode_image(photo(7, (320, 240)), "PNG")
+    images = [*JPEGS, png]
+    exact = await _embed(make_client, tiny_model, images)
+    for settings in ({}, {"image_decode": "torch", "image_decode_scope": "request"}):
+        async with make_client(model, **settings) as client:
+            replies = await asyncio.gather(*[client.post("/embed", json={"images": [im]}) for im in images])
+        got = np.array([r.json()["images"][0] for r in replies], np.float32)
+        assert (got * exact).sum(1).min() >= 0.99, settings
+
