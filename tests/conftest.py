@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import threading
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -99,3 +100,19 @@ def make_client() -> Callable[..., Any]:
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     return Path(__file__).parent / "data"
+
+
+def gate_model_call(monkeypatch: pytest.MonkeyPatch, model: ClipModel, method: str
+                    ) -> tuple[threading.Event, list[int]]:
+    """Make `model.<method>` wait until the returned event is set (10 s at most), recording
+    the rows of each call: a model call held in flight while a test queues more requests."""
+    gate, rows = threading.Event(), []
+    original = getattr(model, method)
+
+    def held(batch: Any) -> Any:
+        gate.wait(10)
+        rows.append(len(batch))
+        return original(batch)
+
+    monkeypatch.setattr(model, method, held)
+    return gate, rows

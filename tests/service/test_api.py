@@ -16,7 +16,7 @@ from PIL import Image
 
 from service.index_format import ModelRef, write_index_from_vectors
 from service.model import ClipModel
-from tests.conftest import encode_image, image_bytes, make_image
+from tests.conftest import encode_image, gate_model_call, image_bytes, make_image
 
 TEXTS = ["a red circle", "a photo of a dog", "", "二只小猫", "x" * 300]
 
@@ -273,15 +273,7 @@ async def test_text_search_whose_client_left_is_dropped_from_its_batch(make_clie
     from service.search import SearchParams
 
     path, img_vecs, _, _ = index_dir
-    gate, rows = threading.Event(), []
-    original = tiny_model.text_vectors
-
-    def slow(tokens):
-        gate.wait(10)
-        rows.append(len(tokens))
-        return original(tokens)
-
-    monkeypatch.setattr(tiny_model, "text_vectors", slow)
+    gate, rows = gate_model_call(monkeypatch, tiny_model, "text_vectors")
     async with make_client(tiny_model, index_dir=path, search_backend="torch", warmup=False) as client:
         engine, index = client.state.engine, client.state.indexes.current.get("image")
         left = asyncio.Event()
@@ -332,14 +324,7 @@ async def test_model_failure_fails_every_waiter_and_service_recovers(make_client
 
 
 async def test_overload_gets_429_with_retry_after(make_client, tiny_model, monkeypatch) -> None:
-    gate = threading.Event()
-    original = tiny_model.encode_tokens
-
-    def slow(tokens):
-        gate.wait(10)
-        return original(tokens)
-
-    monkeypatch.setattr(tiny_model, "encode_tokens", slow)
+    gate, _ = gate_model_call(monkeypatch, tiny_model, "encode_tokens")
     async with make_client(tiny_model, max_queue=8, max_items_per_request=8, max_batch_size=4,
                            warmup=False) as client:
         first = asyncio.ensure_future(client.post("/embed", json={"texts": ["a"] * 4}))

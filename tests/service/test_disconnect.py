@@ -13,19 +13,11 @@ from service.http.app import create_app
 from service.settings import Settings
 from service.state import ServiceState
 from tests.clipsearch.test_cli import free_port
+from tests.conftest import gate_model_call
 
 
 def test_hung_up_client_is_not_encoded(tiny_model, monkeypatch) -> None:
-    gate = threading.Event()
-    encoded: list[int] = []
-    original = tiny_model.encode_tokens
-
-    def slow(tokens):
-        gate.wait(10)
-        encoded.append(len(tokens))
-        return original(tokens)
-
-    monkeypatch.setattr(tiny_model, "encode_tokens", slow)
+    gate, encoded = gate_model_call(monkeypatch, tiny_model, "encode_tokens")
     port = free_port()
     settings = Settings(model=tiny_model.info.spec, device="cpu", port=port, warmup=False)
     app = create_app(settings, state=ServiceState.build(settings, model=tiny_model))
