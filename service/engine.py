@@ -258,13 +258,17 @@ class Engine:
                                           timeout=self.settings.request_timeout_s, disconnected=disconnected)
         return _hits(index, rows, k)
 
+    def searches_text_on_device(self, index: LoadedIndex | None) -> bool:
+        """Whether text searches of `index` take the one-step path (see `text_search`)."""
+        return index is not None and self.settings.text_search_on_device and index.searches_on(self.model.device)
+
     async def search_text(
         self, index: LoadedIndex, text: str, k: int, params: SearchParams,
         *, field: str = "text", disconnected: Disconnected | None = None,
     ) -> list[Hit]:
         """Top-k hits for a text, batched with concurrent text searches: in one step on the
         device when `index` is searched there (see `text_search`), else encode, then search."""
-        if not (self.settings.text_search_on_device and index.searches_on(self.model.device)):
+        if not self.searches_text_on_device(index):
             vector = await self.embed_texts([text], field=field, disconnected=disconnected)
             return await self.search(index, vector[0], k, params, disconnected=disconnected)
         self.check_texts([text], field)

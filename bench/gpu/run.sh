@@ -5,33 +5,39 @@
 #   bash bench/gpu/run.sh b   # the full suite: text, image, search over 1M, against naive
 #   bash bench/gpu/run.sh c   # A/B: text search in one step on the GPU vs encode-then-search
 # Logs and JSON land under $OUT.
+# A rehearsal on a machine without a GPU (every command with the tiny model on the CPU, no
+# wheels installed): BENCH_REHEARSAL=1 PY=.venv/bin/python bash bench/gpu/run.sh a
 set -uo pipefail
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  || exit 1
+PY=${PY:-python3}
+if [ -z "${BENCH_REHEARSAL:-}" ]; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || exit 1
+fi
 export PYTHONPATH=/tmp/site:$PWD PATH=$PWD/.bin:$PATH LD_LIBRARY_PATH=$PWD/.bin:${LD_LIBRARY_PATH:-} PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/clipsearch-gpu-out}
 mkdir -p "$OUT"
 nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
-model=(--model ViT-B-32 --device cuda)
+if [ -n "${BENCH_REHEARSAL:-}" ]; then model=(--model clipsearch-tiny --device cpu); else
+  model=(--model ViT-B-32 --device cuda); fi
 case "${1:-}" in
   a)
     echo "== GPU tests"
-    timeout 180 python3 -m pytest -q -p no:cacheprovider -m gpu tests/service 2>&1 | tee "$OUT/gpu-tests.log"
+    timeout 180 $PY -m pytest -q -p no:cacheprovider -m gpu tests/service 2>&1 | tee "$OUT/gpu-tests.log"
     echo "== index builder, nvJPEG per batch"
-    timeout 180 python3 bench/build_bench.py "${model[@]}" --n 20000 --workers 14 --image-decode torch 2>&1 \
+    timeout 180 $PY bench/build_bench.py "${model[@]}" --n 20000 --workers 14 --image-decode torch 2>&1 \
       | tee "$OUT/build.log"
     echo "== text and search, 4 server processes"
-    timeout 200 python3 bench/suite.py "${model[@]}" --paths text,search --clients 16,256 --max-batch-size 256 \
+    timeout 200 $PY bench/suite.py "${model[@]}" --paths text,search --clients 16,256 --max-batch-size 256 \
       --workers 4 --duration 4 --threads 4 --skip-naive --json "$OUT/suite-4.json" 2>&1 | tee "$OUT/suite-4.log"
     ;;
   b)
     echo "== suite: text, image (nvJPEG per batch), search over 1M; one process; naive wrapper"
-    timeout 560 python3 bench/suite.py "${model[@]}" --image-decode torch --max-batch-size 256 --duration 4 \
+    timeout 560 $PY bench/suite.py "${model[@]}" --image-decode torch --max-batch-size 256 --duration 4 \
       --threads 4 --json "$OUT/suite-1.json" 2>&1 | tee "$OUT/suite-1.log"
     ;;
   c)
     echo "== A/B: /search/text over 1M in one step on the GPU (B) vs encode, then search (A); torch index"
-    timeout 560 python3 bench/ab.py "${model[@]}" --path search --index-size 1000000 --clients 1,256 --rounds 2 \
+    timeout 560 $PY bench/ab.py "${model[@]}" --path search --index-size 1000000 --clients 1,256 --rounds 2 \
       --duration 4 --threads 4 --set CLIPSEARCH_SEARCH_BACKEND=torch --a CLIPSEARCH_TEXT_SEARCH_ON_DEVICE=false \
       --b CLIPSEARCH_TEXT_SEARCH_ON_DEVICE=true 2>&1 | tee "$OUT/ab-search.log"
     ;;

@@ -199,6 +199,7 @@ async def test_text_search_on_the_models_device_skips_the_host(make_client, tiny
         steps = {b.name: b.stats.batches for b in (engine.text, engine.searcher, engine.text_search)}
         r = await client.post("/search/text", json={"text": "number 7", "k": 4})
         steps = {b.name: b.stats.batches - steps[b.name] for b in (engine.text, engine.searcher, engine.text_search)}
+        assert (await client.get("/")).json()["runtime"]["text_search_on_device"] is on_device
     assert r.status_code == 200, r.text
     qv = ref_text(reference, ["number 7"])[0]
     expected = np.argsort(-(img_vecs @ qv), kind="stable")[:4]
@@ -459,6 +460,7 @@ async def test_healthz_and_info(make_client, tiny_model) -> None:
         info = (await client.get("/")).json()
         assert info["model"]["dim"] == 64 and info["index"] is None
         assert info["runtime"]["cuda_graphs"] == [] and info["runtime"]["workers"] == 1  # CPU: no graphs
+        assert info["runtime"]["text_search_on_device"] is False  # no index
         schema = (await client.get("/openapi.json")).json()
         assert {"/embed", "/search/text", "/search/image"} <= set(schema["paths"])
 
