@@ -199,7 +199,8 @@ async def info(state: State) -> Response:
             "max_batch_size": settings.max_batch_size,
             "image_decode": settings.image_decode,
             "jpegs_per_batch": state.engine.jpegs_per_batch,
-            "text_search_on_device": state.engine.searches_text_on_device(current and current.get("image")),
+            "text_search_on_device": state.engine.searches_text_on_device(
+                current.get("image") if current is not None else None),
             "exif_orientation": settings.exif_orientation,
             "workers": settings.workers,
             "pid": os.getpid(),
