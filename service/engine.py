@@ -174,7 +174,7 @@ class Engine:
 
     def _infer_image(self, payload: torch.Tensor | list[torch.Tensor]) -> np.ndarray:
         if isinstance(payload, list):  # not collated (the CPU): one tensor per request
-            payload = gather_rows(payload, pin=False, device=self.model.device)
+            payload = gather_rows(payload, self.model.device)
         return self.model.encode_pixels(payload)
 
     @staticmethod
@@ -205,7 +205,7 @@ class Engine:
         """On a GPU, the batch's pixels decoded on the CPU are gathered into one page-locked
         tensor here, while the model runs the previous batch: the model thread is left one
         asynchronous copy instead of a concatenation and a pinning copy (~0.6 MB an image)."""
-        return gather_rows(payloads, pin=self.model.device.type == "cuda", device=self.model.device)
+        return gather_rows(payloads, self.model.device)
 
     def _collate_images(self, payloads: list[list[torch.Tensor | Jpeg]]) -> Collated:
         """All JPEGs of a batch in one decoder call; a request with an image the decoder and
@@ -299,8 +299,10 @@ def _hits(index: LoadedIndex, rows: np.ndarray, k: int) -> list[Hit]:
     return index.to_hits(row["score"][None], row["id"][None])[0]
 
 
-def gather_rows(tensors: Sequence[torch.Tensor], *, pin: bool, device: torch.device) -> torch.Tensor:
-    """One tensor of all rows: page-locked (`pin`) when all are on the CPU, else on `device`."""
+def gather_rows(tensors: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """One tensor of all rows for a model on `device`: on the CPU as they are; for a GPU,
+    page-locked when all rows are on the CPU (so the copy to it is asynchronous), else on it."""
+    pin = device.type == "cuda"
     if len(tensors) == 1 and not pin:
         return tensors[0]
     if any(t.device.type != "cpu" for t in tensors):  # decoded on the device (nvJPEG per request)

@@ -191,7 +191,7 @@ class LoadedIndex:
 
     def searches_on(self, device: Any) -> bool:
         """Whether this index takes query tensors on `device` as they are (torch search there)."""
-        return self.backend.tensor_device is not None and self.backend.tensor_device == device
+        return self.backend.tensor_device == device  # None for FAISS: never equal
 
     def search(self, queries: np.ndarray, k: int, params: SearchParams | None = None) -> list[list[Hit]]:
         return self.to_hits(*self.raw_search(queries, k, params))

@@ -247,8 +247,8 @@ def test_pixels_are_gathered_by_the_model_thread_only_on_the_cpu(tiny_model) -> 
         assert Engine(tiny_model, settings).image._collate is None
     parts = [torch.randn(2, 3, 4, 4), torch.randn(1, 3, 4, 4), torch.randn(3, 3, 4, 4)]
     cpu = torch.device("cpu")
-    assert torch.equal(gather_rows(parts, pin=False, device=cpu), torch.cat(parts))
-    assert gather_rows(parts[:1], pin=False, device=cpu) is parts[0]
+    assert torch.equal(gather_rows(parts, cpu), torch.cat(parts))
+    assert gather_rows(parts[:1], cpu) is parts[0]
 
 
 @pytest.mark.gpu
@@ -266,9 +266,9 @@ async def test_pixels_decoded_on_the_cpu_reach_a_gpu_model_pinned(make_client, t
 
     cuda = torch.device("cuda")
     parts = [torch.randn(2, 3, 4, 4), torch.randn(1, 3, 4, 4)]
-    pinned = gather_rows(parts, pin=True, device=cuda)
+    pinned = gather_rows(parts, cuda)
     assert pinned.is_pinned() and torch.equal(pinned, torch.cat(parts))
-    mixed = gather_rows([parts[0], parts[1].to(cuda)], pin=True, device=cuda)
+    mixed = gather_rows([parts[0], parts[1].to(cuda)], cuda)
     assert mixed.device.type == "cuda" and torch.equal(mixed.cpu(), torch.cat(parts))
 
     model = load_model(tiny_model.info.spec, device="cuda", dtype="fp16")
