@@ -83,9 +83,18 @@ def test_flat_search_equals_brute_force(published, backend: str) -> None:
         hits = index.search(queries, 10)
         ref_s, ref_i = brute_force(db, queries, 10)
         for row, (hs, rs, ri) in enumerate(zip(hits, ref_s, ref_i, strict=True)):
-            assert [h.metadata["row"] for h in hs] == list(ri), (modality, row)
-            tol = 1e-5 if device == "cpu" else 2e-3
-            np.testing.assert_allclose([h.score for h in hs], rs, atol=tol)
+            got = [h.metadata["row"] for h in hs]
+            if device == "cpu":  # float32: the exact ranking
+                assert got == list(ri), (modality, row)
+                np.testing.assert_allclose([h.score for h in hs], rs, atol=1e-5)
+                continue
+            # float16 on a GPU: scores within fp16 rounding of exact, so near-ties may swap
+            # places; each hit must be a distinct row whose exact score is within that of the
+            # true score at its rank, and the reported scores near the exact ones.
+            exact = db[got] @ queries[row]
+            assert len(set(got)) == len(got) == len(ri), (modality, row)
+            np.testing.assert_allclose([h.score for h in hs], exact, atol=2e-3)
+            assert np.all(exact >= rs - 2e-3), (modality, row, exact, rs)
     text_hit = loaded.get("text").search(queries[:1], 1)[0][0]
     assert text_hit.text == f"caption {text_hit.metadata['row']}"
 
