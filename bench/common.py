@@ -58,7 +58,10 @@ def decode_rate(model, image_b64: str, seconds: float) -> float:
     work per image that the service and the builder must also do."""
     from PIL import Image
 
-    return rate(lambda: model.preprocess(Image.open(io.BytesIO(base64.b64decode(image_b64)))), 1, seconds)
+    from service.images import decode_base64
+
+    return rate(lambda: model.preprocess(Image.open(io.BytesIO(decode_base64(image_b64, field="image",
+                                                                             max_bytes=1 << 30)))), 1, seconds)
 
 
 def torch_decode_rate(model, image_b64: str, batch: int, seconds: float) -> float | None:
@@ -67,6 +70,7 @@ def torch_decode_rate(model, image_b64: str, batch: int, seconds: float) -> floa
     the model's transform has no torch equivalent."""
     import torch
 
+    from service.images import decode_base64
     from service.torch_preprocess import ImageDecoder, Jpeg
 
     decoder = ImageDecoder.create(model.preprocess_transform, "torch", model.image_size, 10**9)
@@ -74,7 +78,7 @@ def torch_decode_rate(model, image_b64: str, batch: int, seconds: float) -> floa
         return None
 
     def run() -> None:
-        jpegs = [Jpeg("image", base64.b64decode(image_b64)) for _ in range(batch)]
+        jpegs = [Jpeg("image", decode_base64(image_b64, field="image", max_bytes=1 << 30)) for _ in range(batch)]
         pixels = decoder.decode_jpegs(jpegs, model.device)
         if model.device.type == "cuda":
             torch.cuda.synchronize(model.device)

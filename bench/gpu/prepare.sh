@@ -8,7 +8,7 @@ exclude=$(git rev-parse --git-path info/exclude)
 mkdir -p "$(dirname "$exclude")"
 for d in .whl .bin; do grep -qx "/$d/" "$exclude" 2>/dev/null || echo "/$d/" >> "$exclude"; done
 # What the shared fetch script takes, plus what the service and tests need beyond it.
-../shared/device/fetch-wheels.sh httptools websockets watchfiles pytest-asyncio
+../shared/device/fetch-wheels.sh httptools websockets watchfiles pytest-asyncio pybase64
 mkdir -p .bin
 cp "$(command -v wrk)" .bin/wrk
 cp "$(ldd "$(command -v wrk)" | awk '/libluajit/ {print $3}')" .bin/

@@ -97,3 +97,27 @@ def test_any_ascii_whitespace_anywhere_is_ignored(payload: bytes, urlsafe: bool,
         pos %= len(text) + 1
         text = text[:pos] + ws + text[pos:]
     assert decode_base64(text, field="images[0]", max_bytes=10**6) == payload
+
+
+def _stdlib_reference(text: str) -> bytes | None:
+    """What the standard library accepts under this module's rules (either alphabet, any
+    whitespace, padding optional); None where it rejects the string."""
+    raw = text.encode("ascii").translate(bytes.maketrans(b"-_", b"+/"), b" \t\n\r\x0b\x0c").rstrip(b"=")
+    if not raw or len(raw) % 4 == 1:
+        return None
+    try:
+        return base64.b64decode(raw + b"=" * (-len(raw) % 4), validate=True) or None
+    except ValueError:  # binascii.Error
+        return None
+
+
+@settings(max_examples=500, deadline=None)
+@given(text=st.text(alphabet="ABCabc019+/-_= \n$.", max_size=40))
+def test_fast_decoder_agrees_with_the_standard_library(text: str) -> None:
+    """pybase64's one-pass fast path and the lenient path together accept exactly what the
+    standard library does, with the same bytes, and reject the rest with InvalidBase64."""
+    try:
+        got: bytes | None = decode_base64(text, field="image", max_bytes=10**6)
+    except InvalidBase64:
+        got = None
+    assert got == _stdlib_reference(text)
