@@ -10,11 +10,15 @@ One batcher per modality. A request goes through:
    `max_batch_size` rows (optionally after `max_wait_ms`), splitting a request larger
    than a batch over several batches;
 5. per-batch CPU work (`collate`: tokenize a whole batch of texts, decode a whole batch
-   of JPEGs with nvJPEG) in the thread pool, while the model still runs the previous
-   batch: one thread hop per batch instead of one per request. A collate may fail
-   single requests (a bad image) without failing their batch-mates (`Collated`);
-6. `infer` in the model executor, off the event loop; its result rows go back to each
-   request in order. The next batch is taken and collated while this one runs.
+   of JPEGs with nvJPEG) while the model still runs the previous batch. A collate may
+   fail single requests (a bad image) without failing their batch-mates (`Collated`);
+6. `infer` in the model executor; its result rows go back to each request in order.
+
+Steps 4-6 run in one stager thread per batcher, not on the event loop: the model starts
+the next batch the moment it finishes one, instead of after the event loop, busy parsing
+and answering requests, gets round to it (each such hand-off cost a loop iteration, and
+three of them per batch held one process near 1,500 texts/s on an H100; bench/NOTES.md).
+The event loop only queues requests and hands the results back.
 
 Every waiter resolves: with its rows, with the batch's error if `collate` or `infer`
 raises, with `RequestTimeout` past its deadline, or with `ShuttingDown`. A request whose
@@ -27,10 +31,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
+import threading
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
-from concurrent.futures import Executor
+from concurrent.futures import Executor, Future, wait
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -175,35 +181,38 @@ class DynamicBatcher(Generic[P]):
         self._queued_rows = 0
         self._reserved_rows = 0
         self._staged_rows = 0  # taken from the queue, not yet in the model
-        self._wakeup: asyncio.Event | None = None
-        self._task: asyncio.Task[None] | None = None
-        self._running: asyncio.Task[None] | None = None  # the batch in the model
-        self._closed = False
+        # Guards the queue, its counters and `_inflight` between the event loop and the stager.
+        self._cond = threading.Condition()
+        self._inflight: dict[int, list[_Chunk]] = {}  # batches staged or in the model, for stop()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._generation = 0  # a stager thread from before a stop() exits instead of serving
+        self._closed = True
         self.stats = BatcherStats()
 
     # -- lifecycle ----------------------------------------------------------------
     async def start(self) -> None:
-        self._wakeup = asyncio.Event()
-        self._closed = False
-        self._task = asyncio.create_task(self._loop(), name=f"batcher-{self.name}")
+        self._loop = asyncio.get_running_loop()
+        with self._cond:
+            self._closed = False
+            self._generation += 1
+            generation = self._generation
+        threading.Thread(target=self._stager, args=(generation,), name=f"batcher-{self.name}", daemon=True).start()
 
     async def stop(self) -> None:
-        """Stop batching; every request still queued gets `ShuttingDown`."""
-        self._closed = True
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-        if self._running is not None:
-            self._running.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._running
-            self._running = None
-        while self._queue:
-            chunk = self._queue.popleft()
-            _fail(chunk.job, ShuttingDown(f"{self.name} batcher is shutting down"))
-        self._queued_rows = 0
+        """Stop batching; every request queued, staged or in the model gets `ShuttingDown`.
+
+        Returns at once: a model call under way finishes in its thread, and its rows are
+        dropped."""
+        with self._cond:
+            self._closed = True
+            self._generation += 1
+            gone = [*self._queue, *(c for batch in self._inflight.values() for c in batch)]
+            self._queue.clear()
+            self._inflight.clear()
+            self._queued_rows = 0
+            self._staged_rows = 0
+            self._cond.notify_all()
+        _fail_all(gone, ShuttingDown(f"{self.name} batcher is shutting down"))
         self._on_queue_depth(0)
 
     @property
@@ -211,7 +220,7 @@ class DynamicBatcher(Generic[P]):
         """Rows admitted and not yet in the model: what `max_queue` bounds."""
         return self._queued_rows + self._reserved_rows + self._staged_rows
 
-    # -- the request side ---------------------------------------------------------
+    # -- the request side (event loop) ------------------------------------------------
     async def submit(
         self,
         n: int,
@@ -228,7 +237,7 @@ class DynamicBatcher(Generic[P]):
         `watch_after_s`; when it returns first the request is dropped (its rows never
         reach the model) and `asyncio.CancelledError` is raised.
         """
-        if self._closed or self._task is None or self._wakeup is None:
+        if self._closed or self._loop is None:
             raise ShuttingDown(f"{self.name} batcher is not running")
         if n <= 0:
             return np.zeros((0, 0), np.float32)
@@ -247,19 +256,22 @@ class DynamicBatcher(Generic[P]):
                     payload = await guard.wait(prepared, cancel_on_exit=False)
             finally:
                 self._reserved_rows -= n
-            if self._closed:
-                raise ShuttingDown(f"{self.name} batcher is shutting down")
             job = _Job(payload=payload, n=n, future=loop.create_future())
-            self._queue.append(_Chunk(job, 0, n))
-            self._queued_rows += n
-            self._on_queue_depth(self._queued_rows)
-            self._wakeup.set()
+            with self._cond:
+                if self._closed:
+                    raise ShuttingDown(f"{self.name} batcher is shutting down")
+                self._queue.append(_Chunk(job, 0, n))
+                self._queued_rows += n
+                queued = self._queued_rows
+                self._cond.notify()
+            self._on_queue_depth(queued)
             return await guard.wait(job.future, cancel_on_exit=True)
         finally:
             guard.close()
 
-    # -- the model side -----------------------------------------------------------
+    # -- the model side (stager thread) ---------------------------------------------
     def _take_batch(self) -> list[_Chunk]:
+        """Up to `max_batch_size` rows from the queue (the caller holds `_cond`)."""
         batch: list[_Chunk] = []
         room = self.max_batch_size
         while self._queue and room > 0:
@@ -278,84 +290,131 @@ class DynamicBatcher(Generic[P]):
                 taken = room
             self._queued_rows -= taken
             room -= taken
-        self._on_queue_depth(self._queued_rows)
         return batch
 
-    async def _loop(self) -> None:
-        wakeup = self._wakeup
-        if wakeup is None:  # start() sets it before creating this task
-            return
-        loop = asyncio.get_running_loop()
-        while True:
-            while not self._queue:
-                wakeup.clear()
-                await wakeup.wait()
-            if self.max_wait > 0 and self._queued_rows < self.max_batch_size:
-                await asyncio.sleep(self.max_wait)
-            if self._running is not None and self._collate is None:
-                # Nothing to overlap: leave requests queued until the model is free, so the
-                # batch takes everything that arrived meanwhile (greedy).
-                await asyncio.wait([self._running])
+    def _next_batch(self, generation: int) -> tuple[int, list[_Chunk]] | None:
+        """Block until rows are queued; take a batch (staged: counted, and known to stop())."""
+        with self._cond:
+            while not self._queue and self._generation == generation:
+                self._cond.wait()
+            if self._generation != generation:
+                return None
+        if self.max_wait > 0 and self._queued_rows < self.max_batch_size:
+            threading.Event().wait(self.max_wait)
+        with self._cond:
+            if self._generation != generation:
+                return None
             batch = self._take_batch()
+            self._staged_rows = sum(c.rows for c in batch)
+            key = id(batch)
+            if batch:
+                self._inflight[key] = batch
+            queued = self._queued_rows
+        self._on_queue_depth(queued)
+        return key, batch
+
+    def _await_model_or_full_batch(self, running: Future[np.ndarray], generation: int) -> None:
+        """While the model runs a batch, leave requests queued, so that the next batch takes
+        everything that arrives meanwhile (greedy), unless a full batch is already waiting:
+        that one is taken and collated now, overlapping the model. Taking the next batch at
+        once instead made batches ever smaller under load (each held only what arrived
+        during the previous collate), and their fixed costs cut throughput at 256 clients."""
+        with self._cond:
+            while (not running.done() and self._generation == generation
+                   and (self._collate is None or self._queued_rows < self.max_batch_size)):
+                self._cond.wait()
+
+    def _stager(self, generation: int) -> None:
+        """Take a batch, collate it while the model runs the previous one, hand it to the model."""
+        running: Future[np.ndarray] | None = None
+        while True:
+            if running is not None:
+                self._await_model_or_full_batch(running, generation)
+            taken = self._next_batch(generation)
+            if taken is None:
+                return
+            key, batch = taken
             if not batch:
                 continue
             size = sum(c.rows for c in batch)
-            payloads = [_slice(c.job.payload, c.lo, c.hi) for c in batch]
-            self._staged_rows = size
+            payload: Any = [_slice(c.job.payload, c.lo, c.hi) for c in batch]
+            failed: dict[int, Exception] = {}
             try:
-                ok, payload = await self._guarded(batch, size, self._stage(loop, payloads))
-            finally:
+                if self._collate is not None:
+                    payload = self._collate(payload)
+                if isinstance(payload, Collated):
+                    failed, payload = payload.failed, payload.payload
+            except Exception as exc:
+                with self._cond:
+                    self._staged_rows = 0
+                self._settle(key, batch, size, exc)
+                continue
+            if running is not None:
+                wait([running])  # the previous batch; this one is ready behind it
+            with self._cond:
                 self._staged_rows = 0
-            if not ok:
+                if self._generation != generation:
+                    return
+            if failed:
+                self._post(_fail_some, [(batch[i].job, exc) for i, exc in failed.items()])
+            live, size, payload = _drop_gone(batch, size, payload, collated=self._collate is not None,
+                                             failed=set(failed))
+            if not live:
+                self._settle(key, batch, 0, None)
                 continue
-            if isinstance(payload, Collated):
-                for i, exc in payload.failed.items():
-                    _fail(batch[i].job, exc)
-                payload = payload.payload
-            batch, size, payload = _drop_gone(batch, size, payload, collated=self._collate is not None)
-            if not batch:
-                continue
-            self._running = asyncio.create_task(self._run(batch, size, payload), name=f"batch-{self.name}")
+            self.stats.batches += 1
+            self.stats.rows += size
+            self.stats.batch_sizes.append(size)
+            self._on_batch(size)
+            try:
+                running = self._model_executor.submit(self._infer, payload)
+            except RuntimeError:  # the executor was shut down: the service is stopping
+                self._settle(key, live, size, ShuttingDown(f"{self.name} batcher is shutting down"))
+                return
+            running.add_done_callback(functools.partial(self._settled, key, live, size))
 
-    async def _stage(self, loop: asyncio.AbstractEventLoop, payloads: list[Any]) -> Any:
-        """Collate the batch (overlapping the batch in the model, if any), then wait for the model."""
-        payload = payloads
-        if self._collate is not None:
-            payload = await loop.run_in_executor(self._prepare_executor, self._collate, payloads)
-        if self._running is not None:
-            await asyncio.wait([self._running])
-        return payload
+    def _settle(self, key: int, batch: list[_Chunk], size: int, outcome: Future[np.ndarray] | Exception | None
+                ) -> None:
+        """From any thread: the batch leaves `_inflight`; its rows (or error) reach its
+        requests on the event loop."""
+        with self._cond:
+            self._inflight.pop(key, None)
+            self._cond.notify_all()  # a stager waiting for the model to finish
+        if outcome is not None:
+            self._post(self._finish, batch, size, outcome)
 
-    async def _run(self, batch: list[_Chunk], size: int, payload: Any) -> None:
-        """One model call; its rows (or its error) go to every request in the batch."""
-        self.stats.batches += 1
-        self.stats.rows += size
-        self.stats.batch_sizes.append(size)
-        self._on_batch(size)
-        loop = asyncio.get_running_loop()
-        ok, result = await self._guarded(batch, size, loop.run_in_executor(self._model_executor, self._infer, payload))
-        if not ok:
+    def _settled(self, key: int, batch: list[_Chunk], size: int, future: Future[np.ndarray]) -> None:
+        self._settle(key, batch, size, future)
+
+    def _post(self, fn: Callable[..., None], *args: Any) -> None:
+        loop = self._loop
+        if loop is None:
             return
+        with contextlib.suppress(RuntimeError):  # a closed loop: nobody is waiting any more
+            loop.call_soon_threadsafe(fn, *args)
+
+    # -- back on the event loop ---------------------------------------------------
+    def _finish(self, batch: list[_Chunk], size: int, outcome: Future[np.ndarray] | Exception) -> None:
+        if isinstance(outcome, Exception):
+            self._fail_batch(batch, size, outcome)
+            return
+        if outcome.cancelled():
+            _fail_all(batch, ShuttingDown(f"{self.name} batcher is shutting down"))
+            return
+        exc = outcome.exception()
+        if isinstance(exc, Exception):
+            self._fail_batch(batch, size, exc)
+            return
+        result = outcome.result()
         if not isinstance(result, np.ndarray) or result.shape[0] != size:
             self._fail_batch(batch, size, InferenceError(f"model returned {getattr(result, 'shape', None)} rows "
                                                          f"for {size}"))
             return
         self._distribute(batch, result)
 
-    async def _guarded(self, batch: list[_Chunk], size: int, step: Awaitable[Any]) -> tuple[bool, Any]:
-        """Await one step of a batch; if it fails, every request in the batch gets the error
-        (`ShuttingDown` when the batcher is being stopped) and (False, None) comes back."""
-        try:
-            return True, await step
-        except asyncio.CancelledError:
-            _fail_all(batch, ShuttingDown(f"{self.name} batcher is shutting down"))
-            raise
-        except Exception as exc:
-            self._fail_batch(batch, size, exc)
-            return False, None
-
     def _fail_batch(self, batch: list[_Chunk], size: int, exc: Exception) -> None:
-        log.error("%s batch of %d failed", self.name, size, exc_info=exc)
+        if not isinstance(exc, ShuttingDown):
+            log.error("%s batch of %d failed", self.name, size, exc_info=exc)
         _fail_all(batch, exc if isinstance(exc, ClipsearchError) else InferenceError(f"{self.name} model call failed"))
 
     @staticmethod
@@ -381,12 +440,14 @@ def _slice(payload: Any, lo: int, hi: int) -> Any:
     return payload[lo:hi]
 
 
-def _drop_gone(batch: list[_Chunk], size: int, payload: Any, *, collated: bool) -> tuple[list[_Chunk], int, Any]:
-    """Leave out requests that ended (client gone, timed out) while their batch was staged.
+def _drop_gone(batch: list[_Chunk], size: int, payload: Any, *, collated: bool,
+               failed: set[int] | frozenset[int] = frozenset()) -> tuple[list[_Chunk], int, Any]:
+    """Leave out requests that ended (client gone, timed out) while their batch was staged,
+    and the chunks at positions `failed` (their collate failed them).
 
     A collated payload must be indexable by a list of rows (a tensor or an array).
     """
-    keep = [not c.job.future.done() for c in batch]
+    keep = [i not in failed and not c.job.future.done() for i, c in enumerate(batch)]
     if all(keep):
         return batch, size, payload
     live = [c for c, k in zip(batch, keep, strict=True) if k]
@@ -404,6 +465,11 @@ def _drop_gone(batch: list[_Chunk], size: int, payload: Any, *, collated: bool) 
 def _fail_all(batch: Sequence[_Chunk], exc: BaseException) -> None:
     for chunk in batch:
         _fail(chunk.job, exc)
+
+
+def _fail_some(failures: list[tuple[_Job, Exception]]) -> None:
+    for job, exc in failures:
+        _fail(job, exc)
 
 
 def _fail(job: _Job, exc: BaseException) -> None:

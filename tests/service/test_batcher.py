@@ -304,10 +304,10 @@ async def test_collated_batches_are_exact_and_merged(executors) -> None:
 
 
 async def test_next_batch_is_collated_while_the_model_runs(executors) -> None:
-    b, events, gate, first = await _collating_with_model_busy(executors)
+    b, events, gate, first = await _collating_with_model_busy(executors, max_batch_size=2)
     second = asyncio.ensure_future(b.submit(2, payload=[2, 3], timeout=10))
     await asyncio.sleep(0.1)
-    # The model is still busy with the first batch, and the second is already collated.
+    # The model is still busy with the first batch, and the second, a full batch, is already collated.
     assert events == ["collate 1", "model start 1", "collate 2"], events
     gate.set()
     await asyncio.gather(first, second)
@@ -316,7 +316,7 @@ async def test_next_batch_is_collated_while_the_model_runs(executors) -> None:
 
 
 async def test_request_gone_while_staged_never_reaches_the_model(executors) -> None:
-    b, events, gate, blocker = await _collating_with_model_busy(executors)
+    b, events, gate, blocker = await _collating_with_model_busy(executors, max_batch_size=5)
     gone = asyncio.Event()
     leaver = asyncio.ensure_future(b.submit(3, payload=[5, 6, 7], timeout=10, disconnected=gone.wait))
     stayer = asyncio.ensure_future(b.submit(2, payload=[8, 9], timeout=10))
@@ -334,7 +334,7 @@ async def test_request_gone_while_staged_never_reaches_the_model(executors) -> N
 
 
 async def test_staged_rows_count_against_the_queue(executors) -> None:
-    b, _, gate, blocker = await _collating_with_model_busy(executors, max_queue=4)
+    b, _, gate, blocker = await _collating_with_model_busy(executors, max_queue=4, max_batch_size=4)
     staged = asyncio.ensure_future(b.submit(4, payload=[1, 2, 3, 4], timeout=10))
     await asyncio.sleep(0.1)
     with pytest.raises(Overloaded):
@@ -359,7 +359,7 @@ async def test_collate_failure_fails_its_batch_only(executors) -> None:
 async def test_collate_can_fail_one_request_and_not_its_batch_mates(executors) -> None:
     """A bad image found while decoding a whole batch fails its own request only; its rows
     never reach the model, and the others get exactly their rows."""
-    b, events, gate, blocker = await _collating_with_model_busy(executors, per_request=True)
+    b, events, gate, blocker = await _collating_with_model_busy(executors, per_request=True, max_batch_size=5)
     good = asyncio.ensure_future(b.submit(2, payload=[2, 3], timeout=10))
     bad = asyncio.ensure_future(b.submit(2, payload=[4, -1], timeout=10))
     also_good = asyncio.ensure_future(b.submit(1, payload=[5], timeout=10))
@@ -388,3 +388,29 @@ async def test_stop_resolves_a_staged_batch(executors) -> None:
     await stopping
     outcomes = await asyncio.wait_for(asyncio.gather(*waiters, return_exceptions=True), 5)
     assert all(isinstance(o, ShuttingDown) for o in outcomes), outcomes
+
+
+async def test_the_model_takes_the_next_batch_while_the_event_loop_is_busy(executors) -> None:
+    """The hand-off from one batch to the next happens in the batcher's own thread: a busy
+    event loop (parsing and answering requests) does not hold the model idle."""
+    b, events, gate, first = await _collating_with_model_busy(executors, max_batch_size=2)
+    second = asyncio.ensure_future(b.submit(2, payload=[2, 3], timeout=10))
+    await asyncio.sleep(0.1)  # a full batch: collated, behind the first batch
+    gate.set()
+    time.sleep(0.3)  # the point: no event-loop callback can run meanwhile
+    assert events[-2:] == ["model start 2", "model end 2"], events
+    await asyncio.gather(first, second)
+    await b.stop()
+
+
+async def test_while_the_model_runs_requests_gather_into_one_batch(executors) -> None:
+    """Short of a full batch, requests arriving while the model runs wait for it, and then go
+    as one batch (taking them at once would split them into ever smaller batches)."""
+    b, events, gate, first = await _collating_with_model_busy(executors, max_batch_size=8)
+    rest = [asyncio.ensure_future(b.submit(1, payload=[i], timeout=10)) for i in range(2, 6)]
+    await asyncio.sleep(0.1)
+    assert events == ["collate 1", "model start 1"], events  # nothing taken behind a busy model
+    gate.set()
+    await asyncio.gather(first, *rest)
+    assert [e for e in events if e.startswith("collate")] == ["collate 1", "collate 4"], events
+    await b.stop()
