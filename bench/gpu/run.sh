@@ -4,6 +4,7 @@
 #   bash bench/gpu/run.sh a   # GPU tests, index builder (nvJPEG per batch), 4 server processes
 #   bash bench/gpu/run.sh b   # the full suite: text, image, search over 1M, against naive
 #   bash bench/gpu/run.sh c   # A/B: text search in one step on the GPU vs encode-then-search
+#   W=6 bash bench/gpu/run.sh all  # one call: GPU tests, decode stages, builder, W processes, full suite
 # Logs and JSON land under $OUT.
 # A rehearsal on a machine without a GPU (every command with the tiny model on the CPU, no
 # wheels installed): BENCH_REHEARSAL=1 PY=.venv/bin/python bash bench/gpu/run.sh a
@@ -15,6 +16,7 @@ if [ -z "${BENCH_REHEARSAL:-}" ]; then
 fi
 export PYTHONPATH=/tmp/site:$PWD PATH=$PWD/.bin:$PATH LD_LIBRARY_PATH=$PWD/.bin:${LD_LIBRARY_PATH:-} PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/clipsearch-gpu-out}
+W=${W:-6}  # server processes for the multi-process runs
 mkdir -p "$OUT"
 nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
 if [ -n "${BENCH_REHEARSAL:-}" ]; then model=(--model clipsearch-tiny --device cpu); else
@@ -41,5 +43,22 @@ case "${1:-}" in
       --duration 4 --threads 4 --set CLIPSEARCH_SEARCH_BACKEND=torch --a CLIPSEARCH_TEXT_SEARCH_ON_DEVICE=false \
       --b CLIPSEARCH_TEXT_SEARCH_ON_DEVICE=true 2>&1 | tee "$OUT/ab-search.log"
     ;;
-  *) echo "usage: bash bench/gpu/run.sh a|b|c" >&2; exit 2 ;;
+  all)
+    # One call (a fresh machine takes a minute to start): tests, decode stages, the index
+    # builder, the suite with several server processes, then the full suite in one process.
+    echo "== GPU tests"
+    timeout 60 $PY -m pytest -q -p no:cacheprovider -m gpu tests/service 2>&1 | tee "$OUT/gpu-tests.log"
+    echo "== decode stages"
+    timeout 40 $PY bench/decode_probe.py --device "${model[-1]}" --batches 64,256 2>&1 | tee "$OUT/decode-probe.log"
+    echo "== index builder, nvJPEG per batch"
+    timeout 90 $PY bench/build_bench.py "${model[@]}" --n 20000 --workers 12 --image-decode torch 2>&1 \
+      | tee "$OUT/build.log"
+    echo "== text, image and search, $W server processes"
+    timeout 150 $PY bench/suite.py "${model[@]}" --image-decode torch --clients 16,256 --max-batch-size 256 \
+      --workers "$W" --duration 4 --threads 4 --skip-naive --json "$OUT/suite-$W.json" 2>&1 | tee "$OUT/suite-$W.log"
+    echo "== the full suite, one process, naive wrapper"
+    timeout 230 $PY bench/suite.py "${model[@]}" --image-decode torch --max-batch-size 256 --duration 4 \
+      --threads 4 --json "$OUT/suite-1.json" 2>&1 | tee "$OUT/suite-1.log"
+    ;;
+  *) echo "usage: bash bench/gpu/run.sh a|b|c|all" >&2; exit 2 ;;
 esac
