@@ -121,12 +121,16 @@ class Encoder:
         self.jpegs_on_device = jpegs_on_device and decoder.torch_path is not None
         self._decoder = decoder
         self._pool: Executor
-        if workers > 0:
+        if workers > 0 and not self.jpegs_on_device:
             # spawn, not fork: forking a process that already runs torch's thread pools can hang.
             ctx = multiprocessing.get_context("spawn")
             self._pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
                                              initargs=(decoder, max_image_bytes, self.jpegs_on_device))
         else:
+            # JPEGs decoded on the device leave the workers only base64 and a header check
+            # (~0.1 ms an image): shipping each 166 kB string to a process and its bytes back
+            # cost more than that work (228 vs 818 pairs/s on 2 cores with decode and model
+            # stubbed, bench/NOTES.md), so threads in this process do it, ahead of the model.
             _init_worker(decoder, max_image_bytes, self.jpegs_on_device)
             self._pool = ThreadPoolExecutor(2)
 

@@ -84,3 +84,29 @@ def test_jsonl(tmp_path: Path) -> None:
 def test_missing_input() -> None:
     with pytest.raises(InputError):
         list(read_inputs([Path("/no/such/file.tsv")]))
+
+
+def test_tsv_line_endings_blank_lines_and_odd_bytes(tmp_path: Path) -> None:
+    """The byte-level reader: CRLF and a last line without an ending, blank and
+    whitespace-only lines skipped, padded ids and images trimmed, bad UTF-8 in a text
+    replaced, and a non-ASCII byte in an image kept for base64 decoding to reject."""
+    p = tmp_path / "c.tsv"
+    p.write_bytes(b"id1\tcaf\xc3\xa9\t" + IMG.encode() + b"\r\n"
+                  b"\r\n"
+                  b" \t \n"
+                  b"  id3 \tbad \xff byte\t " + IMG.encode() + b" \n"
+                  b"id4\tlast\t" + IMG[:10].encode() + b"\xe9" + IMG[10:].encode())
+    recs = list(read_inputs([p], schema="id,text,image"))
+    assert [(r.id, r.text, r.source, r.error) for r in recs] == [
+        ("id1", "café", "c.tsv:1", None),
+        ("id3", "bad \ufffd byte", "c.tsv:4", None),
+        ("id4", "last", "c.tsv:5", None),
+    ]
+    assert recs[0].image_b64 == recs[1].image_b64 == IMG
+    assert recs[2].image_b64 == IMG[:10] + "\xe9" + IMG[10:]
+    assert count_records([p]) == 5
+    from service.errors import InvalidBase64
+    from service.images import decode_base64
+
+    with pytest.raises(InvalidBase64, match="non-ASCII"):
+        decode_base64(recs[2].image_b64, field="image", max_bytes=10**6)
