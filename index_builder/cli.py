@@ -42,7 +42,8 @@ def build(
     format: Annotated[str, typer.Option("--format", help="auto | tsv | dir | jsonl")] = "auto",
     input_schema: Annotated[str | None, typer.Option(help="TSV columns, e.g. id,text,image (EasyNLP style ok)")] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="items per model call")] = 256,
-    workers: Annotated[int, typer.Option(min=0, help="image decode processes [cores, max 8] (0: threads; unused with --jpegs-on-device)")]
+    workers: Annotated[int, typer.Option(
+        min=0, help="image decode processes [cores, max 8] (0: threads; unused with --jpegs-on-device)")]
     = min(8, os.cpu_count() or 1),
     shard_size: Annotated[int, typer.Option(min=1, help="records per resumable shard")] = 4096,
     max_errors: Annotated[int | None, typer.Option(help="fail when more records than this are bad")] = None,
