@@ -40,12 +40,13 @@ def decode_base64(data: str, *, field: str, max_bytes: int) -> bytes:
     # capped a process near 1,000 images/s: bench/NOTES.md). Anything else takes the
     # lenient path.
     padded = raw if len(raw) % 4 == 0 else raw + b"=" * (-len(raw) % 4)
+    out: bytes | None
     try:
         out = pybase64.b64decode(padded, validate=True)
     except (binascii.Error, ValueError):
         out = _decode_urlsafe(padded)  # EasyNLP's TSVs
-        if out is None:
-            out = _decode_lenient(raw, field)
+    if out is None:
+        out = _decode_lenient(raw, field)
     if not out:
         raise InvalidBase64(f"{field}: empty image string", field=field)
     if len(out) > max_bytes:
