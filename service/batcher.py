@@ -86,7 +86,9 @@ class _Guard:
     disconnect watcher (a task awaiting the ASGI `receive`) starts only once the request
     has waited `watch_after` seconds: most requests are answered before that, and a task
     per request costs ~40 us of event-loop time, a fifth of the whole per-request budget
-    (bench/NOTES.md). A client that leaves sooner costs at most its rows in one batch.
+    (bench/NOTES.md). 250 ms, not less: at 256 clients requests wait ~200 ms, and watching
+    them from 50 ms cost 1.3-1.6x in throughput (`bench/loop_cost.py --clients 256`). A
+    client that leaves sooner costs at most its rows in one batch.
     """
 
     __slots__ = ("deadline", "fut", "loop", "name", "timer", "watcher", "why")
@@ -160,7 +162,7 @@ class DynamicBatcher(Generic[P]):
         max_batch_size: int = 64,
         max_wait_ms: float = 0.0,
         max_queue: int = 1024,
-        watch_after_s: float = 0.05,
+        watch_after_s: float = 0.25,
         on_batch: Callable[[int], None] | None = None,
         on_queue_depth: Callable[[int], None] | None = None,
     ) -> None:
