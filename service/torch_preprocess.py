@@ -79,17 +79,20 @@ class TorchPreprocess:
             out = decode_jpeg(raw, mode=ImageReadMode.RGB, device=device)
         return list(out)
 
-    def pixels(self, images: list[torch.Tensor]) -> torch.Tensor:
+    def pixels(self, images: list[torch.Tensor], *, batched: bool | None = None) -> torch.Tensor:
         """uint8 RGB CHW images (any sizes, one device) -> a normalized (N, 3, H, W) batch.
 
         On a GPU, images of one size resize together, as one batch: each resize is a handful
         of kernel launches, which per image cost more than the arithmetic (a batch of
         same-sized photos, the common case, takes one set of launches). On the CPU one at a
         time: torch's vectorised uint8 resize handles single images only, and batches were
-        3x slower (bench/decode_probe.py). The outputs are equal either way."""
+        3x slower (bench/decode_probe.py). The outputs are equal either way; `batched`
+        overrides the choice (tests compare the two on the CPU)."""
+        if batched is None:
+            batched = bool(images) and images[0].device.type != "cpu"
         groups: dict[Any, list[int]] = {}
         for i, image in enumerate(images):
-            groups.setdefault(tuple(image.shape) if image.device.type != "cpu" else i, []).append(i)
+            groups.setdefault(tuple(image.shape) if batched else i, []).append(i)
         out: list[torch.Tensor | None] = [None] * len(images)
         for rows in groups.values():
             same = images[rows[0]][None] if len(rows) == 1 else torch.stack([images[i] for i in rows])

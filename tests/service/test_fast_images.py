@@ -127,6 +127,24 @@ def test_torch_preprocess_only_mirrors_the_standard_transform(tiny_model) -> Non
     assert TorchPreprocess.from_transform(Compose(rest)) is None
 
 
+def test_same_sized_images_resized_as_one_batch_equal_one_at_a_time(tiny_model) -> None:
+    """What a GPU does (images of one size resized together, then put back in input order)
+    gives exactly the one-at-a-time result, here on the CPU with sizes interleaved."""
+    import torch
+
+    from service.torch_preprocess import TorchPreprocess
+
+    tp = TorchPreprocess.from_transform(tiny_model.preprocess_transform)
+    assert tp is not None
+    gen = torch.Generator().manual_seed(3)
+    sizes = [(120, 90), (50, 80), (120, 90), (64, 64), (50, 80), (120, 90)]
+    images = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=gen) for w, h in sizes]
+    one_by_one = tp.pixels(images, batched=False)
+    assert torch.equal(tp.pixels(images, batched=True), one_by_one)
+    assert torch.equal(tp.pixels(images), one_by_one)  # the CPU's choice
+    assert torch.equal(one_by_one[2], tp.pixels([images[2]])[0])  # each row is its own image's
+
+
 @pytest.mark.gpu
 def test_torch_preprocess_on_cuda_is_faithful(tiny_model) -> None:
     """nvJPEG + tensor resize on the GPU against open_clip's PIL path on the CPU."""
