@@ -185,7 +185,7 @@ class Engine:
     def _infer_text_search(self, queries: TextQueries) -> np.ndarray:
         return search_rows(queries.jobs, self.model.text_vectors(queries.tokens))
 
-    # -- CPU work (prepare threads) ---------------------------------------------------
+    # -- CPU work: per request in the prepare threads, per batch (collate) in a batcher's stager thread
     def _collate_texts(self, payloads: list[list[str]]) -> torch.Tensor:
         return self.model.tokenize([text for texts in payloads for text in texts])
 
@@ -203,8 +203,9 @@ class Engine:
 
     def _collate_pixels(self, payloads: list[torch.Tensor]) -> torch.Tensor:
         """On a GPU, the batch's pixels decoded on the CPU are gathered into one page-locked
-        tensor here, while the model runs the previous batch: the model thread is left one
-        asynchronous copy instead of a concatenation and a pinning copy (~0.6 MB an image)."""
+        tensor here, in the batcher's stager thread (overlapping the previous batch when a full
+        batch waits): the model thread is left one asynchronous copy instead of a
+        concatenation and a pinning copy (~0.6 MB an image)."""
         return gather_rows(payloads, self.model.device)
 
     def _collate_images(self, payloads: list[list[torch.Tensor | Jpeg]]) -> Collated:
