@@ -36,6 +36,7 @@ import logging
 import threading
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Set as AbstractSet
 from concurrent.futures import Executor, Future, wait
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
@@ -360,7 +361,7 @@ class DynamicBatcher(Generic[P]):
             if failed:
                 self._post(_fail_some, [(batch[i].job, exc) for i, exc in failed.items()])
             live, size, payload = _drop_gone(batch, size, payload, collated=self._collate is not None,
-                                             failed=set(failed))
+                                             failed=failed.keys())
             if not live:
                 self._settle(key, batch, 0, None)
                 continue
@@ -373,7 +374,7 @@ class DynamicBatcher(Generic[P]):
             except RuntimeError:  # the executor was shut down: the service is stopping
                 self._settle(key, live, size, ShuttingDown(f"{self.name} batcher is shutting down"))
                 return
-            running.add_done_callback(functools.partial(self._settled, key, live, size))
+            running.add_done_callback(functools.partial(self._settle, key, live, size))
 
     def _settle(self, key: int, batch: list[_Chunk], size: int, outcome: Future[np.ndarray] | Exception | None
                 ) -> None:
@@ -384,9 +385,6 @@ class DynamicBatcher(Generic[P]):
             self._cond.notify_all()  # a stager waiting for the model to finish
         if outcome is not None:
             self._post(self._finish, batch, size, outcome)
-
-    def _settled(self, key: int, batch: list[_Chunk], size: int, future: Future[np.ndarray]) -> None:
-        self._settle(key, batch, size, future)
 
     def _post(self, fn: Callable[..., None], *args: Any) -> None:
         loop = self._loop
@@ -443,7 +441,7 @@ def _slice(payload: Any, lo: int, hi: int) -> Any:
 
 
 def _drop_gone(batch: list[_Chunk], size: int, payload: Any, *, collated: bool,
-               failed: set[int] | frozenset[int] = frozenset()) -> tuple[list[_Chunk], int, Any]:
+               failed: AbstractSet[int] = frozenset()) -> tuple[list[_Chunk], int, Any]:
     """Leave out requests that ended (client gone, timed out) while their batch was staged,
     and the chunks at positions `failed` (their collate failed them).
 
