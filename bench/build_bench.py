@@ -8,6 +8,7 @@ preprocess, encode, index, publish) keeps.
     python bench/build_bench.py                                  # CPU, tiny model
     python bench/build_bench.py --model ViT-B-32 --device cuda --n 20000 --workers 14
     python bench/build_bench.py --model ViT-B-32 --device cuda --n 20000 --workers 14 --image-decode torch
+    python bench/build_bench.py --model ViT-B-32 --device cuda --n 20000 --processes 8 --image-decode torch
 """
 
 from __future__ import annotations
@@ -54,6 +55,9 @@ def main() -> None:
     ap.add_argument("--image-size", default="640x480")
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--processes", type=int, default=1,
+                    help="encoder processes, as `index build --processes` (each decodes in threads)")
+    ap.add_argument("--shard-size", type=int, default=512, help="lines per shard, the unit of work of a process")
     ap.add_argument("--image-decode", default="exact", choices=["exact", "draft", "torch"],
                     help="as `index build --image-decode` (torch on a GPU: a batch of JPEGs per nvJPEG call)")
     args = ap.parse_args()
@@ -71,6 +75,7 @@ def main() -> None:
         write_corpus(corpus, args.n, (w, h))
         opts = BuildOptions(inputs=[corpus], output=Path(tmp) / "index", model=args.model, pretrained=args.pretrained,
                             device=args.device, batch_size=args.batch_size, workers=args.workers, progress=False,
+                            processes=args.processes, shard_size=args.shard_size,
                             index_type="flat", image_decode=args.image_decode)
         t0 = time.perf_counter()
         summary = run_build(opts, model=model)
@@ -97,17 +102,19 @@ def main() -> None:
     decode_1core = n / (time.perf_counter() - t)
     # What the model spends per pair, combined: the ceiling for pairs/s through the model alone.
     bare_pairs = 1 / (1 / bare["image"] + 1 / bare["text"])
+    decoders = args.workers if args.processes == 1 else min(os.cpu_count() or 1, 2 * args.processes)
     pairs = args.n / wall
     print(f"index builder benchmark: model={args.model} device={args.device} n={args.n} pairs "
-          f"image={w}x{h} JPEG decode={args.image_decode} workers={args.workers} batch={args.batch_size} "
+          f"image={w}x{h} JPEG decode={args.image_decode} workers={args.workers} "
+          f"processes={args.processes} shard={args.shard_size} batch={args.batch_size} "
           f"cpus={os.cpu_count()}")
     print("| quantity | builder end to end | bare model | ratio |")
     print("|---|---:|---:|---:|")
     print(f"| images/s | {images:.0f} | {bare['image']:.0f} | {images / bare['image']:.2f} |")
     print(f"| texts/s | {texts:.0f} | {bare['text']:.0f} | {texts / bare['text']:.2f} |")
     print(f"| pairs/s (both encoders) | {pairs:.0f} | {bare_pairs:.0f} | {pairs / bare_pairs:.2f} |")
-    print(f"| images/s vs decode+preprocess ceiling ({decode_1core:.0f}/s per core x {args.workers} workers) | "
-          f"{images:.0f} | {decode_1core * args.workers:.0f} | {images / (decode_1core * args.workers):.2f} |")
+    print(f"| images/s vs decode+preprocess ceiling ({decode_1core:.0f}/s per core x {decoders} decoders) | "
+          f"{images:.0f} | {decode_1core * decoders:.0f} | {images / (decode_1core * decoders):.2f} |")
     print(f"wall {wall:.1f} s for {args.n} pairs; builder's own summary: {summary.items_per_second:.0f} items/s")
 
 

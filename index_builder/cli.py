@@ -26,7 +26,7 @@ _BUILD_HELP = (
     "--max-errors N makes more than N a failure.\n\n"
     "The version is written under DIR/versions/ and DIR/CURRENT is switched atomically only when it "
     "is complete; a running `clipsearch serve --index-dir DIR` picks it up. Interrupted? Rerun the "
-    "same command: it resumes from the last complete shard in DIR/.work/."
+    "same command: it encodes only the shards not yet in DIR/.work/ (also with another --processes)."
 )
 
 
@@ -45,7 +45,12 @@ def build(
     workers: Annotated[int, typer.Option(
         min=0, help="image decode processes [cores, max 8] (0: threads; unused with --jpegs-on-device)")]
     = min(8, os.cpu_count() or 1),
-    shard_size: Annotated[int, typer.Option(min=1, help="records per resumable shard")] = 4096,
+    processes: Annotated[int, typer.Option(
+        min=1, help="encoder processes, each loading the model (on the same device) and encoding whole shards, "
+        "each reading its own part of the input; past one process's few thousand images/s of Python. "
+        "With N > 1, --workers is unused (each process decodes in threads)")] = 1,
+    shard_size: Annotated[int, typer.Option(
+        min=1, help="input lines (or image files) per resumable shard, the unit of work")] = 4096,
     max_errors: Annotated[int | None, typer.Option(help="fail when more records than this are bad")] = None,
     keep: Annotated[int, typer.Option(min=1, help="index versions to keep, the new one included")] = 3,
     recall_target: Annotated[float, typer.Option(min=0.0, max=1.0, help="recall@10 to tune nprobe/efSearch to")] = 0.95,
@@ -75,6 +80,7 @@ def build(
         opts = BuildOptions(
             inputs=input, output=output, model=model, pretrained=pretrained, device=device, dtype=dtype,
             index_type=index_type, fmt=format, schema=input_schema, batch_size=batch_size, workers=workers,
+            processes=processes,
             shard_size=shard_size, max_errors=max_errors, keep=keep, recall_target=recall_target,
             memory_budget=parse_bytes(memory_budget), flat_max=flat_max, progress=progress and not quiet,
             image_decode=image_decode, exif_orientation=exif_orientation, jpegs_on_device=jpegs_on_device,

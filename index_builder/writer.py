@@ -1,9 +1,11 @@
 """Writer stage: encoded shards to a resumable work area.
 
 ``DIR/.work/<job key>/shard-NNNNNN.npz`` holds one shard's image and text vectors, its
-items, its bad-record reports and how many input records it covers. Each file is
-written atomically, so after an interruption every shard on disk is complete, and a
-rerun with the same job key continues after the last one.
+items, its bad-record reports and how many input records it covers; NNNNNN is the
+number of its input span (`index_builder.readers.Span`). Each file is written
+atomically, so after an interruption every shard on disk is complete, and a rerun with
+the same job key encodes only the spans without one (with several encoder processes
+the finished ones need not be a prefix).
 """
 
 from __future__ import annotations
@@ -31,17 +33,24 @@ class ShardStore:
             if other != self.dir:
                 shutil.rmtree(other, ignore_errors=True)
 
-    def complete(self) -> list[ShardResult]:
-        """The shards a previous run of this job finished, in order."""
-        return [read_shard(p) for p in sorted(self.dir.glob("shard-*.npz"))]
+    def complete(self) -> dict[int, ShardResult]:
+        """The shards a previous run of this job finished, by span number."""
+        return {int(p.stem.removeprefix("shard-")): read_shard(p) for p in sorted(self.dir.glob("shard-*.npz"))}
 
     def write(self, index: int, shard: ShardResult) -> Path:
-        path = self.dir / f"shard-{index:06d}.npz"
+        path = shard_path(self.dir, index)
         write_shard(path, shard)
         return path
 
+    def read(self, index: int) -> ShardResult:
+        return read_shard(shard_path(self.dir, index))
+
     def remove(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def shard_path(directory: Path, index: int) -> Path:
+    return directory / f"shard-{index:06d}.npz"
 
 
 def write_shard(path: Path, shard: ShardResult) -> None:

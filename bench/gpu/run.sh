@@ -50,8 +50,8 @@ case "${1:-}" in
     timeout 60 $PY -m pytest -q -p no:cacheprovider -m gpu tests/service 2>&1 | tee "$OUT/gpu-tests.log"
     echo "== decode stages"
     timeout 40 $PY bench/decode_probe.py --device "${model[-1]}" --batches 64,256 2>&1 | tee "$OUT/decode-probe.log"
-    echo "== index builder, nvJPEG per batch"
-    timeout 90 $PY bench/build_bench.py "${model[@]}" --n 20000 --workers 12 --image-decode torch 2>&1 \
+    echo "== index builder, nvJPEG per batch, 8 encoder processes"
+    timeout 90 $PY bench/build_bench.py "${model[@]}" --n 20000 --processes 8 --shard-size 1024 --image-decode torch 2>&1 \
       | tee "$OUT/build.log"
     echo "== text, image and search, $W server processes"
     timeout 150 $PY bench/suite.py "${model[@]}" --image-decode torch --clients 16,256 --max-batch-size 256 \

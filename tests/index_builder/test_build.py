@@ -8,6 +8,7 @@ import io
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -345,6 +346,42 @@ def test_decode_in_worker_processes_gives_the_same_index(tmp_path, tiny_model) -
         b, bi = load_vectors(pooled.version_dir, modality)
         assert ai == bi
         np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_encoder_processes_give_the_same_index_and_resume_any_gap(tmp_path, tiny_model, monkeypatch) -> None:
+    """--processes 2: spawned processes each load the model and encode whole spans, each
+    seeking to its own; the index equals the one-process build. A work area with a gap
+    (span 0 missing, span 1 finished, as processes leave it) resumes to the same index."""
+    corpus = tmp_path / "c.tsv"
+    write_corpus(corpus, 30, bad=True)  # 34 lines: spans of 8, 8, 8, 8, 2
+    serial = run_build(opts(tmp_path / "a", [corpus], tiny_model, index_type="flat", shard_size=8), model=tiny_model)
+    parallel = run_build(opts(tmp_path / "b", [corpus], tiny_model, index_type="flat", shard_size=8, processes=2),
+                         model=tiny_model)
+    assert parallel.skipped == serial.skipped == 4 and parallel.records == serial.records == 34
+
+    real_write = writer_mod.write_shard
+
+    def dying_write(path, shard):
+        if path.name == "shard-000002.npz":
+            raise KeyboardInterrupt("killed")
+        real_write(path, shard)
+
+    o = opts(tmp_path / "c", [corpus], tiny_model, index_type="flat", shard_size=8, processes=2)
+    monkeypatch.setattr(writer_mod, "write_shard", dying_write)
+    with pytest.raises(KeyboardInterrupt):
+        run_build(replace(o, processes=1), model=tiny_model)
+    monkeypatch.undo()
+    (work,) = (o.output / ".work").iterdir()
+    (work / "shard-000000.npz").unlink()
+    resumed = run_build(o, model=tiny_model)
+    assert resumed.resumed_shards == 1 and resumed.extra["encoded_this_run"] == sum(serial.encoded.values()) - 2 * 8
+    assert read_manifest(resumed.version_dir).build["processes"] == 2
+    for modality in ("image", "text"):
+        a, ai = load_vectors(serial.version_dir, modality)
+        for other in (parallel, resumed):
+            b, bi = load_vectors(other.version_dir, modality)
+            assert ai == bi
+            np.testing.assert_allclose(a, b, atol=1e-5)
 
 
 @pytest.mark.parametrize(("decode", "workers"), [("draft", 0), ("torch", 2)])

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from index_builder import readers
 from index_builder.readers import InputError, count_records, parse_schema, read_inputs
 from tests.conftest import encode_image, make_image
 
@@ -110,3 +111,32 @@ def test_tsv_line_endings_blank_lines_and_odd_bytes(tmp_path: Path) -> None:
 
     with pytest.raises(InvalidBase64, match="non-ASCII"):
         decode_base64(recs[2].image_b64, field="image", max_bytes=10**6)
+
+
+@pytest.mark.parametrize("chunk", [5, 1 << 20])
+def test_spans_read_in_turn_equal_the_whole_inputs(tmp_path: Path, monkeypatch, chunk: int) -> None:
+    """The builder's workers each read spans by seeking: every cut (span size, scan chunk
+    size, blank lines, CRLF, no final newline, several inputs of all formats) gives the
+    records of one plain pass, in order, each once."""
+    monkeypatch.setattr(readers, "_SCAN_CHUNK", chunk)  # 5 bytes: line ends straddle every chunk edge
+    tsv, jsonl, folder = tmp_path / "a.tsv", tmp_path / "b.jsonl", tmp_path / "imgs"
+    tsv.write_bytes(b"".join(
+        (b"\r\n" if i % 5 == 2 else b"  \n" if i % 7 == 3 else f"t{i}\t".encode() + IMG.encode() + b"\r\n"[i % 2:])
+        for i in range(23)) + b"last\t" + IMG.encode())
+    jsonl.write_text("".join(json.dumps({"text": f"j{i}"}) + "\n" + ("\n" if i % 3 == 0 else "") for i in range(11)))
+    folder.mkdir()
+    for i in range(5):
+        make_image(i).save(folder / f"{i}.png")
+    inputs = [tsv, jsonl, folder]
+    whole = [(r.id, r.source, r.text, r.image_b64, r.image_path) for r in read_inputs(inputs)]
+    assert len(whole) == 24 - 5 - 2 + 11 + 5  # 5 CRLF-only and 2 space-only lines are skipped
+    lines = [24, 11 + 4, 5]
+    for size in (1, 2, 3, 7, 100):
+        spans = readers.plan_spans(inputs, size=size)
+        assert [sum(s.count for s in spans if s.input == i) for i in range(3)] == lines
+        assert all(0 < s.count <= size for s in spans)
+        got = [(r.id, r.source, r.text, r.image_b64, r.image_path) for s in spans for r in readers.read_span(inputs, s)]
+        assert got == whole, size
+    assert count_records(inputs) == sum(lines)
+    (tmp_path / "empty.tsv").write_text("")
+    assert readers.plan_spans([tmp_path / "empty.tsv"]) == []
