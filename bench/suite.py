@@ -2,7 +2,8 @@
 and a naive per-request wrapper, in one run. One command, one table.
 
 For each path (text /embed, image /embed of a base64 JPEG, text->image /search/text over
-an index of `--index-size` vectors) and each client count, it prints the service's
+an index of `--index-size` vectors; optionally `text-multi` / `image-multi`, /embed with
+`--per-request` items in each request, the way a bulk caller sends them) and each client count, it prints the service's
 throughput and p50/p99, the naive wrapper's (bench/naive_app.py: one encode call per
 request, the way hand-written wrappers do it), the bare model's items/s at a batch size
 equal to the client count (the best batch the service could form; measured in this same
@@ -13,6 +14,7 @@ the load generator's own ceiling against /healthz is measured first, at each cli
     python bench/suite.py --model ViT-B-32 --device cuda    # GPU, random weights
     python bench/suite.py --model ViT-B-32 --device cuda --image-decode torch --max-batch-size 256
     python bench/suite.py --index-size 100000 --duration 3  # quicker
+    python bench/suite.py --paths image,image-multi --per-request 16  # images/s of bulk callers
 
 On a GPU the service and the bare model both replay CUDA graphs (`--no-cuda-graphs`: both
 eager), and with `--image-decode torch` the line under the table gives the ceiling the
@@ -91,7 +93,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2, help="wrk threads (at most the client count)")
     ap.add_argument("--index-size", type=int, default=1_000_000)
     ap.add_argument("--image-size", default="640x480", help="JPEG sent to image /embed")
-    ap.add_argument("--paths", default="text,image,search")
+    ap.add_argument("--paths", default="text,image,search",
+                    help="comma-separated: text, image, search, text-multi, image-multi")
+    ap.add_argument("--per-request", type=int, default=16, help="items in each request of the *-multi paths")
     ap.add_argument("--image-decode", default="exact", choices=["exact", "draft", "torch"])
     ap.add_argument("--max-batch-size", type=int, default=64, help="the service's CLIPSEARCH_MAX_BATCH_SIZE")
     ap.add_argument("--workers", type=int, default=1, help="the service's CLIPSEARCH_WORKERS (server processes)")
@@ -107,6 +111,8 @@ def main() -> None:
 
     clients = [int(c) for c in args.clients.split(",")]
     paths = args.paths.split(",")
+    per = args.per_request
+    items = {p: per if p.endswith("-multi") else 1 for p in paths}  # per request
     w, h = (int(x) for x in args.image_size.split("x"))
     image = jpeg_b64((w, h))
     texts = bench_texts(4096)
@@ -130,9 +136,13 @@ def main() -> None:
             "text": ("/embed", [{"texts": [t]} for t in texts]),
             "image": ("/embed", [{"images": [image]}]),
             "search": ("/search/text", [{"text": t, "k": 10} for t in texts]),
+            "text-multi": ("/embed", [{"texts": texts[i : i + per]} for i in range(0, len(texts) - per + 1, per)]),
+            "image-multi": ("/embed", [{"images": [image] * per}]),
         }
+        queue = max(4096, 2 * max(clients) * max(items.values()))
         env = {"CLIPSEARCH_MODEL": args.model, "CLIPSEARCH_DEVICE": args.device, "CLIPSEARCH_LOG_LEVEL": "warning",
-               "CLIPSEARCH_IMAGE_DECODE": args.image_decode, "CLIPSEARCH_MAX_QUEUE": "4096",
+               "CLIPSEARCH_IMAGE_DECODE": args.image_decode, "CLIPSEARCH_MAX_QUEUE": str(queue),
+               "CLIPSEARCH_MAX_ITEMS_PER_REQUEST": str(max(64, per)),
                "CLIPSEARCH_MAX_BATCH_SIZE": str(args.max_batch_size), "CLIPSEARCH_CUDA_GRAPHS": str(graphs).lower(),
                "CLIPSEARCH_WORKERS": str(args.workers)}
         if args.pretrained:
@@ -145,6 +155,7 @@ def main() -> None:
             servers["naive"] = [py, "-m", "uvicorn", "bench.naive_app:app", "--host", "127.0.0.1", "--log-level",
                                 "warning"]
         results: dict[tuple[str, str, int], dict] = {}
+        naive_paths = [p for p in paths if not p.endswith("-multi")]  # one item per request is what it serves
         ceiling: dict[int, dict] = {}
         for name, argv in servers.items():
             port = free_port()
@@ -154,7 +165,7 @@ def main() -> None:
                     load = {"connections": c, "duration": args.duration, "threads": min(args.threads, c)}
                     if name == "clipsearch":
                         ceiling[c] = wrk(srv.base + "/healthz", None, **load)
-                    for path in paths:
+                    for path in paths if name == "clipsearch" else naive_paths:
                         route, body = bodies[path]
                         try:
                             r = wrk(srv.base + route, body, **load)
@@ -165,28 +176,32 @@ def main() -> None:
                         print(f"  {name:<10} {path:<6} {c:>4} clients {r['rps']:>9.1f} req/s  "
                               f"p50 {r['p50_ms']:>8.1f} ms  p99 {r['p99_ms']:>8.1f} ms  non-2xx {r['non2xx']}  "
                               f"errors {r['errors']}", flush=True)
-        bare = bare_rates(model, index_dir if "search" in paths else None, clients, image, seconds=2.0)
+        batches = sorted({min(c * n, args.max_batch_size) if n > 1 else c for c in clients for n in items.values()})
+        bare = bare_rates(model, index_dir if "search" in paths else None, batches, image, seconds=2.0)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    print("\n| path | clients | clipsearch req/s | p50 ms | p99 ms | naive req/s | naive p99 ms | vs naive "
-          "| bare model items/s at batch = clients | vs bare | load generator ceiling req/s |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("\n| path | clients | clipsearch req/s | items/s | p50 ms | p99 ms | naive req/s | naive p99 ms "
+          "| vs naive | bare model items/s at batch = clients x items | vs bare | load generator ceiling req/s |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for path in paths:
+        n_items = items[path]
         for c in clients:
             r = results[("clipsearch", path, c)]
             n = results.get(("naive", path, c))
-            b = bare[path].get(c, float("nan"))
+            batch = min(c * n_items, args.max_batch_size) if n_items > 1 else c
+            b = bare[path.removesuffix("-multi")].get(batch, float("nan"))
             if n is None:
                 naive = "- | - | -"
             elif n["requests"] == 0:  # nothing finished within the run: every request took longer
                 naive = f"0 | > {args.duration * 1000} | -"
             else:
                 naive = f"{n['rps']:.0f} | {n['p99_ms']:.1f} | {r['rps'] / n['rps']:.2f}x"
-            print(f"| {path} | {c} | {r['rps']:.0f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {naive} | {b:.0f} "
-                  f"| {r['rps'] / b:.2f} | {ceiling[c]['rps']:.0f} |")
-    if "image" in paths:
-        print(f"\nimage decode + preprocess on one core (PIL, exact): {bare['decode'][clients[0]]:.0f} images/s")
+            print(f"| {path} | {c} | {r['rps']:.0f} | {r['rps'] * n_items:.0f} | {r['p50_ms']:.1f} "
+                  f"| {r['p99_ms']:.1f} | {naive} | {b:.0f} | {r['rps'] * n_items / b:.2f} | {ceiling[c]['rps']:.0f} |")
+    if "image" in paths or "image-multi" in paths:
+        pil_rate = next(iter(bare["decode"].values()))
+        print(f"\nimage decode + preprocess on one core (PIL, exact): {pil_rate:.0f} images/s")
         where = "nvJPEG" if model.device.type == "cuda" else "libjpeg-turbo, one core"
         print(f"image decode + preprocess, torch path, batches of 64 on {model.device.type} ({where}): "
               f"{bare['torch_decode'][64]:.0f} images/s")

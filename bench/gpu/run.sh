@@ -49,12 +49,13 @@ case "${1:-}" in
     echo "== GPU tests"
     timeout 60 $PY -m pytest -q -p no:cacheprovider -m gpu tests/service 2>&1 | tee "$OUT/gpu-tests.log"
     echo "== decode stages"
-    timeout 40 $PY bench/decode_probe.py --device "${model[-1]}" --batches 64,256 2>&1 | tee "$OUT/decode-probe.log"
+    timeout 30 $PY bench/decode_probe.py --device "${model[-1]}" --batches 64,256 2>&1 | tee "$OUT/decode-probe.log"
     echo "== index builder, nvJPEG per batch, 8 encoder processes"
-    timeout 90 $PY bench/build_bench.py "${model[@]}" --n 20000 --processes 8 --shard-size 1024 --image-decode torch 2>&1 \
+    timeout 75 $PY bench/build_bench.py "${model[@]}" --n 20000 --processes 8 --shard-size 1024 --image-decode torch 2>&1 \
       | tee "$OUT/build.log"
-    echo "== text, image and search, $W server processes"
-    timeout 150 $PY bench/suite.py "${model[@]}" --image-decode torch --clients 16,256 --max-batch-size 256 \
+    echo "== text, image and search (also 16 items a request), $W server processes"
+    timeout 180 $PY bench/suite.py "${model[@]}" --image-decode torch --clients 16,256 --max-batch-size 256 \
+      --paths text,image,search,text-multi,image-multi --per-request 16 \
       --workers "$W" --duration 4 --threads 4 --skip-naive --json "$OUT/suite-$W.json" 2>&1 | tee "$OUT/suite-$W.log"
     echo "== the full suite, one process, naive wrapper"
     timeout 230 $PY bench/suite.py "${model[@]}" --image-decode torch --max-batch-size 256 --duration 4 \
