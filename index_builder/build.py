@@ -21,6 +21,7 @@ import logging
 import multiprocessing
 import os
 import shutil
+import signal
 import threading
 import time
 from collections import Counter
@@ -300,11 +301,24 @@ def _encode_in_processes(opts: BuildOptions, spans: list[Span], todo: list[int],
     pool = ProcessPoolExecutor(opts.processes, mp_context=multiprocessing.get_context("spawn"),
                                initializer=_init_span_worker,
                                initargs=(replace(opts, progress=False), work_dir, fingerprint, threads))
+    # Ctrl-C is the main process's to handle: the encoder processes are started (during
+    # submit) with SIGINT blocked, a mask that survives spawn's exec, so none dies mid-import
+    # with a traceback or keeps taking queued spans; on an interrupt or a failure the main
+    # process stops them. Finished shards stay for a rerun; a span under way is redone.
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
         futures: dict[Future[None], int] = {pool.submit(_encode_span, i, spans[i]): i for i in todo}
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+    try:
         for fut in as_completed(futures):
             fut.result()
             finished(futures[fut], read(futures[fut]))
+    except BaseException:
+        # No public way to stop a running call; shutdown() forgets the processes, so first.
+        for proc in list((getattr(pool, "_processes", None) or {}).values()):
+            proc.terminate()
+        raise
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 

@@ -359,6 +359,10 @@ def test_encoder_processes_give_the_same_index_and_resume_any_gap(tmp_path, tiny
                          model=tiny_model)
     assert parallel.skipped == serial.skipped == 4 and parallel.records == serial.records == 34
 
+    with pytest.raises(BuildError, match="max-errors"):  # a failure stops the processes and reaches the caller
+        run_build(opts(tmp_path / "d", [corpus], tiny_model, shard_size=8, processes=2, max_errors=0),
+                  model=tiny_model)
+
     real_write = writer_mod.write_shard
 
     def dying_write(path, shard):
