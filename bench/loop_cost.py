@@ -11,6 +11,8 @@ Every answer must be a 200. Compare runs of this script taken on the same machin
     python bench/loop_cost.py --stub-model       # framework + batcher only
     python bench/loop_cost.py --max-batch-size 1 # batching off
     python bench/loop_cost.py --profile          # cProfile, top 30 by own time
+    python bench/loop_cost.py --path image --stub-model  # one 640x480 JPEG a request, the GPU's
+                                                 # per-batch JPEG path with decoding stubbed
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import orjson
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import bench_texts  # noqa: E402
+from bench.common import bench_texts, jpeg_b64  # noqa: E402
 
 
 def _scope(body: bytes) -> dict:
@@ -70,14 +72,26 @@ async def _run(args: argparse.Namespace) -> None:
     from service.settings import Settings
     from service.state import ServiceState
 
-    settings = Settings(model=args.model, device="cpu", max_batch_size=args.max_batch_size)
+    image = args.path == "image"
+    # Images: the path a GPU takes (prepare threads check base64 and JPEG headers, the batch
+    # decodes in one call), so the event loop's share is what a GPU server pays per request.
+    settings = Settings(model=args.model, device="cpu", max_batch_size=args.max_batch_size,
+                        **({"image_decode": "torch", "image_decode_scope": "batch"} if image else {}))
     state = ServiceState.build(settings)
     if args.stub_model:
-        dim = state.engine.dim
+        import torch
+
+        dim, size = state.engine.dim, state.model.image_size
         state.model.encode_tokens = lambda tokens: np.full((tokens.shape[0], dim), dim ** -0.5, np.float32)
+        state.model.encode_pixels = lambda pixels: np.full((pixels.shape[0], dim), dim ** -0.5, np.float32)
+        object.__setattr__(state.engine._decoder, "decode_jpegs",  # a frozen dataclass
+                           lambda jpegs, device: [torch.zeros(3, *size) for _ in jpegs])
     app = create_app(settings, state=state)
     app.state.service = state
-    bodies = [orjson.dumps({"texts": [t]}) for t in bench_texts(4096)]
+    if image:
+        bodies = [orjson.dumps({"images": [jpeg_b64((640, 480))]})]
+    else:
+        bodies = [orjson.dumps({"texts": [t]}) for t in bench_texts(4096)]
     await state.engine.start()
     gc.collect()
     gc.freeze()
@@ -89,8 +103,9 @@ async def _run(args: argparse.Namespace) -> None:
             wall, cpu = time.perf_counter() - start, time.process_time() - cpu
             if set(statuses) != {200}:
                 sys.exit(f"non-200 answers: {sorted(set(statuses))}")
-        stats = state.engine.text.stats
-        print(f"clients={args.clients} max_batch_size={args.max_batch_size} stub_model={args.stub_model}: "
+        stats = (state.engine.image if image else state.engine.text).stats
+        print(f"path={args.path} clients={args.clients} max_batch_size={args.max_batch_size} "
+              f"stub_model={args.stub_model}: "
               f"{len(statuses) / wall:.0f} req/s, {wall / len(statuses) * 1e6:.1f} us per request, "
               f"{cpu / wall:.2f} cores busy, mean batch {stats.rows / max(stats.batches, 1):.1f}")
     finally:
@@ -100,6 +115,7 @@ async def _run(args: argparse.Namespace) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="clipsearch-tiny")
+    ap.add_argument("--path", default="text", choices=["text", "image"])
     ap.add_argument("--clients", type=int, default=64)
     ap.add_argument("--requests", type=int, default=200, help="requests per client in the measured phase")
     ap.add_argument("--max-batch-size", type=int, default=64)
