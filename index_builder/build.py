@@ -16,7 +16,6 @@ images/s of reading, tokenizing and bookkeeping, below what a GPU encodes.
 from __future__ import annotations
 
 import hashlib
-import itertools
 import logging
 import multiprocessing
 import os
@@ -187,16 +186,10 @@ def run_build(opts: BuildOptions, model: ClipModel | None = None) -> BuildSummar
         if opts.processes > 1 and len(todo) > 1:
             _encode_in_processes(opts, spans, todo, store.dir, model.info.fingerprint, finished, store.read)
         else:
-            pending = None
-            for i in itertools.chain(todo, [None]):
-                # the next span's images decode while this one encodes
-                nxt = (i, encoder.start(list(read_span(opts.inputs, spans[i], opts.fmt, opts.schema)))) \
-                    if i is not None else None
-                if pending is not None:
-                    shard = encoder.finish(pending[1])
-                    store.write(pending[0], shard)
-                    finished(pending[0], shard)
-                pending = nxt
+            for i in todo:
+                shard = encoder.encode(read_span(opts.inputs, spans[i], opts.fmt, opts.schema))
+                store.write(i, shard)
+                finished(i, shard)
     except BaseException:
         stop_hashing.set()
         raise
@@ -349,5 +342,5 @@ def _encode_span(index: int, span: Span) -> None:
                           max_image_pixels=opts.max_image_pixels, image_decode=opts.image_decode,
                           exif_orientation=opts.exif_orientation, jpegs_on_device=opts.jpegs_on_device)
         _SPAN_WORKER = (opts, work_dir, fingerprint, encoder)
-    shard = encoder.finish(encoder.start(list(read_span(opts.inputs, span, opts.fmt, opts.schema))))
+    shard = encoder.encode(read_span(opts.inputs, span, opts.fmt, opts.schema))
     write_shard(shard_path(work_dir, index), shard)
