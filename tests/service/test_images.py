@@ -121,3 +121,77 @@ def test_fast_decoder_agrees_with_the_standard_library(text: str) -> None:
     except InvalidBase64:
         got = None
     assert got == _stdlib_reference(text)
+
+
+def _jpegs() -> list[bytes]:
+    """JPEGs as cameras and encoders write them: modes, progressive, optimized tables,
+    subsampling, EXIF and ICC segments before the frame, odd sizes."""
+    import io
+
+    from PIL import Image
+
+    exif = Image.Exif()
+    exif[274] = 6  # orientation
+    out = []
+    for i, (mode, size, kw) in enumerate([
+        ("RGB", (64, 48), {}), ("L", (31, 17), {}), ("CMYK", (40, 40), {}),
+        ("RGB", (300, 200), {"progressive": True}), ("RGB", (99, 101), {"optimize": True, "subsampling": 0}),
+        ("RGB", (2, 3), {"subsampling": 2, "quality": 5}),
+        ("RGB", (120, 80), {"exif": exif.tobytes(), "icc_profile": b"\0" * 3000}),
+    ]):
+        buf = io.BytesIO()
+        make_image(i, size).convert(mode).save(buf, "JPEG", **kw)
+        out.append(buf.getvalue())
+    return out
+
+
+def test_jpeg_header_scan_reads_the_size_pil_reads() -> None:
+    """`jpeg_size` (the fast header probe) gives PIL's size for every plain JPEG, and leaves
+    multi-picture files (PIL: MPO) and non-JPEGs to PIL."""
+    import io
+
+    from PIL import Image
+
+    from service.images import jpeg_size, probe_image
+
+    for data in _jpegs():
+        assert jpeg_size(data) == Image.open(io.BytesIO(data)).size
+        assert probe_image(data, field="image", max_pixels=10**8) == ("JPEG", Image.open(io.BytesIO(data)).size, 1)
+    first, second = make_image(1, (50, 40)), make_image(2, (50, 40))
+    buf = io.BytesIO()
+    first.save(buf, "MPO", save_all=True, append_images=[second])
+    assert jpeg_size(buf.getvalue()) is None
+    assert probe_image(buf.getvalue(), field="image", max_pixels=10**8)[0] == "MPO"
+    assert jpeg_size(RAW) is None  # a PNG
+    with pytest.raises(PayloadTooLarge, match="300x200"):
+        probe_image(_jpegs()[3], field="image", max_pixels=300 * 200 - 1)
+
+
+@settings(max_examples=400, deadline=None)
+@given(which=st.integers(0, 6), cut=st.integers(0, 700), flips=st.lists(
+    st.tuples(st.integers(0, 700), st.integers(0, 255)), max_size=3))
+def test_jpeg_header_scan_never_disagrees_with_pil_on_broken_headers(which: int, cut: int, flips: list) -> None:
+    """Truncated or corrupted headers: where the scan names a size and PIL opens the bytes,
+    the sizes agree; where PIL cannot open them, what the scan let through still fails as
+    an `InvalidImage` when decoded (the torch decoders reject it, as tested in
+    test_fast_images.py), so no bad header reaches the model."""
+    import io
+
+    from PIL import Image
+
+    from service.images import jpeg_size
+
+    data = bytearray(_JPEGS[which][: max(cut, 2)] if cut < 700 else _JPEGS[which])
+    for pos, value in flips:
+        if pos < len(data):
+            data[pos] = value
+    size = jpeg_size(bytes(data))
+    try:
+        pil = Image.open(io.BytesIO(bytes(data))).size
+    except Exception:
+        return
+    if size is not None:
+        assert size == pil
+
+
+_JPEGS = _jpegs()
