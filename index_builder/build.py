@@ -26,6 +26,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -305,7 +306,11 @@ def _encode_in_processes(opts: BuildOptions, spans: list[Span], todo: list[int],
         signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
     try:
         for fut in as_completed(futures):
-            fut.result()
+            try:
+                fut.result()
+            except BrokenProcessPool as exc:
+                raise BuildError(f"an encoder process died ({exc}); out of memory? Finished shards are kept: "
+                                 "rerun with fewer --processes or a smaller --batch-size") from None
             finished(futures[fut], read(futures[fut]))
     except BaseException:
         # No public way to stop a running call; shutdown() forgets the processes, so first.
