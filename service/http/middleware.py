@@ -25,9 +25,6 @@ class BodyLimitMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        too_large = error_response(
-            413, "payload_too_large", f"request body is larger than the limit of {self.max_bytes} bytes"
-        )
         for name, value in scope.get("headers", ()):
             if name == b"content-length":
                 try:
@@ -35,7 +32,7 @@ class BodyLimitMiddleware:
                 except ValueError:
                     declared = 0
                 if declared > self.max_bytes:
-                    await too_large(scope, receive, send)
+                    await self._too_large(scope, receive, send)
                     return
         chunks: list[bytes] = []
         size = 0
@@ -46,7 +43,7 @@ class BodyLimitMiddleware:
             body = message.get("body", b"")
             size += len(body)
             if size > self.max_bytes:
-                await too_large(scope, receive, send)
+                await self._too_large(scope, receive, send)
                 return
             chunks.append(body)
             if not message.get("more_body", False):
@@ -61,6 +58,10 @@ class BodyLimitMiddleware:
             return await receive()  # after the body: http.disconnect when the client leaves
 
         await self.app(scope, replay, send)
+
+    async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
+        limit = f"request body is larger than the limit of {self.max_bytes} bytes"
+        await error_response(413, "payload_too_large", limit)(scope, receive, send)
 
 
 class MetricsMiddleware:
