@@ -177,17 +177,19 @@ def _numbered_lines(f: BinaryIO, span: Span | None) -> Iterator[tuple[int, bytes
     return enumerate(itertools.islice(f, span.count), start=span.first + 1)
 
 
-@functools.lru_cache(maxsize=4)  # a worker reads many spans of one directory: list it once
-def _image_files(path: Path) -> tuple[Path, ...]:
+def _list_image_files(path: Path) -> tuple[Path, ...]:
     return tuple(sorted(
         p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
     ))
 
 
+# A build reads many spans of one directory (in each encoder process): list it once per
+# build. `plan_spans` clears it, so a later build in the same process lists afresh.
+_span_files = functools.lru_cache(maxsize=4)(_list_image_files)
+
+
 def read_dir(path: Path, span: Span | None = None) -> Iterator[Record]:
-    files = _image_files(path)
-    if span is not None:
-        files = files[span.first : span.first + span.count]
+    files = _list_image_files(path) if span is None else _span_files(path)[span.first : span.first + span.count]
     for p in files:
         rel = p.relative_to(path).as_posix()
         yield Record(id=rel, source=str(p), image_path=str(p), metadata={"path": rel})
@@ -288,10 +290,12 @@ def plan_spans(inputs: list[Path], fmt: str = "auto", size: int = 4096) -> list[
     One pass over each file, finding line ends with numpy (3x faster than bytes.count on a
     base64 TSV), records where every `size`-th line starts.
     """
+    _span_files.cache_clear()
     spans: list[Span] = []
     for i, path in enumerate(inputs):
         if input_kind(path, fmt) == "dir":
-            n, starts = len(_image_files(path)), [0] * -(-len(_image_files(path)) // size)
+            n = len(_span_files(path))
+            starts = [0] * -(-n // size)
         else:
             n, starts = _line_starts(path, size)
         spans += [Span(i, k * size, min(size, n - k * size), off) for k, off in enumerate(starts)]

@@ -140,3 +140,15 @@ def test_spans_read_in_turn_equal_the_whole_inputs(tmp_path: Path, monkeypatch, 
     assert count_records(inputs) == sum(lines)
     (tmp_path / "empty.tsv").write_text("")
     assert readers.plan_spans([tmp_path / "empty.tsv"]) == []
+
+
+def test_a_new_plan_lists_a_changed_directory_afresh(tmp_path: Path) -> None:
+    """Spans of a directory share one listing per build; the next plan (a later build in the
+    same process) sees files added since."""
+    for i in range(3):
+        make_image(i).save(tmp_path / f"{i}.png")
+    spans = readers.plan_spans([tmp_path], size=2)
+    assert [r.id for s in spans for r in readers.read_span([tmp_path], s)] == ["0.png", "1.png", "2.png"]
+    make_image(3).save(tmp_path / "3.png")
+    spans = readers.plan_spans([tmp_path], size=2)
+    assert [r.id for s in spans for r in readers.read_span([tmp_path], s)] == ["0.png", "1.png", "2.png", "3.png"]
