@@ -388,6 +388,33 @@ def test_encoder_processes_give_the_same_index_and_resume_any_gap(tmp_path, tiny
             np.testing.assert_allclose(a, b, atol=1e-5)
 
 
+@pytest.mark.gpu
+def test_encoder_processes_on_the_gpu_give_the_one_process_index(tmp_path, tiny_spec) -> None:
+    """On a GPU with nvJPEG per batch (the setting the processes are for): 2 processes, each
+    with its own CUDA context and model copy, give the one-process GPU index, and it stays
+    within the torch path's tolerance of the exact CPU build."""
+    from service.model import load_model
+
+    corpus = tmp_path / "c.tsv"
+    write_corpus(corpus, 40, bad=True)
+    gpu = load_model(tiny_spec, None, "cuda", "fp32")  # fp32: the comparison with the CPU build is about decoding
+    cpu = load_model(tiny_spec, None, "cpu")
+    common = {"index_type": "flat", "shard_size": 8, "image_decode": "torch"}
+    one = run_build(replace(opts(tmp_path / "a", [corpus], gpu, **common), device="cuda", dtype="fp32"), model=gpu)
+    two = run_build(replace(opts(tmp_path / "b", [corpus], gpu, processes=2, **common), device="cuda", dtype="fp32"),
+                    model=gpu)
+    exact = run_build(opts(tmp_path / "c", [corpus], cpu, index_type="flat"), model=cpu)
+    assert one.skipped == two.skipped == exact.skipped == 4
+    assert read_manifest(two.version_dir).build["jpegs_on_device"] is True
+    for modality in ("image", "text"):
+        a, ai = load_vectors(one.version_dir, modality)
+        b, bi = load_vectors(two.version_dir, modality)
+        c, ci = load_vectors(exact.version_dir, modality)
+        assert ai == bi == ci
+        np.testing.assert_allclose(a, b, atol=1e-5)
+        assert (a * c).sum(1).min() >= 0.999
+
+
 @pytest.mark.parametrize(("decode", "workers"), [("draft", 0), ("torch", 2)])
 def test_fast_image_decode_builds_a_faithful_index(tmp_path, tiny_model, decode: str, workers: int) -> None:
     """`--image-decode draft|torch` decodes as the service does with that setting (in worker
