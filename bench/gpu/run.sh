@@ -47,7 +47,7 @@ case "${1:-}" in
     # One call (a fresh machine takes a minute to start): tests, decode stages, the index
     # builder, the suite with several server processes, then the full suite in one process.
     echo "== GPU tests"
-    timeout 60 $PY -m pytest -q -p no:cacheprovider -m gpu tests/service tests/index_builder 2>&1 | tee "$OUT/gpu-tests.log"
+    timeout 90 $PY -m pytest -q -p no:cacheprovider -m gpu tests/service tests/index_builder 2>&1 | tee "$OUT/gpu-tests.log"
     echo "== decode stages"
     timeout 30 $PY bench/decode_probe.py --device "${model[-1]}" --batches 64,256 2>&1 | tee "$OUT/decode-probe.log"
     echo "== index builder, nvJPEG per batch, 8 encoder processes"
