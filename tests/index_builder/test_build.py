@@ -113,7 +113,8 @@ def test_bad_lines_are_skipped_and_counted(tmp_path, tiny_model) -> None:
         run_build(opts(tmp_path, [corpus], tiny_model, max_errors=3), model=tiny_model)
 
 
-def test_all_input_formats(tmp_path, tiny_model) -> None:
+@pytest.mark.parametrize("processes", [1, 2])  # 2: a span per input, read by the encoder processes
+def test_all_input_formats(tmp_path, tiny_model, processes: int) -> None:
     d = tmp_path / "imgs" / "sub"
     d.mkdir(parents=True)
     for i in range(3):
@@ -128,7 +129,8 @@ def test_all_input_formats(tmp_path, tiny_model) -> None:
     ]))
     texts = tmp_path / "texts.tsv"
     texts.write_text("only text one\nonly text two\n")
-    s = run_build(opts(tmp_path, [tmp_path / "imgs", jsonl, texts], tiny_model), model=tiny_model)
+    s = run_build(opts(tmp_path, [tmp_path / "imgs", jsonl, texts], tiny_model, processes=processes),
+                  model=tiny_model)
     assert s.encoded == {"image": 5, "text": 3} and s.skipped == 2
     version = current_version_dir(tmp_path / "index")
     _, image_items = load_vectors(version, "image")
