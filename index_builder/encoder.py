@@ -96,7 +96,7 @@ class ShardResult:
 
 
 class PendingShard:
-    """A shard whose image decoding is under way in the pool."""
+    """A chunk of records whose image decoding is under way in the pool."""
 
     def __init__(self, records: list[Record], futures: list[Future[list[Decoded]]],
                  image_records: list[Record]):
@@ -156,14 +156,14 @@ class Encoder:
         return _merge(parts, self.model.dim)
 
     def start(self, records: list[Record]) -> PendingShard:
-        """Submit the shard's image decoding; returns at once."""
+        """Submit the image decoding of a chunk of records; returns at once."""
         image_records = [r for r in records if r.error is None and (r.image_b64 is not None or r.image_path)]
         jobs = [(r.image_b64, r.image_path) for r in image_records]
         futures = [self._pool.submit(_decode_many, jobs[i : i + self._chunk]) for i in range(0, len(jobs), self._chunk)]
         return PendingShard(records, futures, image_records)
 
     def finish(self, pending: PendingShard) -> ShardResult:
-        """Encode texts, wait for decoded images and encode them; report bad items."""
+        """Encode the chunk's texts, wait for its decoded images and encode them; report bad items."""
         errors: list[ItemError] = []
         text_records: list[Record] = []
         for rec in pending.records:
