@@ -71,7 +71,7 @@ class BuildOptions:
     batch_size: int = 256
     workers: int = 0  # decode worker processes beside the model (processes=1 only)
     processes: int = 1  # encoder processes, each with its own model, each encoding whole spans
-    shard_size: int = 4096
+    shard_size: int = 1024  # lines per span: the unit of resume, of work for --processes, of progress
     max_errors: int | None = None
     keep: int = 3
     recall_target: float = 0.95

@@ -50,7 +50,7 @@ def build(
         "each reading its own part of the input; past one process's few thousand images/s of Python. "
         "With N > 1, --workers is unused (each process decodes in threads)")] = 1,
     shard_size: Annotated[int, typer.Option(
-        min=1, help="input lines (or image files) per resumable shard, the unit of work")] = 4096,
+        min=1, help="input lines (or image files) per resumable shard, the unit of work")] = 1024,
     max_errors: Annotated[int | None, typer.Option(help="fail when more records than this are bad")] = None,
     keep: Annotated[int, typer.Option(min=1, help="index versions to keep, the new one included")] = 3,
     recall_target: Annotated[float, typer.Option(min=0.0, max=1.0, help="recall@10 to tune nprobe/efSearch to")] = 0.95,

@@ -142,7 +142,7 @@ class Encoder:
     def encode(self, records: Iterable[Record]) -> ShardResult:
         """Encode a span's records, `batch_size` at a time: each chunk's images decode while
         the chunk before it encodes, and only two chunks' images are held at once. (Reading a
-        whole span first held 4,096 base64 images, ~700 MB, in fresh memory: reading a line
+        whole span first held 4,096 base64 images (the default span then), ~700 MB, in fresh memory: reading a line
         took 0.6-0.8 ms in the build against 0.05 ms alone, bench/NOTES.md.)"""
         parts: list[ShardResult] = []
         rest = iter(records)

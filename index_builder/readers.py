@@ -284,7 +284,7 @@ def describe_inputs(inputs: list[Path]) -> list[dict[str, Any]]:
     return out
 
 
-def plan_spans(inputs: list[Path], fmt: str = "auto", size: int = 4096) -> list[Span]:
+def plan_spans(inputs: list[Path], fmt: str = "auto", size: int = 1024) -> list[Span]:
     """Cut every input into spans of `size` lines (image files); no span crosses two inputs.
 
     One pass over each file, finding line ends with numpy (3x faster than bytes.count on a
