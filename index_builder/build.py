@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from index_builder.encoder import Encoder, ItemError, ShardResult
+from index_builder.encoder import Encoder, ItemError, ShardResult, concat_vectors
 from index_builder.indexing import BuiltIndex, build_and_tune
 from index_builder.readers import Span, describe_inputs, plan_spans, read_span
 from index_builder.writer import ShardStore, shard_path, write_shard
@@ -199,8 +199,8 @@ def run_build(opts: BuildOptions, model: ClipModel | None = None) -> BuildSummar
         encoder.close()
     ordered = [shards[i] for i in range(len(spans))]
 
-    image_vecs = _concat([s.image_vectors for s in ordered], model.dim)
-    text_vecs = _concat([s.text_vectors for s in ordered], model.dim)
+    image_vecs = concat_vectors([s.image_vectors for s in ordered], model.dim)
+    text_vecs = concat_vectors([s.text_vectors for s in ordered], model.dim)
     image_items = [i for s in ordered for i in s.image_items]
     text_items = [i for s in ordered for i in s.text_items]
     if not image_items and not text_items:
@@ -220,9 +220,9 @@ def run_build(opts: BuildOptions, model: ClipModel | None = None) -> BuildSummar
     seconds = time.perf_counter() - t0
     n_records = sum(s.records for s in ordered)
     reasons = Counter(_reason_key(e) for e in errors)
+    digests = hashes.result()
     build_info = {
-        "inputs": [{**d, **({"sha256": hashes.result()[d["path"]]} if d["path"] in hashes.result() else {})}
-                   for d in inputs_desc],
+        "inputs": [{**d, **({"sha256": digests[d["path"]]} if d["path"] in digests else {})} for d in inputs_desc],
         "records": n_records,
         "image_decode": opts.image_decode,
         "jpegs_on_device": encoder.jpegs_on_device,
@@ -274,11 +274,6 @@ def run_build(opts: BuildOptions, model: ClipModel | None = None) -> BuildSummar
         resumed_shards=done,
         extra={"encoded_this_run": encoded_now},
     )
-
-
-def _concat(parts: list[np.ndarray], dim: int) -> np.ndarray:
-    parts = [p for p in parts if len(p)]
-    return np.concatenate(parts).astype(np.float32, copy=False) if parts else np.zeros((0, dim), np.float32)
 
 
 def _hash_inputs(inputs_desc: list[dict[str, Any]], stop: threading.Event) -> dict[str, str]:

@@ -95,7 +95,7 @@ class ShardResult:
     records: int = 0
 
 
-class PendingShard:
+class PendingChunk:
     """A chunk of records whose image decoding is under way in the pool."""
 
     def __init__(self, records: list[Record], futures: list[Future[list[Decoded]]],
@@ -142,12 +142,12 @@ class Encoder:
     def encode(self, records: Iterable[Record]) -> ShardResult:
         """Encode a span's records, `batch_size` at a time: each chunk's images decode while
         the chunk before it encodes, and only two chunks' images are held at once. (Reading a
-        whole span first held 4,096 base64 images (the default span then), ~700 MB, in fresh memory: reading a line
-        took 0.6-0.8 ms in the build against 0.05 ms alone, bench/NOTES.md.)"""
+        whole 4,096-line span first held ~700 MB of base64 images in fresh memory: reading a
+        line took 0.6-0.8 ms in the build against 0.05 ms alone, bench/NOTES.md.)"""
         parts: list[ShardResult] = []
         rest = iter(records)
         chunks: Iterable[list[Record]] = iter(lambda: list(itertools.islice(rest, self.batch_size)), [])
-        pending: PendingShard | None = None
+        pending: PendingChunk | None = None
         for chunk in itertools.chain(chunks, [None]):
             nxt = self.start(chunk) if chunk is not None else None
             if pending is not None:
@@ -155,14 +155,14 @@ class Encoder:
             pending = nxt
         return _merge(parts, self.model.dim)
 
-    def start(self, records: list[Record]) -> PendingShard:
+    def start(self, records: list[Record]) -> PendingChunk:
         """Submit the image decoding of a chunk of records; returns at once."""
         image_records = [r for r in records if r.error is None and (r.image_b64 is not None or r.image_path)]
         jobs = [(r.image_b64, r.image_path) for r in image_records]
         futures = [self._pool.submit(_decode_many, jobs[i : i + self._chunk]) for i in range(0, len(jobs), self._chunk)]
-        return PendingShard(records, futures, image_records)
+        return PendingChunk(records, futures, image_records)
 
-    def finish(self, pending: PendingShard) -> ShardResult:
+    def finish(self, pending: PendingChunk) -> ShardResult:
         """Encode the chunk's texts, wait for its decoded images and encode them; report bad items."""
         errors: list[ItemError] = []
         text_records: list[Record] = []
@@ -220,15 +220,17 @@ class Encoder:
             vectors.append(self.model.encode_pixels(torch.stack(rows)))
 
 
-def _merge(parts: list[ShardResult], dim: int) -> ShardResult:
-    def stack(arrays: list[np.ndarray]) -> np.ndarray:
-        arrays = [a for a in arrays if len(a)]
-        return np.concatenate(arrays) if arrays else np.zeros((0, dim), np.float32)
+def concat_vectors(parts: Sequence[np.ndarray], dim: int) -> np.ndarray:
+    """The rows of `parts` as one float32 array; (0, dim) when there are none."""
+    parts = [p for p in parts if len(p)]
+    return np.concatenate(parts).astype(np.float32, copy=False) if parts else np.zeros((0, dim), np.float32)
 
+
+def _merge(parts: list[ShardResult], dim: int) -> ShardResult:
     return ShardResult(
-        image_vectors=stack([p.image_vectors for p in parts]),
+        image_vectors=concat_vectors([p.image_vectors for p in parts], dim),
         image_items=[i for p in parts for i in p.image_items],
-        text_vectors=stack([p.text_vectors for p in parts]),
+        text_vectors=concat_vectors([p.text_vectors for p in parts], dim),
         text_items=[i for p in parts for i in p.text_items],
         errors=[e for p in parts for e in p.errors],
         records=sum(p.records for p in parts),

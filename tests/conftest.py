@@ -67,9 +67,9 @@ def encode_image(image: Image.Image, fmt: str = "JPEG", urlsafe: bool = False) -
     return (base64.urlsafe_b64encode if urlsafe else base64.b64encode)(data).decode()
 
 
-def image_bytes(image: Image.Image, fmt: str = "JPEG") -> bytes:
+def image_bytes(image: Image.Image, fmt: str = "JPEG", **save: Any) -> bytes:
     buf = io.BytesIO()
-    image.save(buf, format=fmt)
+    image.save(buf, format=fmt, **save)
     return buf.getvalue()
 
 

@@ -126,8 +126,6 @@ def test_fast_decoder_agrees_with_the_standard_library(text: str) -> None:
 def _jpegs() -> list[bytes]:
     """JPEGs as cameras and encoders write them: modes, progressive, optimized tables,
     subsampling, EXIF and ICC segments before the frame, odd sizes."""
-    import io
-
     from PIL import Image
 
     exif = Image.Exif()
@@ -139,9 +137,7 @@ def _jpegs() -> list[bytes]:
         ("RGB", (2, 3), {"subsampling": 2, "quality": 5}),
         ("RGB", (120, 80), {"exif": exif.tobytes(), "icc_profile": b"\0" * 3000}),
     ]):
-        buf = io.BytesIO()
-        make_image(i, size).convert(mode).save(buf, "JPEG", **kw)
-        out.append(buf.getvalue())
+        out.append(image_bytes(make_image(i, size).convert(mode), "JPEG", **kw))
     return out
 
 
