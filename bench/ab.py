@@ -12,6 +12,12 @@ ratios B/A (throughput; p50 and p99 latency).
         --a CLIPSEARCH_TEXT_SEARCH_ON_DEVICE=false --b CLIPSEARCH_TEXT_SEARCH_ON_DEVICE=true
     # one server process vs two
     python bench/ab.py --path text --a CLIPSEARCH_WORKERS=1 --b CLIPSEARCH_WORKERS=2
+    # four processes on one shared listening socket vs a socket each (SO_REUSEPORT)
+    python bench/ab.py --path text --clients 256 --set CLIPSEARCH_WORKERS=4 \
+        --a CLIPSEARCH_REUSE_PORT=false --b CLIPSEARCH_REUSE_PORT=true
+
+With several workers (Linux) each round also prints how wrk's connections were spread over
+the worker processes, counted halfway through the run.
 
 Needs `wrk` (Debian/Ubuntu: apt-get install wrk).
 """
@@ -19,18 +25,32 @@ Needs `wrk` (Debian/Ubuntu: apt-get install wrk).
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import platform
 import shutil
 import statistics
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.common import Server, add_model_args, bench_texts, build_index, free_port, jpeg_b64, wrk  # noqa: E402
+
+
+def connections_per_worker(port: int, server_pid: int) -> list[int]:
+    """Established connections on the service's port held by each of its worker processes,
+    fewest first (the server's own process holds none)."""
+    from clipsearch.listen import port_sockets
+
+    counts: dict[int, int] = {}
+    for pids in port_sockets(port, "ESTABLISHED").values():
+        for pid in pids - {server_pid}:
+            counts[pid] = counts.get(pid, 0) + 1
+    return sorted(counts.values())
 
 
 def _assignments(values: list[str]) -> dict[str, str]:
@@ -92,15 +112,22 @@ def main() -> None:
                 port = free_port()
                 with Server([*argv, "--port", str(port)], {**common, **settings}, port) as srv:
                     srv.wait_ready("/readyz", timeout=600)
+                    workers = int({**common, **settings}.get("CLIPSEARCH_WORKERS", "1"))
+                    srv.wait_workers(workers)
                     for c in clients:
                         load = {"connections": c, "duration": args.duration, "threads": min(args.threads, c)}
                         if name == "A":
                             ceiling.setdefault(c, []).append(wrk(srv.base + "/healthz", None, **load)["rps"])
+                        spread: list[int] = []
+                        if workers > 1 and sys.platform.startswith("linux"):
+                            count = functools.partial(connections_per_worker, port, srv.proc.pid)
+                            threading.Timer(args.duration / 2, lambda into=spread, f=count: into.extend(f())).start()
                         r = wrk(srv.base + route, body, **load)
                         runs.setdefault((name, c), []).append(r)
                         print(f"  round {rnd + 1} {name} {c:>4} clients {r['rps']:>9.1f} req/s  "
                               f"p50 {r['p50_ms']:>7.2f} ms  p99 {r['p99_ms']:>7.2f} ms  non-2xx {r['non2xx']}  "
-                              f"errors {r['errors']}", flush=True)
+                              f"errors {r['errors']}" + (f"  connections per worker {spread}" if spread else ""),
+                              flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -144,6 +144,20 @@ class Server:
             time.sleep(0.3)
         raise RuntimeError("server did not become ready")
 
+    def wait_workers(self, workers: int, timeout: float = 600) -> None:
+        """With several server processes, wait until each has answered (GET / over fresh
+        connections gives the answering worker's pid): a worker still loading when wrk opens
+        its connections would get none of them for the whole run."""
+        seen: set[int] = set()
+        deadline = time.monotonic() + timeout
+        while len(seen) < workers:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"only {len(seen)} of {workers} workers answered")
+            try:
+                seen.add(httpx.get(self.base + "/", timeout=5).json()["runtime"]["pid"])
+            except httpx.HTTPError:
+                time.sleep(0.3)
+
     def stop(self) -> None:
         self.proc.terminate()
         try:

@@ -161,6 +161,8 @@ def main() -> None:
             port = free_port()
             with Server([*argv, "--port", str(port)], env, port) as srv:
                 srv.wait_ready("/readyz" if name == "clipsearch" else "/healthz", timeout=600)
+                if name == "clipsearch" and args.workers > 1:
+                    srv.wait_workers(args.workers)
                 for c in clients:
                     load = {"connections": c, "duration": args.duration, "threads": min(args.threads, c)}
                     if name == "clipsearch":

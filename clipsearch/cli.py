@@ -91,6 +91,9 @@ def serve(
         "(one nvJPEG call) [auto: batch on GPU]")] = None,
     workers: Annotated[int | None, typer.Option(
         help="server processes sharing the port, each with its own model copy [1]")] = None,
+    reuse_port: Annotated[bool | None, typer.Option(
+        help="with --workers > 1 on Linux: a listening socket per worker (SO_REUSEPORT), connections spread "
+        "evenly by the kernel; off: one shared socket [off]")] = None,
     access_log: Annotated[bool | None, typer.Option(help="log every request [off]")] = None,
     log_level: Annotated[str | None, typer.Option(help="debug | info | warning | error")] = None,
 ) -> None:
@@ -109,6 +112,7 @@ def serve(
 
     import uvicorn
 
+    from clipsearch.listen import reuse_port_available, run_workers
     from service.http.app import create_app
     from service.metrics import MULTIPROC_ENV
     from service.state import ServiceState
@@ -136,12 +140,18 @@ def serve(
     made, path = _metrics_dir(given)
     _export_settings(overrides)
     try:
-        uvicorn.run("service.http.app:app_from_env", factory=True, workers=settings.workers, **common)
+        if settings.reuse_port and reuse_port_available():
+            run_workers(uvicorn.Config(_WORKER_APP, factory=True, workers=settings.workers, **common))
+        else:
+            uvicorn.run(_WORKER_APP, factory=True, workers=settings.workers, **common)
     finally:
         if made:
             import shutil
 
             shutil.rmtree(path, ignore_errors=True)
+
+
+_WORKER_APP = "service.http.app:app_from_env"  # each worker builds its app from CLIPSEARCH_* variables
 
 
 def _metrics_dir(given: str | None) -> tuple[bool, Path]:

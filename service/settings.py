@@ -50,6 +50,12 @@ class Settings(BaseSettings):
         "(and CUDA graphs): one Python process tops out near 5,000 requests/s (~0.2 ms of event loop per "
         "request), so a fast GPU needs several. Metrics are reported across all of them",
     )
+    reuse_port: bool = Field(
+        False, description="with several workers on Linux, give each worker a listening socket of its own on the "
+        "port (SO_REUSEPORT): the kernel spreads connections evenly over them by hash, where with one shared "
+        "socket the first worker to wake takes the next one (unequal shares of long-lived connections). A worker "
+        "that dies drops the connections still waiting in its own socket's queue",
+    )
     access_log: bool = Field(False, description="log every request (metrics count them anyway)")
 
     # batching

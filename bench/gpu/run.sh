@@ -4,6 +4,7 @@
 #   bash bench/gpu/run.sh a   # GPU tests, index builder (nvJPEG per batch), 4 server processes
 #   bash bench/gpu/run.sh b   # the full suite: text, image, search over 1M, against naive
 #   bash bench/gpu/run.sh c   # A/B: text search in one step on the GPU vs encode-then-search
+#   W=8 bash bench/gpu/run.sh d    # A/B: W processes on one shared socket vs a socket each (--reuse-port)
 #   W=6 bash bench/gpu/run.sh all  # one call: GPU tests, decode stages, builder, W processes, full suite
 # Logs and JSON land under $OUT.
 # A rehearsal on a machine without a GPU (every command with the tiny model on the CPU, no
@@ -43,6 +44,12 @@ case "${1:-}" in
       --duration 4 --threads 4 --set CLIPSEARCH_SEARCH_BACKEND=torch --a CLIPSEARCH_TEXT_SEARCH_ON_DEVICE=false \
       --b CLIPSEARCH_TEXT_SEARCH_ON_DEVICE=true 2>&1 | tee "$OUT/ab-search.log"
     ;;
+  d)
+    echo "== A/B: $W server processes, one shared listening socket (A) vs one each, SO_REUSEPORT (B); search over 1M"
+    timeout 560 $PY bench/ab.py "${model[@]}" --path search --index-size 1000000 --clients 16,256 --rounds 2 \
+      --duration 4 --threads 4 --set CLIPSEARCH_WORKERS="$W" CLIPSEARCH_SEARCH_BACKEND=torch \
+      --a CLIPSEARCH_REUSE_PORT=false --b CLIPSEARCH_REUSE_PORT=true 2>&1 | tee "$OUT/ab-reuse-port.log"
+    ;;
   all)
     # One call (a fresh machine takes a minute to start): tests, decode stages, the index
     # builder, the suite with several server processes, then the full suite in one process.
@@ -61,5 +68,5 @@ case "${1:-}" in
     timeout 230 $PY bench/suite.py "${model[@]}" --image-decode torch --max-batch-size 256 --duration 4 \
       --threads 4 --json "$OUT/suite-1.json" 2>&1 | tee "$OUT/suite-1.log"
     ;;
-  *) echo "usage: bash bench/gpu/run.sh a|b|c|all" >&2; exit 2 ;;
+  *) echo "usage: bash bench/gpu/run.sh a|b|c|d|all" >&2; exit 2 ;;
 esac

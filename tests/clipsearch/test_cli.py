@@ -15,6 +15,7 @@ import open_clip
 import pytest
 import torch
 
+from clipsearch.listen import port_sockets
 from tests.conftest import encode_image, make_image
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -147,6 +148,9 @@ def test_workers_share_the_port_and_report_metrics_together(tiny_spec: str, tiny
             assert time.monotonic() < deadline, f"workers did not come up (pids {pids})"
             time.sleep(0.5)
         time.sleep(2)  # the second worker finishes its start-up
+        if sys.platform.startswith("linux"):  # one listening socket, shared by both workers (and their parent)
+            shared = list(port_sockets(port).values())
+            assert len(shared) == 1 and {int(p) for p in pids} <= shared[0], shared
 
         def post(path: str, body: dict) -> dict:
             with httpx.Client(timeout=60) as client:  # a new connection each: the workers share them out
@@ -180,6 +184,39 @@ def test_workers_share_the_port_and_report_metrics_together(tiny_spec: str, tiny
             while (seen := versions()) != {second}:  # every worker polls and swaps on its own
                 assert time.monotonic() < deadline, seen
                 time.sleep(0.5)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SO_REUSEPORT spreads connections on Linux only")
+def test_reuse_port_gives_each_worker_a_socket_of_its_own(tiny_spec: str) -> None:
+    """--reuse-port: each worker listens on a socket of its own (bound with SO_REUSEPORT, listening
+    once its app has started), fresh connections reach both, and a second service started on
+    the same port fails instead of quietly taking a share of the connections."""
+    port = free_port()
+    env = {"CLIPSEARCH_MODEL": tiny_spec}
+    args = ("serve", "--workers", "2", "--reuse-port", "--host", "127.0.0.1", "--port", str(port), "--device", "cpu",
+            "--log-level", "warning")
+    proc = subprocess.Popen([sys.executable, "-m", "clipsearch", *args], cwd=ROOT, env={**os.environ, **env},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 150
+        while sum(map(len, (holders := port_sockets(port)).values())) < 2:  # both workers listen
+            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+            assert time.monotonic() < deadline, f"workers did not come up: {holders}"
+            time.sleep(0.5)
+        assert len(holders) == 2 and all(len(h) == 1 for h in holders.values()), holders
+        workers = set().union(*holders.values())
+        assert len(workers) == 2 and proc.pid not in workers
+        answered = {httpx.get(f"{base}/", timeout=30).json()["runtime"]["pid"] for _ in range(40)}
+        assert answered == workers  # each new connection is hashed to one of the two sockets
+
+        second = run_cli(*args, env=env)
+        assert second.returncode != 0 and "address already in use" in second.stderr.lower(), second.stderr
+        assert port_sockets(port) == holders
     finally:
         proc.terminate()
         proc.wait(timeout=60)
