@@ -212,8 +212,10 @@ def test_torch_path_on_unusual_jpegs_matches_exact_or_its_error(tiny_model) -> N
 async def test_batch_scope_decodes_jpegs_of_several_requests_in_one_call(make_client, tiny_model,
                                                                          monkeypatch) -> None:
     """`image_decode_scope=batch` (the default on a GPU, for nvJPEG): the JPEGs of concurrent
-    requests decode in one call; vectors equal the per-request scope's; a truncated JPEG
-    fails only its own request, with the same 400 as in per-request scope."""
+    requests decode in one call; vectors equal the per-request scope's; a truncated JPEG,
+    bad base64, a broken header and an oversize image (all of which start as a JPEG's base64
+    does, so they reach the batch still in base64) each fail only their own request, with
+    the same answer as in per-request scope."""
     import asyncio
 
     from service.torch_preprocess import ImageDecoder
@@ -242,6 +244,22 @@ async def test_batch_scope_decodes_jpegs_of_several_requests_in_one_call(make_cl
     assert sorted(calls[0]) == sorted(["images[0]", "images[1]", "images[1]", "images[0]", "images[0]",
                                        "images[1]"]), calls
     assert all(len(c) == 1 for c in calls[1:]), calls
+
+    broken_header = base64.b64encode(b"\xff\xd8\xff\xe0" + bytes(40)).decode()
+    oversize = base64.b64encode(base64.b64decode(JPEGS[1]) + bytes(300_000)).decode()
+    failing = [[JPEGS[0], "/9j/4AAQ!!!!"], [broken_header], [JPEGS[2], oversize]]
+    assert all(image.startswith("/9j/") for b in failing for image in b)
+    answers = {}
+    for scope in ("request", "batch"):
+        async with make_client(tiny_model, image_decode="torch", image_decode_scope=scope, max_wait_ms=300,
+                               max_image_bytes=300_000) as client:
+            replies = await asyncio.gather(*[client.post("/embed", json={"images": b})
+                                             for b in [*failing, [JPEGS[3]]]])
+        answers[scope] = [(r.status_code, r.json().get("error")) for r in replies]
+        np.testing.assert_allclose(np.asarray(replies[-1].json()["images"], np.float32), want[2], atol=1e-5)
+    assert answers["batch"] == answers["request"]
+    assert [(code, err["field"]) for code, err in answers["batch"][:3]] == [
+        (400, "images[1]"), (400, "images[0]"), (413, "images[1]")], answers
 
 
 def test_request_scope_is_the_default_on_the_cpu(tiny_model) -> None:
