@@ -5,6 +5,7 @@
 #   bash bench/gpu/run.sh b   # the full suite: text, image, search over 1M, against naive
 #   bash bench/gpu/run.sh c   # A/B: text search in one step on the GPU vs encode-then-search
 #   W=8 bash bench/gpu/run.sh d    # A/B: W processes on one shared socket vs a socket each (--reuse-port)
+#   W=8 bash bench/gpu/run.sh e    # W processes on one GPU: time-sliced CUDA contexts, then under MPS
 #   W=6 bash bench/gpu/run.sh all  # one call: GPU tests, decode stages, builder, W processes, full suite
 # Logs and JSON land under $OUT.
 # A rehearsal on a machine without a GPU (every command with the tiny model on the CPU, no
@@ -50,6 +51,25 @@ case "${1:-}" in
       --duration 4 --threads 4 --set CLIPSEARCH_WORKERS="$W" CLIPSEARCH_SEARCH_BACKEND=torch \
       --a CLIPSEARCH_REUSE_PORT=false --b CLIPSEARCH_REUSE_PORT=true 2>&1 | tee "$OUT/ab-reuse-port.log"
     ;;
+  e)
+    # W processes each hold a CUDA context; without MPS the GPU time-slices between them,
+    # which can stall a process's small batches behind another's (a candidate for the
+    # search tail). Same suite, then again with NVIDIA's Multi-Process Service running.
+    echo "== search and text, $W server processes, no MPS"
+    timeout 200 $PY bench/suite.py "${model[@]}" --paths search,text --clients 16,256 --max-batch-size 256 \
+      --workers "$W" --duration 4 --threads 4 --skip-naive --json "$OUT/suite-nomps.json" 2>&1 | tee "$OUT/suite-nomps.log"
+    if command -v nvidia-cuda-mps-control > /dev/null; then
+      export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps-pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps-log
+      mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
+      nvidia-cuda-mps-control -d && echo "== the same under MPS" && \
+        timeout 200 $PY bench/suite.py "${model[@]}" --paths search,text --clients 16,256 --max-batch-size 256 \
+          --workers "$W" --duration 4 --threads 4 --skip-naive --json "$OUT/suite-mps.json" 2>&1 \
+          | tee "$OUT/suite-mps.log"
+      echo quit | nvidia-cuda-mps-control
+    else
+      echo "nvidia-cuda-mps-control not found: no MPS run"
+    fi
+    ;;
   all)
     # One call (a fresh machine takes a minute to start): tests, decode stages, the index
     # builder, the suite with several server processes, then the full suite in one process.
@@ -68,5 +88,5 @@ case "${1:-}" in
     timeout 230 $PY bench/suite.py "${model[@]}" --image-decode torch --max-batch-size 256 --duration 4 \
       --threads 4 --json "$OUT/suite-1.json" 2>&1 | tee "$OUT/suite-1.log"
     ;;
-  *) echo "usage: bash bench/gpu/run.sh a|b|c|d|all" >&2; exit 2 ;;
+  *) echo "usage: bash bench/gpu/run.sh a|b|c|d|e|all" >&2; exit 2 ;;
 esac
