@@ -85,10 +85,8 @@ async def _validation_error(request: Request, exc: Exception) -> Response:
         return await _internal_error(request, exc)
     errors = exc.errors()
     if errors and errors[0].get("type") == "json_invalid":  # the body is not JSON at all
-        loc = errors[0].get("loc", ())
-        at = f" (byte {loc[1]})" if len(loc) > 1 else ""
         reason = errors[0].get("ctx", {}).get("error", "")
-        return error_response(422, "validation_error", f"body: not valid JSON: {reason}{at}", "body")
+        return error_response(422, "validation_error", f"body: not valid JSON: {reason}", "body")
     first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
     field = _field(tuple(first.get("loc", ())))
     message = "; ".join(

@@ -6,14 +6,16 @@ import asyncio
 import json
 import os
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import orjson
 import pydantic_core
 from fastapi import APIRouter
+from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
@@ -41,17 +43,32 @@ def parse_json(body: bytes) -> Any:
     """A request body as Python values, parsed by pydantic-core's JSON parser (jiter): 16 us
     for a 166 kB base64 image body, where orjson takes ~60 us and the standard library ~230
     (bench/NOTES.md). NaN and Infinity are refused, as by orjson and standard JSON. Raises
-    the standard JSONDecodeError, which FastAPI turns into a 422, with jiter's reason and the
-    byte position."""
+    the standard JSONDecodeError, which FastAPI turns into a 422, with jiter's reason."""
     try:
         return pydantic_core.from_json(body, allow_inf_nan=False)
     except ValueError as exc:
-        reason, _, where = str(exc).rpartition(" at line ")
-        line, _, column = where.partition(" column ")
-        pos = 0
-        if line.isdigit() and column.isdigit():  # jiter counts lines from 1 and columns from 1
-            pos = sum(len(row) + 1 for row in body.split(b"\n")[: int(line) - 1]) + max(int(column) - 1, 0)
-        raise json.JSONDecodeError(reason or str(exc), "", pos) from None
+        raise json.JSONDecodeError(str(exc), "", 0) from None
+
+
+Body = TypeVar("Body", bound=BaseModel)
+
+
+async def read_body(request: Request, model: type[Body]) -> Body:
+    """The JSON body validated as `model` in one pass of pydantic-core (parsing and validation
+    together), for the routes on the hot path: FastAPI's body parameter costs ~10 % more of
+    the event loop per request (dependency solving, a dict in between; bench/NOTES.md).
+    Errors are the same 422 as a body parameter's. Such a route declares its body with
+    `openapi_extra=body_schema(model)`."""
+    try:
+        return model.model_validate_json(await request.body())
+    except ValidationError as exc:
+        raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]) from None
+
+
+def body_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """The OpenAPI request body of a route that reads its body with `read_body` (the model's
+    schema inline: the hot-path request models have no nested models)."""
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": model.model_json_schema()}}}}
 
 
 class _JsonRequest(Request):
@@ -100,9 +117,10 @@ async def _gather_or_cancel(*aws: Awaitable[np.ndarray]) -> list[np.ndarray]:
         raise
 
 
-@router.post("/embed", response_model=EmbedResponse, responses=_ERRORS)
-async def embed(body: EmbedRequest, request: Request) -> Response:
+@router.post("/embed", response_model=EmbedResponse, responses=_ERRORS, openapi_extra=body_schema(EmbedRequest))
+async def embed(request: Request) -> Response:
     """Embed texts and/or base64 images; L2-normalized vectors in input order."""
+    body = await read_body(request, EmbedRequest)
     state, disconnected = service_state(request), client_gone(request)
     engine = state.engine
     engine.check_count(len(body.texts) + len(body.images))
@@ -137,9 +155,11 @@ def _search_response(hits: list[Hit], current: IndexSet) -> Response:
 
 # The index is taken before encoding: a missing one answers 503 at once, and a hot reload
 # meanwhile does not matter.
-@router.post("/search/text", response_model=SearchResponse, responses=_ERRORS)
-async def search_text(body: TextSearchRequest, request: Request) -> Response:
+@router.post("/search/text", response_model=SearchResponse, responses=_ERRORS,
+             openapi_extra=body_schema(TextSearchRequest))
+async def search_text(request: Request) -> Response:
     """Text -> images: the query text's vector searched in the image index."""
+    body = await read_body(request, TextSearchRequest)
     state = service_state(request)
     _check_k(body.k, state)
     current, index = state.index_for("image")
@@ -147,9 +167,11 @@ async def search_text(body: TextSearchRequest, request: Request) -> Response:
     return _search_response(hits, current)
 
 
-@router.post("/search/image", response_model=SearchResponse, responses=_ERRORS)
-async def search_image(body: ImageSearchRequest, request: Request) -> Response:
+@router.post("/search/image", response_model=SearchResponse, responses=_ERRORS,
+             openapi_extra=body_schema(ImageSearchRequest))
+async def search_image(request: Request) -> Response:
     """Image -> texts: the query image's vector searched in the text index."""
+    body = await read_body(request, ImageSearchRequest)
     state = service_state(request)
     _check_k(body.k, state)
     current, index = state.index_for("text")

@@ -463,6 +463,11 @@ async def test_healthz_and_info(make_client, tiny_model) -> None:
         assert info["runtime"]["text_search_on_device"] is False  # no index
         schema = (await client.get("/openapi.json")).json()
         assert {"/embed", "/search/text", "/search/image"} <= set(schema["paths"])
+        bodies = {path: schema["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]
+                  for path in ("/embed", "/search/text", "/search/image", "/classify")}
+        assert set(bodies["/embed"]["properties"]) == {"texts", "images"}  # routes that read their own body
+        assert set(bodies["/search/text"]["properties"]) == {"text", "k", "nprobe", "ef_search"}
+        assert "image" in bodies["/search/image"]["properties"] and "$ref" in bodies["/classify"]  # a body parameter
 
 
 async def test_local_dir_written_without_clipsearch_serves_open_clips_vectors(tmp_path, make_client) -> None:

@@ -74,16 +74,23 @@ def test_numbers_past_64_bits_still_get_a_4xx_from_the_schemas() -> None:
 
 
 async def test_a_body_that_is_not_json_gets_a_422_naming_the_body(make_client, tiny_model) -> None:
+    """Both ways a body is read: `read_body` (/embed, /search/*: pydantic-core parses and
+    validates in one pass) and FastAPI's body parameter over `parse_json` (/classify)."""
+    cases = {b'{"texts": ["a"': "EOF while parsing a list at line 1 column 14",
+             b'{"texts":\n ["a"] x}': "at line 2 column", b"\xff\xfe": "at line 1 column 1", b"": "at line 1 column 0"}
     async with make_client(tiny_model) as client:
-        cases = {b'{"texts": ["a"': "EOF while parsing a list (byte 13)", b'{"texts": NaN}': "expected value (byte 10)",
-                 b'{"texts":\n ["a"] x}': "(byte 17)", b"\xff\xfe": "(byte 0)"}
-        for body, reason in cases.items():
-            r = await client.post("/embed", content=body, headers={"content-type": "application/json"})
-            assert r.status_code == 422, r.text
-            error = r.json()["error"]
-            assert error["field"] == "body" and error["message"].startswith("body: not valid JSON: "), error
-            assert reason in error["message"], error
+        for path in ("/embed", "/search/text", "/classify"):
+            for body, reason in cases.items():
+                r = await client.post(path, content=body, headers={"content-type": "application/json"})
+                assert r.status_code == 422, (path, body, r.text)
+                error = r.json()["error"]
+                if path == "/classify" and not body:  # FastAPI reads an empty body as a missing one
+                    assert error["message"] == "body: Field required", error
+                    continue
+                assert error["field"] == "body" and error["message"].startswith("body: not valid JSON: "), error
+                assert reason in error["message"], (path, error)
         for body, field in ((b'{"text": "x", "k": 1e400}', "k"), (b'{"text": "x", "k": -1e400}', "k"),
-                            (b'{"text": "x", "nprobe": 99999999999999999999999}', "nprobe")):
+                            (b'{"text": "x", "k": NaN}', "k"), (b'{"text": "x", "nprobe": 99999999999999999999999}',
+                                                              "nprobe")):
             r = await client.post("/search/text", content=body, headers={"content-type": "application/json"})
             assert r.status_code == 422 and r.json()["error"]["field"] == field, r.text
