@@ -100,6 +100,7 @@ def main() -> None:
         port = free_port()
         argv = [*argv, "--port", str(port)]
         with Server(argv, {**env, **extra}, port) as srv:
+            srv.wait_workers(int(extra.get("CLIPSEARCH_WORKERS", "1")))
             if ceiling is None:
                 ceiling = wrk(srv.base + "/healthz", None, **load)
                 record("load generator ceiling", "GET /healthz", ceiling)
