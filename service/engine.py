@@ -64,6 +64,16 @@ class Base64Jpeg:
 _JPEG_BASE64 = "/9j/"  # FF D8 FF, the start of every JPEG, in base64
 
 
+def looks_like_jpeg(image: str) -> bool:
+    """Whether a base64 image, or a `data:` URI (as browsers' FileReader makes), begins as a
+    JPEG does: such images take the per-batch path as `Base64Jpeg`, anything else the
+    prepare threads. Only a hint: the collate step checks the bytes."""
+    if image.startswith("data:"):
+        comma = image.find(",", 0, 256)
+        return comma > 0 and image.startswith(_JPEG_BASE64, comma + 1)
+    return image.startswith(_JPEG_BASE64)
+
+
 _HIT = np.dtype([("id", np.int64), ("score", np.float32)])
 
 
@@ -318,7 +328,7 @@ class Engine:
         self, images: Sequence[str], *, field: str = "images", disconnected: Disconnected | None = None
     ) -> np.ndarray:
         """base64 images -> L2-normalized float32 vectors, in input order."""
-        if self.jpegs_per_batch and all(image.startswith(_JPEG_BASE64) for image in images):
+        if self.jpegs_per_batch and all(map(looks_like_jpeg, images)):
             return await self.image.submit(
                 len(images), payload=[Base64Jpeg(item_name(field, i), image) for i, image in enumerate(images)],
                 timeout=self.settings.request_timeout_s, disconnected=disconnected,

@@ -245,6 +245,19 @@ async def test_batch_scope_decodes_jpegs_of_several_requests_in_one_call(make_cl
                                        "images[1]"]), calls
     assert all(len(c) == 1 for c in calls[1:]), calls
 
+    # JPEGs in base64 or as data: URIs skip the prepare threads on this path: the same vectors.
+    from service.engine import Engine
+
+    def no_prepare(self, images, field):
+        raise AssertionError(f"{field}: went through the prepare threads")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(Engine, "_prepare_images", no_prepare)
+        async with make_client(tiny_model, image_decode="torch", image_decode_scope="batch") as client:
+            r = await client.post("/embed", json={"images": [JPEGS[0], f"data:image/jpeg;base64,{JPEGS[1]}"]})
+    assert r.status_code == 200, r.text
+    np.testing.assert_allclose(np.asarray(r.json()["images"], np.float32), want[0], atol=1e-5)
+
     broken_header = base64.b64encode(b"\xff\xd8\xff\xe0" + bytes(40)).decode()
     oversize = base64.b64encode(base64.b64decode(JPEGS[1]) + bytes(300_000)).decode()
     failing = [[JPEGS[0], "/9j/4AAQ!!!!"], [broken_header], [JPEGS[2], oversize]]
