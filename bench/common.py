@@ -144,15 +144,18 @@ class Server:
             time.sleep(0.3)
         raise RuntimeError("server did not become ready")
 
-    def wait_workers(self, workers: int, timeout: float = 600) -> None:
+    def wait_workers(self, workers: int, timeout: float = 180) -> None:
         """With several server processes, wait until each has answered (GET / over fresh
         connections gives the answering worker's pid): a worker still loading when wrk opens
-        its connections would get none of them for the whole run."""
+        its connections would get none of them for the whole run. Past `timeout` it says how
+        many answered and goes on (a shared socket might keep favouring some workers)."""
         seen: set[int] = set()
         deadline = time.monotonic() + timeout
         while workers > 1 and len(seen) < workers:
             if time.monotonic() > deadline:
-                raise RuntimeError(f"only {len(seen)} of {workers} workers answered")
+                print(f"  only {len(seen)} of {workers} workers answered in {timeout:.0f} s; measuring anyway",
+                      flush=True)
+                return
             try:
                 seen.add(httpx.get(self.base + "/", timeout=5).json()["runtime"]["pid"])
             except httpx.HTTPError:
