@@ -162,9 +162,17 @@ def test_torch_preprocess_on_cuda_is_faithful(tiny_model) -> None:
         assert per_batch.jpegs_per_batch
         collated = per_batch._collate_images([per_batch._prepare_images(JPEGS[:2], "images"),
                                               per_batch._prepare_images(JPEGS[2:], "images")])
+        # As requests of JPEGs reach it on a GPU: still in base64, one with a bad image.
+        from service.engine import Base64Jpeg
+
+        in_base64 = per_batch._collate_images([[Base64Jpeg("images[0]", JPEGS[0]), Base64Jpeg("images[1]", JPEGS[1])],
+                                               [Base64Jpeg("images[0]", "/9j/!!!!")],
+                                               [Base64Jpeg("images[0]", j) for j in JPEGS[2:]]])
     finally:
         tiny_model.device = torch.device("cpu")
     assert fast.device.type == "cuda" and collated.payload.device.type == "cuda" and not collated.failed
+    assert list(in_base64.failed) == [1] and in_base64.failed[1].field == "images[0]"
+    assert torch.equal(in_base64.payload[[0, 1, 3, 4]], collated.payload)
     for pixels in (fast, collated.payload):
         mae = (exact - pixels.cpu()).abs().mean(dim=(1, 2, 3))
         assert float(mae.max()) <= PIXEL_MAE, mae  # nvJPEG rounds unlike libjpeg-turbo: the looser bound
