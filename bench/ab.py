@@ -33,6 +33,7 @@ import statistics
 import sys
 import tempfile
 import threading
+from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,10 +47,7 @@ def connections_per_worker(port: int, server_pid: int) -> list[int]:
     fewest first (the server's own process holds none)."""
     from clipsearch.listen import port_sockets
 
-    counts: dict[int, int] = {}
-    for pids in port_sockets(port, "ESTABLISHED").values():
-        for pid in pids - {server_pid}:
-            counts[pid] = counts.get(pid, 0) + 1
+    counts = Counter(pid for pids in port_sockets(port, "ESTABLISHED").values() for pid in pids - {server_pid})
     return sorted(counts.values())
 
 

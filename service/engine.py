@@ -17,7 +17,7 @@ import torch
 
 from service.batcher import Collated, DynamicBatcher
 from service.errors import ClipsearchError, InvalidImage, InvalidInput, PayloadTooLarge
-from service.images import decode_base64
+from service.images import base64_looks_like_jpeg, decode_base64
 from service.metrics import Metrics
 from service.model import ClipModel
 from service.search import Hit, LoadedIndex, SearchParams
@@ -59,19 +59,6 @@ class Base64Jpeg:
 
     name: str
     data: str
-
-
-_JPEG_BASE64 = "/9j/"  # FF D8 FF, the start of every JPEG, in base64
-
-
-def looks_like_jpeg(image: str) -> bool:
-    """Whether a base64 image, or a `data:` URI (as browsers' FileReader makes), begins as a
-    JPEG does: such images take the per-batch path as `Base64Jpeg`, anything else the
-    prepare threads. Only a hint: the collate step checks the bytes."""
-    if image.startswith("data:"):
-        comma = image.find(",", 0, 256)
-        return comma > 0 and image.startswith(_JPEG_BASE64, comma + 1)
-    return image.startswith(_JPEG_BASE64)
 
 
 _HIT = np.dtype([("id", np.int64), ("score", np.float32)])
@@ -216,10 +203,12 @@ class Engine:
         pairs = [pair for p in payloads for pair in p]
         return TextQueries(self.model.tokenize([text for text, _ in pairs]), [job for _, job in pairs])
 
+    def _raw(self, data: str, name: str) -> bytes:
+        return decode_base64(data, field=name, max_bytes=self.settings.max_image_bytes)
+
     def _prepare_images(self, images: Sequence[str], field: str) -> torch.Tensor | list[torch.Tensor | Jpeg]:
         names = [item_name(field, i) for i in range(len(images))]
-        raws = [decode_base64(data, field=name, max_bytes=self.settings.max_image_bytes)
-                for data, name in zip(images, names, strict=True)]
+        raws = [self._raw(data, name) for data, name in zip(images, names, strict=True)]
         if self.jpegs_per_batch:  # checked here (bad base64, headers, limits); decoded in `_collate_images`
             return self._decoder.split(raws, names)
         return self._decoder.pixels(raws, names, self.model.device)
@@ -232,8 +221,7 @@ class Engine:
         return gather_rows(payloads, self.model.device)
 
     def _check_jpeg(self, item: Base64Jpeg) -> torch.Tensor | Jpeg:
-        raw = decode_base64(item.data, field=item.name, max_bytes=self.settings.max_image_bytes)
-        return self._decoder.split([raw], [item.name])[0]
+        return self._decoder.split([self._raw(item.data, item.name)], [item.name])[0]
 
     def _collate_images(self, payloads: list[list[torch.Tensor | Jpeg | Base64Jpeg]]) -> Collated:
         """All JPEGs of a batch in one decoder call (those still in base64 are decoded and
@@ -328,7 +316,7 @@ class Engine:
         self, images: Sequence[str], *, field: str = "images", disconnected: Disconnected | None = None
     ) -> np.ndarray:
         """base64 images -> L2-normalized float32 vectors, in input order."""
-        if self.jpegs_per_batch and all(map(looks_like_jpeg, images)):
+        if self.jpegs_per_batch and all(map(base64_looks_like_jpeg, images)):
             return await self.image.submit(
                 len(images), payload=[Base64Jpeg(item_name(field, i), image) for i, image in enumerate(images)],
                 timeout=self.settings.request_timeout_s, disconnected=disconnected,

@@ -23,6 +23,16 @@ _URLSAFE = bytes.maketrans(b"-_", b"+/")
 _WHITESPACE = b" \t\n\r\x0b\x0c"
 
 
+_JPEG_BASE64 = "/9j/"  # FF D8 FF, the start of every JPEG, in base64
+
+
+def base64_looks_like_jpeg(data: str) -> bool:
+    """Whether a base64 image (or a `data:` URI, as browsers' FileReader makes) begins as a
+    JPEG does, without decoding it: a hint for routing, the bytes are checked later."""
+    match = _DATA_URI.match(data)
+    return data.startswith(_JPEG_BASE64, match.end() if match else 0)
+
+
 def decode_base64(data: str, *, field: str, max_bytes: int) -> bytes:
     """Decode one base64 string (either alphabet, padding optional); errors name `field`."""
     match = _DATA_URI.match(data)
