@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import os
 from collections.abc import Awaitable, Callable, Coroutine
@@ -80,10 +81,40 @@ class _JsonRequest(Request):
         return self._json
 
 
-class _JsonRoute(APIRoute):
-    """FastAPI's documented hook for a custom request class on every route of a router."""
+def _takes_only_the_request(route: APIRoute) -> bool:
+    """An async endpoint whose one parameter is the request: nothing for FastAPI to solve."""
+    d = route.dependant
+    return (
+        inspect.iscoroutinefunction(route.endpoint)
+        and len(inspect.signature(route.endpoint).parameters) == 1
+        and d.request_param_name is not None
+        and not (d.path_params or d.query_params or d.header_params or d.cookie_params or d.body_params
+                 or d.dependencies)
+    )
+
+
+class _Route(APIRoute):
+    """The routes of this router. FastAPI's documented hook (a custom route class) is used twice:
+
+    - an endpoint that takes only the request (the hot routes, which read their own body with
+      `read_body`) is called directly, without FastAPI's request handler: dependency solving,
+      endpoint context, telemetry and serialization hooks do nothing for it, yet cost ~15 % of a
+      one-text request's event-loop time (bench/NOTES.md, session 9). Errors still reach the
+      app's exception handlers (Starlette's wrapper around every route stays);
+    - every other route parses its JSON body with `parse_json`.
+    """
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        if _takes_only_the_request(self):
+            endpoint = self.endpoint
+
+            async def direct(request: Request) -> Response:
+                response = await endpoint(request)
+                if not isinstance(response, Response):  # such an endpoint builds its own response
+                    raise TypeError(f"{endpoint.__name__} returned {type(response).__name__}, not a Response")
+                return response
+
+            return direct
         handler = super().get_route_handler()
 
         async def route(request: Request) -> Response:
@@ -92,7 +123,7 @@ class _JsonRoute(APIRoute):
         return route
 
 
-router = APIRouter(route_class=_JsonRoute)
+router = APIRouter(route_class=_Route)
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse} for code in (400, 413, 422, 429, 503, 504)

@@ -470,6 +470,31 @@ async def test_healthz_and_info(make_client, tiny_model) -> None:
         assert "image" in bodies["/search/image"]["properties"] and "$ref" in bodies["/classify"]  # a body parameter
 
 
+async def test_hot_routes_skip_fastapis_request_handler_and_keep_their_errors(make_client, tiny_model,
+                                                                              monkeypatch) -> None:
+    """/embed and the searches are called without FastAPI's dependency solving (their event-loop cost);
+    routes with parameters keep it, and the hot routes' errors still go through the app's handlers."""
+    import fastapi.routing
+
+    solved: list[str] = []
+    solve = fastapi.routing.solve_dependencies
+
+    async def counting(*args, **kwargs):
+        solved.append(kwargs["request"].url.path)
+        return await solve(*args, **kwargs)
+
+    monkeypatch.setattr(fastapi.routing, "solve_dependencies", counting)
+    async with make_client(tiny_model) as client:
+        assert (await client.post("/embed", json={"texts": ["a dog"]})).status_code == 200
+        bad = await client.post("/embed", json={"texts": [3]})
+        assert bad.status_code == 422 and bad.json()["error"]["field"] == "texts[0]"
+        assert (await client.post("/search/text", json={"text": "a dog"})).status_code == 503  # no index
+        assert solved == []
+        classify = {"image": encode_image(make_image(1), "PNG"), "labels": ["a", "b"]}
+        assert (await client.post("/classify", json=classify)).status_code == 200
+        assert solved == ["/classify"]
+
+
 async def test_local_dir_written_without_clipsearch_serves_open_clips_vectors(tmp_path, make_client) -> None:
     """Done-when: a random local-dir model made outside the project (plain open_clip + safetensors)."""
     import json
