@@ -5,7 +5,9 @@ matters is microseconds of loop time per request. This calls the ASGI app direct
 `--clients` concurrent callers (distinct texts), with the real batcher, and prints
 requests/s and µs of wall time per request; with `--stub-model` the model returns
 constant vectors, which leaves the HTTP-framework + batcher + tokenizer cost alone.
-Every answer must be a 200. Compare runs of this script taken on the same machine.
+Every answer must be a 200. Compare runs of this script taken on the same machine,
+interleaved, and pinned to one core for A/B (`taskset -c 1 python bench/loop_cost.py ...`):
+on the 2-core CI machine unpinned runs spread ±20 %, pinned ones ±8 % (bench/NOTES.md).
 
     python bench/loop_cost.py                    # real tiny model, batched
     python bench/loop_cost.py --stub-model       # framework + batcher only
