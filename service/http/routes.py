@@ -98,9 +98,10 @@ class _Route(APIRoute):
 
     - an endpoint that takes only the request (the hot routes, which read their own body with
       `read_body`) is called directly, without FastAPI's request handler: dependency solving,
-      endpoint context, telemetry and serialization hooks do nothing for it, yet cost ~15 % of a
+      endpoint context, telemetry and serialization hooks do nothing for it, yet cost ~20 % of a
       one-text request's event-loop time (bench/NOTES.md, session 9). Errors still reach the
-      app's exception handlers (Starlette's wrapper around every route stays);
+      app's exception handlers (Starlette's wrapper around every route stays). The check reads
+      the route's own parameters: `create_app` includes this router without dependencies;
     - every other route parses its JSON body with `parse_json`.
     """
 
