@@ -103,6 +103,21 @@ def build_index(index_dir: Path, model, n: int, seed: int = 0) -> float:
     return time.perf_counter() - t0
 
 
+def stub_model(state) -> None:
+    """Replace a built service state's model calls with constant vectors, and its JPEG decoder
+    with blank pixels: what remains is the service's own Python (HTTP, the framework, the
+    batcher, tokenizing, base64), the bound of one server process in front of a GPU."""
+    import torch
+
+    dim, size = state.engine.dim, state.model.image_size
+    state.model.encode_tokens = lambda tokens: np.full((tokens.shape[0], dim), dim ** -0.5, np.float32)
+    state.model.encode_pixels = lambda pixels: np.full((pixels.shape[0], dim), dim ** -0.5, np.float32)
+    decoder = getattr(state.engine, "_decoder", None)
+    if decoder is not None:
+        object.__setattr__(decoder, "decode_jpegs",  # a frozen dataclass
+                           lambda jpegs, device: [torch.zeros(3, *size) for _ in jpegs])
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -28,13 +28,12 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import orjson
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import bench_texts, jpeg_b64  # noqa: E402
+from bench.common import bench_texts, jpeg_b64, stub_model  # noqa: E402
 
 
 def _scope(body: bytes) -> dict:
@@ -81,13 +80,7 @@ async def _run(args: argparse.Namespace, profiler: cProfile.Profile | None = Non
                         **({"image_decode": "torch", "image_decode_scope": "batch"} if image else {}))
     state = ServiceState.build(settings)
     if args.stub_model:
-        import torch
-
-        dim, size = state.engine.dim, state.model.image_size
-        state.model.encode_tokens = lambda tokens: np.full((tokens.shape[0], dim), dim ** -0.5, np.float32)
-        state.model.encode_pixels = lambda pixels: np.full((pixels.shape[0], dim), dim ** -0.5, np.float32)
-        object.__setattr__(state.engine._decoder, "decode_jpegs",  # a frozen dataclass
-                           lambda jpegs, device: [torch.zeros(3, *size) for _ in jpegs])
+        stub_model(state)
     app = create_app(settings, state=state)
     app.state.service = state
     if image:

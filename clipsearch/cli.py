@@ -74,6 +74,8 @@ def serve(
     warmup: Annotated[bool | None, typer.Option(help="run the model on dummy input before serving [on]")] = None,
     cuda_graphs: Annotated[bool | None, typer.Option(
         help="on a GPU, replay the model from CUDA graphs at bucketed batch sizes [on]")] = None,
+    cuda_wait: Annotated[str | None, typer.Option(
+        help="on a GPU, how the model thread waits for a batch: sleep (blocking event) or spin [sleep]")] = None,
     max_items_per_request: Annotated[int | None, typer.Option(help="items per /embed request [64]")] = None,
     max_text_chars: Annotated[int | None, typer.Option(help="longest text [2000]")] = None,
     max_image_bytes: Annotated[int | None, typer.Option(help="largest image in bytes [10 MiB]")] = None,

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from service.cuda_wait import to_numpy
 from service.errors import ModelLoadError
 from service.fsutil import atomic_dir, sha256_file
 from service.graphs import BucketedGraphs, Capture, batch_buckets, capture_cuda, length_buckets
@@ -175,7 +176,7 @@ class ClipModel:
     def encode_tokens(self, tokens: torch.Tensor) -> np.ndarray:
         """Token ids -> vectors. Padding past the batch's longest text is cut off where
         the architecture makes that exact (causal mask, EOT pooling); see `trim_padding`."""
-        return self.text_vectors(tokens).cpu().numpy()
+        return to_numpy(self.text_vectors(tokens))
 
     @torch.inference_mode()
     def text_vectors(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -192,7 +193,7 @@ class ClipModel:
             pixels = pixels.pin_memory()  # page-locked: the copy below runs asynchronously
         pixels = pixels.to(self.device, dtype=self.dtype, non_blocking=True)
         features = self._graphs.get("image") or self._image_features
-        return features(pixels).cpu().numpy()
+        return to_numpy(features(pixels))
 
     @property
     def graphed_towers(self) -> list[str]:

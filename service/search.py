@@ -115,7 +115,10 @@ class TorchExactBackend:
     def __init__(self, vectors: np.ndarray, *, device: str = "cuda", dtype: str = "auto") -> None:
         import torch
 
+        from service.cuda_wait import to_numpy_all
+
         self._torch = torch
+        self._to_numpy_all = to_numpy_all
         self.device = torch.device(device)
         if dtype == "auto":
             tdtype = torch.float16 if self.device.type == "cuda" else torch.float32
@@ -135,8 +138,8 @@ class TorchExactBackend:
             scores = (q @ self.vectors.T).float()
             kk = min(k, self.ntotal)
             top = torch.topk(scores, kk, dim=1)
-            s = top.values.cpu().numpy()
-            i = top.indices.cpu().numpy().astype(np.int64)
+            s, i = self._to_numpy_all(top.values, top.indices)  # one wait for the GPU
+            i = i.astype(np.int64)
         if kk < k:  # pad like FAISS does, so callers see one convention
             s = np.pad(s, ((0, 0), (0, k - kk)), constant_values=-np.inf)
             i = np.pad(i, ((0, 0), (0, k - kk)), constant_values=-1)

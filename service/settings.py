@@ -73,6 +73,10 @@ class Settings(BaseSettings):
         "4 ... max_batch_size (at most 64), so a lone query skips ~5 ms of kernel launches; each tower is "
         "checked against eager at start and stays eager if they differ. No effect on the CPU",
     )
+    cuda_wait: Literal["sleep", "spin"] = Field(
+        "sleep", description="on a GPU, how the model thread waits for a batch: asleep on a blocking CUDA event, "
+        "or CUDA's default busy-polling, which holds a core per server process while the GPU works",
+    )
     preprocess_workers: int = Field(
         default_factory=lambda: min(32, os.cpu_count() or 1),
         ge=1,

@@ -6,6 +6,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 
+from service.cuda_wait import set_cuda_wait
 from service.engine import Engine
 from service.errors import IndexLoadError, IndexRefused, ModelLoadError, NotReady
 from service.index_format import Modality
@@ -47,6 +48,7 @@ class ServiceState:
 
             # Several worker processes share the cores.
             torch.set_num_threads(settings.torch_threads or max(1, ((os.cpu_count() or 2) - 1) // settings.workers))
+        set_cuda_wait(settings.cuda_wait)  # process-wide, like the thread count above
         if model.info.fingerprint.startswith("random:"):
             log.warning("serving %s with RANDOM weights: vectors are meaningless outside tests and demos",
                         model.info.spec)

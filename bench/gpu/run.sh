@@ -6,6 +6,7 @@
 #   bash bench/gpu/run.sh c   # A/B: text search in one step on the GPU vs encode-then-search
 #   W=8 bash bench/gpu/run.sh d    # A/B: W processes on one shared socket vs a socket each (--reuse-port)
 #   W=8 bash bench/gpu/run.sh e    # W processes on one GPU: time-sliced CUDA contexts, then under MPS
+#   W=8 bash bench/gpu/run.sh f    # A/B: W processes whose model threads spin on the GPU (A) or sleep (B)
 #   W=6 bash bench/gpu/run.sh all  # one call: GPU tests, decode stages, builder, W processes, full suite
 # Logs and JSON land under $OUT.
 # A rehearsal on a machine without a GPU (every command with the tiny model on the CPU, no
@@ -70,6 +71,14 @@ case "${1:-}" in
       echo "nvidia-cuda-mps-control not found: no MPS run"
     fi
     ;;
+  f)
+    # Each process's model thread waits on nearly every batch under load: spinning, W of the
+    # 16 cores are busy doing nothing that the event loops and wrk could use.
+    echo "== A/B: $W server processes, CUDA waits spinning (A) vs asleep on a blocking event (B); text"
+    timeout 560 $PY bench/ab.py "${model[@]}" --path text --clients 16,256 --rounds 2 --duration 4 --threads 4 \
+      --set CLIPSEARCH_WORKERS="$W" CLIPSEARCH_MAX_BATCH_SIZE=256 --a CLIPSEARCH_CUDA_WAIT=spin \
+      --b CLIPSEARCH_CUDA_WAIT=sleep 2>&1 | tee "$OUT/ab-cuda-wait.log"
+    ;;
   all)
     # One call (a fresh machine takes a minute to start): tests, decode stages, the index
     # builder, the suite with several server processes, then the full suite in one process.
@@ -88,5 +97,5 @@ case "${1:-}" in
     timeout 230 $PY bench/suite.py "${model[@]}" --image-decode torch --max-batch-size 256 --duration 4 \
       --threads 4 --json "$OUT/suite-1.json" 2>&1 | tee "$OUT/suite-1.log"
     ;;
-  *) echo "usage: bash bench/gpu/run.sh a|b|c|d|e|all" >&2; exit 2 ;;
+  *) echo "usage: bash bench/gpu/run.sh a|b|c|d|e|f|all" >&2; exit 2 ;;
 esac
