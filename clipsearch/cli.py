@@ -74,6 +74,9 @@ def serve(
     warmup: Annotated[bool | None, typer.Option(help="run the model on dummy input before serving [on]")] = None,
     cuda_graphs: Annotated[bool | None, typer.Option(
         help="on a GPU, replay the model from CUDA graphs at bucketed batch sizes [on]")] = None,
+    worker_cpus: Annotated[int | None, typer.Option(
+        help="keep each server process's threads on this many cores of its own (Linux; for GPU servers) [0: off]"
+    )] = None,
     cuda_wait: Annotated[str | None, typer.Option(
         help="on a GPU, how the model thread waits for a batch: sleep (blocking event) or spin [sleep]")] = None,
     max_items_per_request: Annotated[int | None, typer.Option(help="items per /embed request [64]")] = None,
@@ -115,6 +118,7 @@ def serve(
     import uvicorn
 
     from clipsearch.listen import reuse_port_available, run_workers
+    from service.affinity import lock_dir_for, pin_process
     from service.http.app import create_app
     from service.metrics import MULTIPROC_ENV
     from service.state import ServiceState
@@ -130,6 +134,8 @@ def serve(
     given = os.environ.get(MULTIPROC_ENV)
     if given:  # this process writes its metrics there too (prometheus_client saw the variable at import)
         Path(given).mkdir(parents=True, exist_ok=True)
+    if settings.workers == 1:  # before the model is loaded: its threads are started on these cores
+        pin_process(settings.worker_cpus, lock_dir_for(settings.port))
     try:
         state = ServiceState.build(check)
     except ClipsearchError as exc:

@@ -73,6 +73,11 @@ class Settings(BaseSettings):
         "4 ... max_batch_size (at most 64), so a lone query skips ~5 ms of kernel launches; each tower is "
         "checked against eager at start and stays eager if they differ. No effect on the CPU",
     )
+    worker_cpus: int = Field(
+        0, ge=0, le=1024, description="keep each server process's threads on this many cores of its own "
+        "(Linux; 0: off). For GPU servers, where one process's Python is its bound; on the CPU the model's "
+        "threads get only these cores too",
+    )
     cuda_wait: Literal["sleep", "spin"] = Field(
         "sleep", description="on a GPU, how the model thread waits for a batch: asleep on a blocking CUDA event, "
         "or CUDA's default busy-polling, which holds a core per server process while the GPU works",

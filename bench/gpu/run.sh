@@ -7,6 +7,7 @@
 #   W=8 bash bench/gpu/run.sh d    # A/B: W processes on one shared socket vs a socket each (--reuse-port)
 #   W=8 bash bench/gpu/run.sh e    # W processes on one GPU: time-sliced CUDA contexts, then under MPS
 #   W=8 bash bench/gpu/run.sh f    # A/B: W processes whose model threads spin on the GPU (A) or sleep (B)
+#   W=8 bash bench/gpu/run.sh g    # A/B: W processes left to the OS (A) or each on a core of its own (B)
 #   W=6 bash bench/gpu/run.sh all  # one call: GPU tests, decode stages, builder, W processes, full suite
 # Logs and JSON land under $OUT.
 # A rehearsal on a machine without a GPU (every command with the tiny model on the CPU, no
@@ -79,6 +80,18 @@ case "${1:-}" in
       --set CLIPSEARCH_WORKERS="$W" CLIPSEARCH_MAX_BATCH_SIZE=256 --a CLIPSEARCH_CUDA_WAIT=spin \
       --b CLIPSEARCH_CUDA_WAIT=sleep 2>&1 | tee "$OUT/ab-cuda-wait.log"
     ;;
+  g)
+    # One process is bound by its own Python; its threads hand work to each other under one GIL,
+    # and across cores each hand-off pays a wake-up (1.6-1.8x in-process on the CPU when kept on
+    # one core). W workers take W of the 16 cores; wrk and the OS keep the rest.
+    echo "== A/B: $W server processes left to the OS (A) vs each on a core of its own (B); text, image, search"
+    for path in text image search; do
+      timeout 180 $PY bench/ab.py "${model[@]}" --path $path --clients 16,256 --rounds 1 --duration 4 --threads 4 \
+        --set CLIPSEARCH_WORKERS="$W" CLIPSEARCH_MAX_BATCH_SIZE=256 CLIPSEARCH_IMAGE_DECODE=torch \
+        CLIPSEARCH_SEARCH_BACKEND=torch --a CLIPSEARCH_WORKER_CPUS=0 --b CLIPSEARCH_WORKER_CPUS=1 2>&1 \
+        | tee "$OUT/ab-worker-cpus-$path.log"
+    done
+    ;;
   all)
     # One call (a fresh machine takes a minute to start): tests, decode stages, the index
     # builder, the suite with several server processes, then the full suite in one process.
@@ -97,5 +110,5 @@ case "${1:-}" in
     timeout 230 $PY bench/suite.py "${model[@]}" --image-decode torch --max-batch-size 256 --duration 4 \
       --threads 4 --json "$OUT/suite-1.json" 2>&1 | tee "$OUT/suite-1.log"
     ;;
-  *) echo "usage: bash bench/gpu/run.sh a|b|c|d|e|f|all" >&2; exit 2 ;;
+  *) echo "usage: bash bench/gpu/run.sh a|b|c|d|e|f|g|all" >&2; exit 2 ;;
 esac

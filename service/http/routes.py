@@ -300,6 +300,7 @@ async def info(state: State) -> Response:
             "exif_orientation": settings.exif_orientation,
             "workers": settings.workers,
             "pid": os.getpid(),
+            "cpus": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         },
         "search_backend": state.backend,
         "index": None if current is None else {

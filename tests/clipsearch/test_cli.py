@@ -194,11 +194,13 @@ def test_workers_share_the_port_and_report_metrics_together(tiny_spec: str, tiny
 def test_reuse_port_gives_each_worker_a_socket_of_its_own(tiny_spec: str) -> None:
     """--reuse-port: each worker listens on a socket of its own (bound with SO_REUSEPORT, listening
     once its app has started), fresh connections reach both, and a second service started on
-    the same port fails instead of quietly taking a share of the connections."""
+    the same port fails instead of quietly taking a share of the connections. With
+    --worker-cpus 1 (where there are two cores to give) each worker also runs on a core of its own."""
     port = free_port()
     env = {"CLIPSEARCH_MODEL": tiny_spec}
+    pin = len(os.sched_getaffinity(0)) >= 2
     args = ("serve", "--workers", "2", "--reuse-port", "--host", "127.0.0.1", "--port", str(port), "--device", "cpu",
-            "--log-level", "warning")
+            "--log-level", "warning", *(("--worker-cpus", "1") if pin else ()))
     proc = subprocess.Popen([sys.executable, "-m", "clipsearch", *args], cwd=ROOT, env={**os.environ, **env},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
@@ -211,8 +213,11 @@ def test_reuse_port_gives_each_worker_a_socket_of_its_own(tiny_spec: str) -> Non
         assert len(holders) == 2 and all(len(h) == 1 for h in holders.values()), holders
         workers = set().union(*holders.values())
         assert len(workers) == 2 and proc.pid not in workers
-        answered = {httpx.get(f"{base}/", timeout=30).json()["runtime"]["pid"] for _ in range(40)}
-        assert answered == workers  # each new connection is hashed to one of the two sockets
+        runtimes = {(r := httpx.get(f"{base}/", timeout=30).json()["runtime"])["pid"]: r["cpus"] for _ in range(40)}
+        assert set(runtimes) == workers  # each new connection is hashed to one of the two sockets
+        if pin:
+            cores = sorted(tuple(c) for c in runtimes.values())
+            assert all(len(c) == 1 for c in cores) and cores[0] != cores[1], runtimes
 
         second = run_cli(*args, env=env)
         assert second.returncode != 0 and "address already in use" in second.stderr.lower(), second.stderr
