@@ -3,8 +3,9 @@
 One server process is bound by its own Python: the event loop, the batcher's stager thread
 and the model thread hand work to each other under one GIL. Left to the OS, those threads
 wake each other on different cores, often idle ones, and each hand-off pays a cross-core
-wake-up and cold caches. Kept on one core, the same process answered 1.6-1.8x the requests
-in-process (`bench/loop_cost.py --stub-model`, bench/NOTES.md, session 9). On a GPU server,
+wake-up and cold caches. Kept on one core, the same process answered ~1.3x the requests
+in-process with the model stubbed (0.95-1.45x in six interleaved pairs, `bench/loop_cost.py
+--stub-model`, bench/NOTES.md, session 9). On a GPU server,
 where the model's math is on the GPU and its waits sleep (`service/cuda_wait.py`), a core or
 two per worker process is all its Python can use anyway. On the CPU the model's own threads
 get only these cores too, so it is off by default.

@@ -82,7 +82,7 @@ case "${1:-}" in
     ;;
   g)
     # One process is bound by its own Python; its threads hand work to each other under one GIL,
-    # and across cores each hand-off pays a wake-up (1.6-1.8x in-process on the CPU when kept on
+    # and across cores each hand-off pays a wake-up (~1.3x in-process on the CPU when kept on
     # one core). W workers take W of the 16 cores; wrk and the OS keep the rest.
     echo "== A/B: $W server processes left to the OS (A) vs each on a core of its own (B); text, image, search"
     for path in text image search; do
