@@ -50,10 +50,13 @@ def to_numpy_all(*tensors: torch.Tensor) -> list[np.ndarray]:
         host = torch.empty(t.shape, dtype=t.dtype, pin_memory=t.device.type == "cuda")
         host.copy_(t.detach(), non_blocking=True)
         hosts.append(host)
-    if _mode == "sleep":
-        done = torch.cuda.Event(blocking=True)
-        done.record()
-        done.synchronize()
-    else:
-        torch.cuda.current_stream().synchronize()
+    # The copies ran on each device's current stream (a model may live on cuda:1): wait on those.
+    for device in dict.fromkeys(t.device for t in tensors if t.device.type == "cuda"):
+        stream = torch.cuda.current_stream(device)
+        if _mode == "sleep":
+            done = torch.cuda.Event(blocking=True)
+            done.record(stream)
+            done.synchronize()
+        else:
+            stream.synchronize()
     return [host.numpy() for host in hosts]
