@@ -45,9 +45,17 @@ def pin_process(per_process: int, lock_dir: Path) -> list[int] | None:
 
     allowed = sorted(os.sched_getaffinity(0))
     blocks = [allowed[i : i + per_process] for i in range(0, len(allowed) - per_process + 1, per_process)]
-    lock_dir.mkdir(parents=True, exist_ok=True)
+    if not blocks:
+        log.warning("worker_cpus: %d is more than the %d cores this process may use; not pinned",
+                    per_process, len(allowed))
+        return None
     for block in blocks:
-        fd = os.open(lock_dir / f"cpu{block[0]}.lock", os.O_CREAT | os.O_RDWR, 0o600)
+        try:
+            lock_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(lock_dir / f"cpu{block[0]}.lock", os.O_CREAT | os.O_RDWR, 0o600)
+        except OSError as exc:  # e.g. another user's directory of that name: serve, unpinned
+            log.warning("worker_cpus: cannot use %s (%s); not pinned", lock_dir, exc)
+            return None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:

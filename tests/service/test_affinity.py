@@ -55,3 +55,18 @@ def test_each_process_takes_a_free_core_and_a_finished_ones_core_is_taken_again(
                 assert child.stdin is not None
                 child.stdin.close()
                 child.wait(timeout=30)
+
+
+def test_what_cannot_be_pinned_is_served_unpinned(tmp_path: Path, caplog) -> None:
+    """More cores than there are, or a lock directory that cannot be made: a warning, no pin,
+    and the process's cores unchanged (the test process itself: nothing here pins it)."""
+    from service.affinity import pin_process
+
+    before = os.sched_getaffinity(0)
+    blocked = tmp_path / "file"
+    blocked.write_text("")  # a file where the directory would go
+    assert pin_process(len(before) + 1, tmp_path / "locks") is None
+    assert pin_process(1, blocked / "locks") is None
+    assert pin_process(0, tmp_path / "locks") is None
+    assert os.sched_getaffinity(0) == before
+    assert "more than the" in caplog.text and "cannot use" in caplog.text
