@@ -118,7 +118,6 @@ def serve(
     import uvicorn
 
     from clipsearch.listen import reuse_port_available, run_workers
-    from service.affinity import lock_dir_for, pin_process
     from service.http.app import create_app
     from service.metrics import MULTIPROC_ENV
     from service.state import ServiceState
@@ -130,12 +129,11 @@ def serve(
     # With several workers the model is only checked here (on the CPU, with the index):
     # each worker loads its own copy.
     check = settings if settings.workers == 1 else settings.model_copy(update={
-        "device": "cpu", "dtype": "fp32", "warmup": False, "cuda_graphs": False, "search_backend": "faiss-cpu"})
+        "device": "cpu", "dtype": "fp32", "warmup": False, "cuda_graphs": False, "search_backend": "faiss-cpu",
+        "worker_cpus": 0})  # the supervisor keeps all cores: each worker pins itself
     given = os.environ.get(MULTIPROC_ENV)
     if given:  # this process writes its metrics there too (prometheus_client saw the variable at import)
         Path(given).mkdir(parents=True, exist_ok=True)
-    if settings.workers == 1:  # before the model is loaded: its threads are started on these cores
-        pin_process(settings.worker_cpus, lock_dir_for(settings.port))
     try:
         state = ServiceState.build(check)
     except ClipsearchError as exc:

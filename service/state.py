@@ -6,6 +6,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 
+from service.affinity import lock_dir_for, pin_process
 from service.cuda_wait import set_cuda_wait
 from service.engine import Engine
 from service.errors import IndexLoadError, IndexRefused, ModelLoadError, NotReady
@@ -39,6 +40,8 @@ class ServiceState:
         readiness reports why, while `/embed` keeps working.
         """
         metrics = metrics or Metrics()
+        # Process-wide, before the model starts its threads (any thread of the process may call this).
+        pin_process(settings.worker_cpus, lock_dir_for(settings.port))
         if model is None:
             model = load_model(settings.model, settings.pretrained, settings.device, settings.dtype)
         if settings.torch_threads is not None or model.info.device == "cpu":

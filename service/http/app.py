@@ -11,7 +11,6 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from service.affinity import lock_dir_for, pin_process
 from service.http.errors import install_error_handlers
 from service.http.middleware import BodyLimitMiddleware, MetricsMiddleware
 from service.http.routes import router
@@ -90,6 +89,4 @@ def app_from_env() -> FastAPI:
     `clipsearch serve` is preferred: it loads them before binding the port and exits
     with a one-line reason when it cannot.
     """
-    settings = Settings()
-    pin_process(settings.worker_cpus, lock_dir_for(settings.port))  # each worker, before its model loads
-    return create_app(settings)
+    return create_app(Settings())
