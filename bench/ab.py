@@ -7,14 +7,10 @@ path on loopback, bounded in time; the load generator's ceiling against /healthz
 measured in the same run. Prints every round, then per client count the medians and the
 ratios B/A (throughput; p50 and p99 latency).
 
-    # text search in one step on the device vs encode-then-search (torch index on the CPU)
-    python bench/ab.py --path search --set CLIPSEARCH_SEARCH_BACKEND=torch \\
-        --a CLIPSEARCH_TEXT_SEARCH_ON_DEVICE=false --b CLIPSEARCH_TEXT_SEARCH_ON_DEVICE=true
     # one server process vs two
     python bench/ab.py --path text --a CLIPSEARCH_WORKERS=1 --b CLIPSEARCH_WORKERS=2
-    # four processes on one shared listening socket vs a socket each (SO_REUSEPORT)
-    python bench/ab.py --path text --clients 256 --set CLIPSEARCH_WORKERS=4 \
-        --a CLIPSEARCH_REUSE_PORT=false --b CLIPSEARCH_REUSE_PORT=true
+    # exact vs torch image decoding
+    python bench/ab.py --path image --a CLIPSEARCH_IMAGE_DECODE=exact --b CLIPSEARCH_IMAGE_DECODE=torch
 
 With several workers (Linux) each round also prints how wrk's connections were spread over
 the worker processes, counted halfway through the run.
@@ -99,7 +95,7 @@ def main() -> None:
     ceiling: dict[int, list[float]] = {}
     try:
         if args.path == "search":
-            from service.model import load_model
+            from clipsearch.core.model import load_model
 
             took = build_index(work / "index", load_model(args.model, args.pretrained, "cpu"), args.index_size)
             print(f"built a {args.index_size:,}-vector index in {took:.1f} s", flush=True)

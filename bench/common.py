@@ -58,7 +58,7 @@ def decode_rate(model, image_b64: str, seconds: float) -> float:
     work per image that the service and the builder must also do."""
     from PIL import Image
 
-    from service.images import decode_base64
+    from clipsearch.core.images import decode_base64
 
     return rate(lambda: model.preprocess(Image.open(io.BytesIO(decode_base64(image_b64, field="image",
                                                                              max_bytes=1 << 30)))), 1, seconds)
@@ -70,8 +70,8 @@ def torch_decode_rate(model, image_b64: str, batch: int, seconds: float) -> floa
     the model's transform has no torch equivalent."""
     import torch
 
-    from service.images import decode_base64
-    from service.torch_preprocess import ImageDecoder, Jpeg
+    from clipsearch.core.decoder import ImageDecoder, Jpeg
+    from clipsearch.core.images import decode_base64
 
     decoder = ImageDecoder.create(model.preprocess_transform, "torch", model.image_size, 10**9)
     if decoder.torch_path is None:
@@ -89,7 +89,7 @@ def torch_decode_rate(model, image_b64: str, batch: int, seconds: float) -> floa
 
 def build_index(index_dir: Path, model, n: int, seed: int = 0) -> float:
     """A flat image index of `n` random unit vectors (search cost does not depend on content)."""
-    from service.index_format import ModelRef, write_index_from_vectors
+    from clipsearch.core.index_format import ModelRef, write_index_from_vectors
 
     t0 = time.perf_counter()
     rng = np.random.default_rng(seed)
@@ -106,16 +106,23 @@ def build_index(index_dir: Path, model, n: int, seed: int = 0) -> float:
 def stub_model(state) -> None:
     """Replace a built service state's model calls with constant vectors, and its JPEG decoder
     with blank pixels: what remains is the service's own Python (HTTP, the framework, the
-    batcher, tokenizing, base64), the bound of one server process in front of a GPU."""
+    batcher, tokenizing, base64), the bound of one server process in front of a GPU. With
+    `image_decode=torch` the decoder takes JPEGs a batch at a time, as it does on a GPU."""
+    import dataclasses
+
     import torch
 
     dim, size = state.engine.dim, state.model.image_size
+    state.model.text_vectors = lambda tokens: torch.full((tokens.shape[0], dim), dim ** -0.5)
+    state.model.image_vectors = lambda pixels: torch.full((pixels.shape[0], dim), dim ** -0.5)
     state.model.encode_tokens = lambda tokens: np.full((tokens.shape[0], dim), dim ** -0.5, np.float32)
     state.model.encode_pixels = lambda pixels: np.full((pixels.shape[0], dim), dim ** -0.5, np.float32)
-    decoder = getattr(state.engine, "_decoder", None)
-    if decoder is not None:
+    decoder = state.engine.decoder
+    if decoder.torch_path is not None:
+        decoder = dataclasses.replace(decoder, jpegs_per_batch=True)
         object.__setattr__(decoder, "decode_jpegs",  # a frozen dataclass
                            lambda jpegs, device: [torch.zeros(3, *size) for _ in jpegs])
+        state.engine.decoder = decoder
 
 
 def free_port() -> int:

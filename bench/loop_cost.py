@@ -77,7 +77,7 @@ async def _run(args: argparse.Namespace, profiler: cProfile.Profile | None = Non
     # Images: the path a GPU takes (prepare threads check base64 and JPEG headers, the batch
     # decodes in one call), so the event loop's share is what a GPU server pays per request.
     settings = Settings(model=args.model, device="cpu", max_batch_size=args.max_batch_size,
-                        **({"image_decode": "torch", "image_decode_scope": "batch"} if image else {}))
+                        **({"image_decode": "torch"} if image else {}))
     state = ServiceState.build(settings)
     if args.stub_model:
         stub_model(state)

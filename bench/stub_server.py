@@ -12,8 +12,7 @@ another checkout, for before/after comparisons of a change end to end:
 
 (`WRK_BODY_FILE`: one JSON body a line, see bench/wrk.lua.) Settings come from CLIPSEARCH_*
 variables as usual (the model defaults to the tiny one, on the CPU; for the GPU's image path,
-`CLIPSEARCH_IMAGE_DECODE=torch CLIPSEARCH_IMAGE_DECODE_SCOPE=batch`, whose batched decode is
-stubbed too). Runs until killed.
+`CLIPSEARCH_IMAGE_DECODE=torch`, whose batched decode is stubbed too). Runs until killed.
 """
 
 from __future__ import annotations

@@ -59,8 +59,8 @@ def bare_rates(model, index_dir: Path | None, batches: list[int], image_b64: str
     import torch
     from PIL import Image
 
-    from service.index_format import current_version_dir
-    from service.search import SearchParams, choose_backend, load_index_set
+    from clipsearch.core.index_format import current_version_dir
+    from clipsearch.core.search import SearchParams, choose_backend, load_index_set
 
     version = current_version_dir(index_dir) if index_dir is not None else None
     # The backend the service picks by default (torch on a GPU without faiss-gpu).
@@ -107,7 +107,7 @@ def main() -> None:
     if shutil.which("wrk") is None:
         sys.exit("wrk not found: apt-get install wrk")
 
-    from service.model import load_model
+    from clipsearch.core.model import load_model
 
     clients = [int(c) for c in args.clients.split(",")]
     paths = args.paths.split(",")

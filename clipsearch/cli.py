@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal, Optional
 
 import typer
 
@@ -53,59 +54,30 @@ def _setup_logging(level: str) -> None:
         logging.getLogger(name).setLevel(level.upper())
 
 
-@app.command(help=_SERVE_HELP)
-def serve(
-    model: Annotated[str | None, typer.Option(help="open_clip model spec")] = None,
-    pretrained: Annotated[str | None, typer.Option(help="pretrained tag, checkpoint path, or none")] = None,
-    index_dir: Annotated[Path | None, typer.Option(help="index directory to serve")] = None,
-    index_poll_s: Annotated[float | None, typer.Option(help="seconds between looks for a new index [5]")] = None,
-    host: Annotated[str | None, typer.Option(help="bind address [0.0.0.0]")] = None,
-    port: Annotated[int | None, typer.Option(help="bind port [8000]")] = None,
-    device: Annotated[str | None, typer.Option(help="auto | cpu | cuda")] = None,
-    dtype: Annotated[str | None, typer.Option(help="auto | fp32 | fp16 | bf16")] = None,
-    search_backend: Annotated[str | None, typer.Option(help="auto | faiss-cpu | faiss-gpu | torch")] = None,
-    text_search_on_device: Annotated[bool | None, typer.Option(
-        help="with a torch index on the model's device, encode and search a query text in one step there [on]")
-    ] = None,
-    max_batch_size: Annotated[int | None, typer.Option(help="most items per model call [64]")] = None,
-    max_wait_ms: Annotated[float | None, typer.Option(help="extra wait to fill a batch [0]")] = None,
-    max_queue: Annotated[int | None, typer.Option(help="items waiting per modality before 429 [2048]")] = None,
-    request_timeout_s: Annotated[float | None, typer.Option(help="request timeout in seconds [30]")] = None,
-    warmup: Annotated[bool | None, typer.Option(help="run the model on dummy input before serving [on]")] = None,
-    cuda_graphs: Annotated[bool | None, typer.Option(
-        help="on a GPU, replay the model from CUDA graphs at bucketed batch sizes [on]")] = None,
-    worker_cpus: Annotated[int | None, typer.Option(
-        help="keep each server process's threads on this many cores of its own (Linux; for GPU servers) [0: off]"
-    )] = None,
-    cuda_wait: Annotated[str | None, typer.Option(
-        help="on a GPU, how the model thread waits for a batch: sleep (blocking event) or spin [sleep]")] = None,
-    max_items_per_request: Annotated[int | None, typer.Option(help="items per /embed request [64]")] = None,
-    max_text_chars: Annotated[int | None, typer.Option(help="longest text [2000]")] = None,
-    max_image_bytes: Annotated[int | None, typer.Option(help="largest image in bytes [10 MiB]")] = None,
-    max_image_pixels: Annotated[int | None, typer.Option(help="largest image in pixels [40M]")] = None,
-    max_k: Annotated[int | None, typer.Option(help="most search results [1000]")] = None,
-    preprocess_workers: Annotated[int | None, typer.Option(help="decode/tokenize threads [cores]")] = None,
-    torch_threads: Annotated[int | None, typer.Option(help="CPU threads for the model [cores - 1]")] = None,
-    image_decode: Annotated[str | None, typer.Option(
-        help="exact | draft (JPEG at reduced scale) | torch (JPEG decode + resize as tensor ops, nvJPEG on GPU) "
-        "[exact]")] = None,
-    exif_orientation: Annotated[bool | None, typer.Option(
-        help="turn images upright by their EXIF orientation first (open_clip does not) [off]")] = None,
-    image_decode_scope: Annotated[str | None, typer.Option(
-        help="auto | request | batch: with --image-decode torch, decode JPEGs per request or per batch "
-        "(one nvJPEG call) [auto: batch on GPU]")] = None,
-    workers: Annotated[int | None, typer.Option(
-        help="server processes sharing the port, each with its own model copy [1]")] = None,
-    reuse_port: Annotated[bool | None, typer.Option(
-        help="with --workers > 1 on Linux: a listening socket per worker (SO_REUSEPORT), connections spread "
-        "evenly by the kernel; off: one shared socket [off]")] = None,
-    access_log: Annotated[bool | None, typer.Option(help="log every request [off]")] = None,
-    log_level: Annotated[str | None, typer.Option(help="debug | info | warning | error")] = None,
-) -> None:
-    overrides: dict[str, Any] = {k: v for k, v in locals().items() if v is not None}
+def _serve_parameters() -> list[inspect.Parameter]:
+    """One `--flag` per setting (`service/settings.py` is the one source): its description
+    and default are the flag's help; unset flags leave the environment's value."""
+    from service.settings import CLI_ONLY_ENV, Settings, _default
+
+    params = []
+    for name, f in Settings.model_fields.items():
+        if name in CLI_ONLY_ENV:
+            continue
+        kind = next((a for a in getattr(f.annotation, "__args__", ()) if a is not type(None)), f.annotation)
+        if getattr(kind, "__origin__", None) is Literal or kind not in (bool, int, float, str, Path):
+            kind = str
+        default = _default(name)
+        help_ = (f.description or name) + (f" [{default}]" if default is not None else "")
+        params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None,
+                                        annotation=Annotated[Optional[kind], typer.Option(help=help_)]))  # noqa: UP045
+    return params
+
+
+def serve(**overrides: Any) -> None:
+    overrides = {k: v for k, v in overrides.items() if v is not None}
     from pydantic import ValidationError
 
-    from service.errors import ClipsearchError
+    from clipsearch.core.errors import ClipsearchError
     from service.settings import Settings
 
     try:
@@ -117,7 +89,6 @@ def serve(
 
     import uvicorn
 
-    from clipsearch.listen import reuse_port_available, run_workers
     from service.http.app import create_app
     from service.metrics import MULTIPROC_ENV
     from service.state import ServiceState
@@ -129,8 +100,7 @@ def serve(
     # With several workers the model is only checked here (on the CPU, with the index):
     # each worker loads its own copy.
     check = settings if settings.workers == 1 else settings.model_copy(update={
-        "device": "cpu", "dtype": "fp32", "warmup": False, "cuda_graphs": False, "search_backend": "faiss-cpu",
-        "worker_cpus": 0})  # the supervisor keeps all cores: each worker pins itself
+        "device": "cpu", "dtype": "fp32", "warmup": False, "cuda_graphs": False, "search_backend": "faiss-cpu"})
     given = os.environ.get(MULTIPROC_ENV)
     if given:  # this process writes its metrics there too (prometheus_client saw the variable at import)
         Path(given).mkdir(parents=True, exist_ok=True)
@@ -146,16 +116,16 @@ def serve(
     made, path = _metrics_dir(given)
     _export_settings(overrides)
     try:
-        if settings.reuse_port and reuse_port_available():
-            run_workers(uvicorn.Config(_WORKER_APP, factory=True, workers=settings.workers, **common))
-        else:
-            uvicorn.run(_WORKER_APP, factory=True, workers=settings.workers, **common)
+        uvicorn.run(_WORKER_APP, factory=True, workers=settings.workers, **common)
     finally:
         if made:
             import shutil
 
             shutil.rmtree(path, ignore_errors=True)
 
+
+serve.__signature__ = inspect.Signature(_serve_parameters())  # type: ignore[attr-defined]
+app.command(help=_SERVE_HELP)(serve)
 
 _WORKER_APP = "service.http.app:app_from_env"  # each worker builds its app from CLIPSEARCH_* variables
 

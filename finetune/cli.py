@@ -30,8 +30,8 @@ def _fail(message: str, code: int = 1) -> typer.Exit:
 
 
 def _load(model: str, pretrained: str | None, device: str):
-    from service.errors import ModelLoadError
-    from service.model import load_model
+    from clipsearch.core.errors import ModelLoadError
+    from clipsearch.core.model import load_model
 
     try:
         return load_model(model, pretrained, device)
@@ -68,10 +68,10 @@ def train(
 ) -> None:
     """Fine-tune (or train from scratch) on TSV pairs; the best model goes to OUTPUT/best as a
     local-dir: checkpoint that serve, index build and evaluate load directly."""
+    from clipsearch.core.errors import ModelLoadError
     from finetune.train import TrainOptions
     from finetune.train import train as run_train
     from index_builder.readers import InputError
-    from service.errors import ModelLoadError
 
     _logging()
     opts = TrainOptions(train=train, valid=valid, output=output, model=model, pretrained=pretrained, device=device,
@@ -155,8 +155,8 @@ def classify(
     device: Device = "auto",
 ) -> None:
     """Zero-shot classification of one image (the offline twin of POST /classify)."""
+    from clipsearch.core import zeroshot
     from finetune.data import decode_offline_image
-    from service import zeroshot
 
     clip = _load(model, pretrained, device)
     names = [x.strip() for x in labels.split(",") if x.strip()]
@@ -174,8 +174,8 @@ def similarity(
     device: Device = "auto",
 ) -> None:
     """Cosine matrix (images x texts) and per-image softmax probabilities (the twin of POST /similarity)."""
+    from clipsearch.core import zeroshot
     from finetune.data import decode_offline_image
-    from service import zeroshot
 
     clip = _load(model, pretrained, device)
     pils = [decode_offline_image(_read_image_b64(p), field=str(p)) for p in images]

@@ -10,9 +10,9 @@ from typing import Any
 
 import torch
 
+from clipsearch.core.errors import ClipsearchError
+from clipsearch.core.images import decode_image
 from index_builder.readers import InputError, parse_schema
-from service.errors import ClipsearchError
-from service.images import decode_image
 
 log = logging.getLogger(__name__)
 

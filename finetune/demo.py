@@ -8,18 +8,18 @@ from pathlib import Path
 
 import typer
 
-DEMO_MODEL = "clipsearch-demo"  # service/model_configs/clipsearch-demo.json
+DEMO_MODEL = "clipsearch-demo"  # clipsearch/core/model_configs/clipsearch-demo.json
 QUERIES = {"en": ["a red circle", "two blue squares", "a large yellow star on a black background"],
            "zh": ["红色圆形", "两个蓝色正方形", "黑色背景上的黄色星形"]}
 
 
 def run_demo(*, workdir: Path, port: int, host: str, n_train: int, epochs: int, lang: str, serve: bool) -> dict:
+    from clipsearch.core.model import load_model
     from finetune.data import PairFile
     from finetune.evaluate import evaluate
     from finetune.synth import write_tsv
     from finetune.train import TrainOptions, train
     from index_builder.build import BuildOptions, run_build
-    from service.model import load_model
 
     t0 = time.perf_counter()
     workdir = workdir.resolve()
@@ -45,7 +45,7 @@ def run_demo(*, workdir: Path, port: int, host: str, n_train: int, epochs: int, 
     say(f"[4/5] building the image and text indexes from {data / 'gallery.tsv'}")
     summary = run_build(BuildOptions(inputs=[data / "gallery.tsv"], output=index, model=spec, progress=False,
                                      index_type="flat", keep=2), model=model)
-    from service.search import load_index_set
+    from clipsearch.core.search import load_index_set
 
     served = load_index_set(summary.version_dir, fingerprint=model.info.fingerprint, dim=model.dim)
     say("      what the service will answer:")

@@ -13,8 +13,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from clipsearch.core.model import ClipModel
 from finetune.data import PairFile, decode_offline_image, image_key
-from service.model import ClipModel
 
 KS = (1, 5, 10)
 

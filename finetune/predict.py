@@ -21,10 +21,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from clipsearch.core.errors import ClipsearchError
+from clipsearch.core.model import ClipModel
 from finetune.data import decode_offline_image
 from index_builder.readers import read_inputs
-from service.errors import ClipsearchError
-from service.model import ClipModel
 
 MODALITIES = ("auto", "text", "image", "both")
 

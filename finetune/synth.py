@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from service.fsutil import atomic_write_bytes
+from clipsearch.core.fsutil import atomic_write_bytes
 
 COLOURS = {
     "red": ((220, 30, 30), "红色"),

@@ -27,10 +27,10 @@ import orjson
 import torch
 import torch.nn.functional as F
 
+from clipsearch.core.fsutil import atomic_write_bytes
+from clipsearch.core.model import load_for_training, save_local_dir
 from finetune.data import PairDataset, PairFile, collate
 from finetune.evaluate import evaluate
-from service.fsutil import atomic_write_bytes
-from service.model import load_for_training, save_local_dir
 
 log = logging.getLogger(__name__)
 

@@ -34,12 +34,8 @@ from typing import Any
 import numpy as np
 import orjson
 
-from index_builder.encoder import Encoder, ItemError, ShardResult, concat_vectors
-from index_builder.indexing import BuiltIndex, build_and_tune
-from index_builder.readers import Span, describe_inputs, plan_spans, read_span
-from index_builder.writer import ShardStore, shard_path, write_shard
-from service.fsutil import sha256_file
-from service.index_format import (
+from clipsearch.core.fsutil import sha256_file
+from clipsearch.core.index_format import (
     Manifest,
     Modality,
     ModelRef,
@@ -48,7 +44,11 @@ from service.index_format import (
     staging_dir,
     write_version,
 )
-from service.model import ClipModel, load_model
+from clipsearch.core.model import ClipModel, load_model
+from index_builder.encoder import Encoder, ItemError, ShardResult, concat_vectors
+from index_builder.indexing import BuiltIndex, build_and_tune
+from index_builder.readers import Span, describe_inputs, plan_spans, read_span
+from index_builder.writer import ShardStore, shard_path, write_shard
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,6 @@ class BuildOptions:
     max_image_pixels: int = 100_000_000
     image_decode: str = "exact"  # exact | draft | torch, as the service's CLIPSEARCH_IMAGE_DECODE
     exif_orientation: bool = False  # turn images upright by their EXIF orientation, as CLIPSEARCH_EXIF_ORIENTATION
-    jpegs_on_device: bool | None = None  # torch: a batch of JPEGs per decoder call on the model's device; None: on GPU
     progress: bool = True
     hash_inputs: bool = True
 
@@ -166,8 +165,7 @@ def run_build(opts: BuildOptions, model: ClipModel | None = None) -> BuildSummar
 
     encoder = Encoder(model, workers=opts.workers if opts.processes == 1 else 0, batch_size=opts.batch_size,
                       max_image_bytes=opts.max_image_bytes, max_image_pixels=opts.max_image_pixels,
-                      image_decode=opts.image_decode, exif_orientation=opts.exif_orientation,
-                      jpegs_on_device=opts.jpegs_on_device)
+                      image_decode=opts.image_decode, exif_orientation=opts.exif_orientation)
     bar = tqdm(total=sum(s.count for s in spans), initial=sum(spans[i].count for i in shards), unit="line",
                desc="encoding", disable=not opts.progress, dynamic_ncols=True, smoothing=0.1)
     encoded_now = 0
@@ -225,7 +223,7 @@ def run_build(opts: BuildOptions, model: ClipModel | None = None) -> BuildSummar
         "inputs": [{**d, **({"sha256": digests[d["path"]]} if d["path"] in digests else {})} for d in inputs_desc],
         "records": n_records,
         "image_decode": opts.image_decode,
-        "jpegs_on_device": encoder.jpegs_on_device,
+        "jpegs_per_batch": encoder.jpegs_per_batch,
         "exif_orientation": opts.exif_orientation,
         "encoded": {"image": len(image_items), "text": len(text_items)},
         "skipped": len(errors),
@@ -340,7 +338,7 @@ def _encode_span(index: int, span: Span) -> None:
                              f"the job has {fingerprint}")
         encoder = Encoder(model, workers=0, batch_size=opts.batch_size, max_image_bytes=opts.max_image_bytes,
                           max_image_pixels=opts.max_image_pixels, image_decode=opts.image_decode,
-                          exif_orientation=opts.exif_orientation, jpegs_on_device=opts.jpegs_on_device)
+                          exif_orientation=opts.exif_orientation)
         _SPAN_WORKER = (opts, work_dir, fingerprint, encoder)
     shard = encoder.encode(read_span(opts.inputs, span, opts.fmt, opts.schema))
     write_shard(shard_path(work_dir, index), shard)

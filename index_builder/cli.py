@@ -43,7 +43,8 @@ def build(
     input_schema: Annotated[str | None, typer.Option(help="TSV columns, e.g. id,text,image (EasyNLP style ok)")] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="items per model call")] = 256,
     workers: Annotated[int, typer.Option(
-        min=0, help="image decode processes [cores, max 8] (0: threads; unused with --jpegs-on-device)")]
+        min=0, help="image decode processes [cores, max 8] (0: threads; unused where JPEGs decode a batch at a "
+        "time on the GPU)")]
     = min(8, os.cpu_count() or 1),
     processes: Annotated[int, typer.Option(
         min=1, help="encoder processes, each loading the model (on the same device) and encoding whole shards, "
@@ -62,17 +63,13 @@ def build(
     exif_orientation: Annotated[bool, typer.Option(
         help="turn images upright by their EXIF orientation first, as the service's --exif-orientation (recorded "
         "in the manifest)")] = False,
-    jpegs_on_device: Annotated[bool | None, typer.Option(
-        "--jpegs-on-device/--jpegs-in-workers",
-        help="with --image-decode torch: decode each model batch of JPEGs in one call on the model's device "
-        "(nvJPEG on a GPU), or one by one in the worker processes [on device when the model is on a GPU]")] = None,
     progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
     quiet: Annotated[bool, typer.Option(help="only warnings and the summary")] = False,
 ) -> None:
+    from clipsearch.core.errors import ClipsearchError
     from index_builder.build import BuildError, BuildOptions, run_build
     from index_builder.indexing import parse_bytes
     from index_builder.readers import InputError
-    from service.errors import ClipsearchError
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("index_builder").setLevel(logging.WARNING if quiet else logging.INFO)
@@ -83,7 +80,7 @@ def build(
             processes=processes,
             shard_size=shard_size, max_errors=max_errors, keep=keep, recall_target=recall_target,
             memory_budget=parse_bytes(memory_budget), flat_max=flat_max, progress=progress and not quiet,
-            image_decode=image_decode, exif_orientation=exif_orientation, jpegs_on_device=jpegs_on_device,
+            image_decode=image_decode, exif_orientation=exif_orientation,
         )
         summary = run_build(opts)
     except (BuildError, InputError, ClipsearchError, ValueError) as exc:
@@ -95,8 +92,8 @@ def build(
 
 @app.command(help="Print the manifest of the version DIR serves (DIR/CURRENT), or of a version directory.")
 def info(directory: Annotated[Path, typer.Argument(help="index directory or version directory")]) -> None:
-    from service.errors import IndexLoadError
-    from service.index_format import current_version_dir, list_versions, read_manifest
+    from clipsearch.core.errors import IndexLoadError
+    from clipsearch.core.index_format import current_version_dir, list_versions, read_manifest
 
     try:
         version_dir = current_version_dir(directory)

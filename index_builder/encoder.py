@@ -5,7 +5,7 @@ validation and limits as the service) in worker processes that run ahead of the
 model: a span streams through in chunks of one model batch, and decoding of the next
 chunk overlaps encoding of the current one. With
 `image_decode=torch` on a GPU the workers only read and check the JPEGs, and each model
-batch of them decodes in one nvJPEG call on the device (`jpegs_on_device`). Bad records
+batch of them decodes in one nvJPEG call on the device (the decoder decides). Bad records
 are not fatal: each one comes back as an `ItemError` with its source.
 """
 
@@ -21,11 +21,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from clipsearch.core.decoder import ImageDecoder, Jpeg
+from clipsearch.core.errors import ClipsearchError, InvalidImage
+from clipsearch.core.images import decode_base64
+from clipsearch.core.model import ClipModel
 from index_builder.readers import Record
-from service.errors import ClipsearchError, InvalidImage
-from service.images import decode_base64
-from service.model import ClipModel
-from service.torch_preprocess import ImageDecoder, Jpeg
 
 _DECODER: ImageDecoder | None = None
 _MAX_BYTES = 0
@@ -108,32 +108,29 @@ class PendingChunk:
 class Encoder:
     def __init__(self, model: ClipModel, *, workers: int = 0, batch_size: int = 256,
                  max_image_bytes: int = 20 * 1024 * 1024, max_image_pixels: int = 100_000_000,
-                 image_decode: str = "exact", exif_orientation: bool = False,
-                 jpegs_on_device: bool | None = None) -> None:
-        """`jpegs_on_device` (with `image_decode="torch"`; default: when the model is on a GPU):
-        JPEGs decode in the main process, a model batch per decoder call, on the model's
-        device, instead of one by one in the workers."""
+                 image_decode: str = "exact", exif_orientation: bool = False) -> None:
+        """When the decoder takes JPEGs a batch at a time (torch decoding on a GPU), they
+        decode in this process, a model batch per decoder call on the model's device, and
+        the workers only check them; otherwise each decodes fully in a worker."""
         self.model = model
         self.batch_size = batch_size
         self._chunk = 16
         decoder = ImageDecoder.create(model.preprocess_transform, image_decode, model.image_size, max_image_pixels,
-                                      exif=exif_orientation)
-        if jpegs_on_device is None:
-            jpegs_on_device = model.device.type == "cuda"
-        self.jpegs_on_device = jpegs_on_device and decoder.torch_path is not None
+                                      exif=exif_orientation, device=model.device)
+        self.jpegs_per_batch = decoder.jpegs_per_batch
         self._decoder = decoder
         self._pool: Executor
-        if workers > 0 and not self.jpegs_on_device:
+        if workers > 0 and not self.jpegs_per_batch:
             # spawn, not fork: forking a process that already runs torch's thread pools can hang.
             ctx = multiprocessing.get_context("spawn")
             self._pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
-                                             initargs=(decoder, max_image_bytes, self.jpegs_on_device))
+                                             initargs=(decoder, max_image_bytes, self.jpegs_per_batch))
         else:
             # JPEGs decoded on the device leave the workers only base64 and a header check
             # (~0.1 ms an image): shipping each 166 kB string to a process and its bytes back
             # cost more than that work (228 vs 818 pairs/s on 2 cores with decode and model
             # stubbed, bench/NOTES.md), so threads in this process do it, ahead of the model.
-            _init_worker(decoder, max_image_bytes, self.jpegs_on_device)
+            _init_worker(decoder, max_image_bytes, self.jpegs_per_batch)
             self._pool = ThreadPoolExecutor(2)
 
     def close(self) -> None:

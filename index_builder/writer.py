@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import orjson
 
+from clipsearch.core.fsutil import atomic_write_bytes
 from index_builder.encoder import ItemError, ShardResult
-from service.fsutil import atomic_write_bytes
 
 WORK_DIR = ".work"
 

@@ -1,30 +1,27 @@
-"""A model-agnostic dynamic batcher: merges concurrent requests into batched model calls.
+"""The one request pipeline: every request kind runs the same stages through a dynamic batcher.
 
-One batcher per modality. A request goes through:
+A request of `n` items goes through:
 
-1. admission: its rows are counted against `max_queue`; over that, `Overloaded` (429);
-2. per-request CPU work (`prepare`: decode, preprocess) in a thread pool, off the event
-   loop; or none, when the payload is ready as it is (texts);
-3. the queue, as a sliceable payload of `n` rows;
-4. greedy batching, as TEI and Triton do: take everything waiting up to
-   `max_batch_size` rows (optionally after `max_wait_ms`), splitting a request larger
-   than a batch over several batches;
-5. per-batch CPU work (`collate`: tokenize a whole batch of texts, decode a whole batch
-   of JPEGs with nvJPEG) while the model still runs the previous batch. A collate may
-   fail single requests (a bad image) without failing their batch-mates (`Collated`);
-6. `infer` in the model executor; its result rows go back to each request in order.
+1. admission: its items are counted against `max_queue`; over that, `Overloaded` (429);
+2. `prepare`, per request, off the event loop: decode and check its items (an error names
+   the item). In the prepare thread pool, or, when the stages say it is cheap
+   (`prepare_in_batch`), in the batcher's own thread as the batch is formed;
+3. greedy batching, as TEI and Triton do: everything waiting, up to `max_batch_size` rows
+   (optionally after `max_wait_ms`); a request larger than a batch is split;
+4. `collate`, per batch (tokenize all texts, decode all JPEGs in one call), while the
+   model still runs the previous batch; it may fail single requests (`Collated`);
+5. `forward`, per batch, in the one model thread;
+6. `post`, per batch, in the model thread: vectors to the host, or searched where the
+   index lives; a result may be a Future when the work goes on elsewhere (FAISS on the CPU).
 
-Steps 4-6 run in one stager thread per batcher, not on the event loop: the model starts
-the next batch the moment it finishes one, instead of after the event loop, busy parsing
-and answering requests, gets round to it (each such hand-off cost a loop iteration, and
-three of them per batch held one process near 1,500 texts/s on an H100; bench/NOTES.md).
-The event loop only queues requests and hands the results back.
+Steps 2 (in batch) to 4 run in one stager thread per batcher, so the model starts the next
+batch the moment it finishes one, whatever the event loop is doing. The event loop only
+queues requests and hands results back: a request crosses at most three threads (the
+prepare pool when it needs one, the batcher's, the model's) and comes back once.
 
-Every waiter resolves: with its rows, with the batch's error if `collate` or `infer`
-raises, with `RequestTimeout` past its deadline, or with `ShuttingDown`. A request whose
-client went away (or that timed out) is skipped before its rows reach the model.
-A client that leaves is noticed once its request has waited `watch_after_s` (see
-`_Guard`): watching every request from its start would cost more than it saves.
+Every waiter resolves: with its rows, with the batch's error if a stage raises, with
+`RequestTimeout` past its deadline, or with `ShuttingDown`. A request whose client went
+away (or that timed out) is skipped before its rows reach the model.
 """
 
 from __future__ import annotations
@@ -32,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import itertools
 import logging
 import threading
 from collections import deque
@@ -39,32 +37,83 @@ from collections.abc import Awaitable, Callable, Sequence
 from collections.abc import Set as AbstractSet
 from concurrent.futures import Executor, Future, wait
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import Any
 
 import numpy as np
+import torch
 
-from service.errors import ClipsearchError, InferenceError, Overloaded, RequestTimeout, ShuttingDown
+from clipsearch.core.errors import ClipsearchError, InferenceError, Overloaded, RequestTimeout, ShuttingDown
 
 log = logging.getLogger(__name__)
-
-P = TypeVar("P")  # a prepared payload: anything sliceable by rows (tensor, array, list)
 
 
 @dataclass(frozen=True)
 class Collated:
     """What a collate returns when some requests failed on their own: `payload` still has
-    rows for every chunk of the batch (placeholders for the failed ones, which are dropped
-    before the model); `failed` maps a chunk's position in the batch to its error."""
+    rows for every chunk of the batch (placeholders for the failed ones, dropped before the
+    model); `failed` maps a chunk's position in the batch to its error."""
 
     payload: Any
     failed: dict[int, Exception]
 
 
+def concat_rows(rows: list[Any]) -> Any:
+    """The default collate: the chunks' rows as one array, tensor or list."""
+    if len(rows) == 1:
+        return rows[0]
+    first = rows[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat(rows)
+    if isinstance(first, np.ndarray):
+        return np.concatenate(rows)
+    return [item for r in rows for item in r]
+
+
+def split_rows(out: Any, chunks: Sequence[tuple[Any, int]]) -> list[Any]:
+    """The default post: the forward's output rows, on the host, split by chunk."""
+    if isinstance(out, torch.Tensor):
+        out = out.cpu().numpy()
+    if len(chunks) == 1:
+        return [out]
+    bounds = np.cumsum([0, *(rows for _, rows in chunks)])
+    return [out[lo:hi] for lo, hi in itertools.pairwise(bounds)]
+
+
+def _never(items: Sequence[Any]) -> bool:
+    return False
+
+
+@dataclass(frozen=True)
+class Stages:
+    """What a request kind runs, stage by stage (infinity's pre / core / post).
+
+    - `prepare(items, field, start)`: per request (or per chunk of a split one), off the
+      event loop: the items' rows, sliceable; errors name the item (`field[start + i]`).
+      None: the items are their own rows.
+    - `prepare_in_batch(items)`: True when `prepare` is cheaper than a hop through the
+      prepare pool; it then runs in the batcher's thread, failing its request alone.
+    - `collate(rows per chunk)`: per batch, the model's input (or `Collated`).
+    - `forward(input)`: per batch, in the model thread.
+    - `post(output, [(post, rows) per chunk])`: per batch, in the model thread: one result
+      per chunk, an array of its rows or a `Future` of one; `post` is what the request
+      was submitted with (a search to run on its vector, say).
+    """
+
+    forward: Callable[[Any], Any]
+    prepare: Callable[[Sequence[Any], str, int], Any] | None = None
+    prepare_in_batch: Callable[[Sequence[Any]], bool] = _never
+    collate: Callable[[list[Any]], Any] = concat_rows
+    post: Callable[[Any, list[tuple[Any, int]]], list[Any]] = split_rows
+
+
 @dataclass
 class _Job:
-    payload: Any
+    items: Sequence[Any]
+    field: str
+    post: Any
     n: int
     future: asyncio.Future[np.ndarray]
+    prepared: Any = None  # rows from the prepare pool; None: prepared in the batch (or not at all)
     out: np.ndarray | None = None
     done_rows: int = 0
 
@@ -84,12 +133,10 @@ class _Guard:
     """Ends a request's waits at its deadline, or when its client goes away.
 
     One timer per request for both of its waits (preparing, then queued/encoding). The
-    disconnect watcher (a task awaiting the ASGI `receive`) starts only once the request
-    has waited `watch_after` seconds: most requests are answered before that, and a task
-    per request costs ~40 us of event-loop time, a fifth of the whole per-request budget
-    (bench/NOTES.md). 250 ms, not less: at 256 clients requests wait ~200 ms, and watching
-    them from 50 ms cost 1.3-1.6x in throughput (`bench/loop_cost.py --clients 256`). A
-    client that leaves sooner costs at most its rows in one batch.
+    disconnect watcher (a task awaiting the ASGI `receive`) starts only once the request has
+    waited `watch_after` seconds: most requests are answered sooner, and a task per request
+    costs a noticeable share of the event loop (docs/benchmarks.md). A client that leaves
+    sooner costs at most its rows in one batch.
     """
 
     __slots__ = ("deadline", "fut", "loop", "name", "timer", "watcher", "why")
@@ -151,15 +198,14 @@ class BatcherStats:
     batch_sizes: list[int] = field(default_factory=list)
 
 
-class DynamicBatcher(Generic[P]):
+class DynamicBatcher:
     def __init__(
         self,
         name: str,
-        infer: Callable[[Any], np.ndarray],
+        stages: Stages,
         *,
         model_executor: Executor,
         prepare_executor: Executor | None = None,
-        collate: Callable[[list[P]], Any] | None = None,
         max_batch_size: int = 64,
         max_wait_ms: float = 0.0,
         max_queue: int = 1024,
@@ -170,8 +216,7 @@ class DynamicBatcher(Generic[P]):
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
         self.name = name
-        self._infer = infer
-        self._collate = collate
+        self.stages = stages
         self._model_executor = model_executor
         self._prepare_executor = prepare_executor
         self.max_batch_size = max_batch_size
@@ -226,23 +271,23 @@ class DynamicBatcher(Generic[P]):
     # -- the request side (event loop) ------------------------------------------------
     async def submit(
         self,
-        n: int,
-        prepare: Callable[[], P] | None = None,
+        items: Sequence[Any],
         *,
-        payload: P | None = None,
+        field: str = "items",
+        post: Any = None,
         timeout: float,
         disconnected: Callable[[], Awaitable[Any]] | None = None,
-    ) -> np.ndarray:
-        """Queue `n` rows and wait for their vectors: `payload` as it is, or what `prepare()`
-        returns, run off the loop in the prepare pool.
+    ) -> Any:
+        """Run `items` through the stages and wait for their rows (what `post` made of them).
 
         `disconnected`, if given, is awaited alongside once the request has waited
-        `watch_after_s`; when it returns first the request is dropped (its rows never
-        reach the model) and `asyncio.CancelledError` is raised.
+        `watch_after_s`; when it returns first the request is dropped (its rows never reach
+        the model) and `asyncio.CancelledError` is raised.
         """
         if self._closed or self._loop is None:
             raise ShuttingDown(f"{self.name} batcher is not running")
-        if n <= 0:
+        n = len(items)
+        if n == 0:
             return np.zeros((0, 0), np.float32)
         if self.pending_rows + n > self.max_queue:
             raise Overloaded(
@@ -251,15 +296,17 @@ class DynamicBatcher(Generic[P]):
             )
         loop = asyncio.get_running_loop()
         guard = _Guard(self.name, loop, timeout, disconnected, self.watch_after)
+        job = _Job(items, field, post, n, loop.create_future())
+        prepare = self.stages.prepare
         self._reserved_rows += n
         try:
             try:
-                if prepare is not None:
-                    prepared = asyncio.ensure_future(loop.run_in_executor(self._prepare_executor, prepare))
-                    payload = await guard.wait(prepared, cancel_on_exit=False)
+                if prepare is not None and not self.stages.prepare_in_batch(items):
+                    prepared = asyncio.ensure_future(loop.run_in_executor(
+                        self._prepare_executor, prepare, items, field, 0))
+                    job.prepared = await guard.wait(prepared, cancel_on_exit=False)
             finally:
                 self._reserved_rows -= n
-            job = _Job(payload=payload, n=n, future=loop.create_future())
             with self._cond:
                 if self._closed:
                     raise ShuttingDown(f"{self.name} batcher is shutting down")
@@ -316,20 +363,48 @@ class DynamicBatcher(Generic[P]):
         self._on_queue_depth(queued)
         return key, batch
 
-    def _await_model_or_full_batch(self, running: Future[np.ndarray], generation: int) -> None:
+    def _await_model_or_full_batch(self, running: Future[Any], generation: int) -> None:
         """While the model runs a batch, leave requests queued, so that the next batch takes
         everything that arrives meanwhile (greedy), unless a full batch is already waiting:
         that one is taken and collated now, overlapping the model. Taking the next batch at
-        once instead made batches ever smaller under load (each held only what arrived
-        during the previous collate), and their fixed costs cut throughput at 256 clients."""
+        once instead makes batches ever smaller under load."""
         with self._cond:
             while (not running.done() and self._generation == generation
-                   and (self._collate is None or self._queued_rows < self.max_batch_size)):
+                   and self._queued_rows < self.max_batch_size):
                 self._cond.wait()
 
+    def _rows(self, chunk: _Chunk) -> Any:
+        """A chunk's rows: prepared in the pool (sliced), here and now, or its items as they are."""
+        job = chunk.job
+        whole = chunk.lo == 0 and chunk.hi == job.n
+        if job.prepared is not None:
+            return job.prepared if whole else job.prepared[chunk.lo : chunk.hi]
+        items = job.items if whole else job.items[chunk.lo : chunk.hi]
+        prepare = self.stages.prepare
+        return items if prepare is None else prepare(items, job.field, chunk.lo)
+
+    def _stage(self, batch: list[_Chunk]) -> tuple[Any, dict[int, Exception]]:
+        """Prepare (where still to do) and collate a batch; requests that fail alone are
+        left out of the collate and reported by position."""
+        failed: dict[int, Exception] = {}
+        rows: list[Any] = []
+        for i, chunk in enumerate(batch):
+            try:
+                rows.append(self._rows(chunk))
+            except ClipsearchError as exc:
+                failed[i] = exc
+        collated = self.stages.collate(rows) if rows else None
+        present = [i for i in range(len(batch)) if i not in failed]
+        if isinstance(collated, Collated):
+            failed.update({present[j]: exc for j, exc in collated.failed.items()})
+            collated = collated.payload
+        if len(present) < len(batch):  # rows of requests that failed in prepare were never collated
+            collated = _Aligned(collated, present)
+        return collated, failed
+
     def _stager(self, generation: int) -> None:
-        """Take a batch, collate it while the model runs the previous one, hand it to the model."""
-        running: Future[np.ndarray] | None = None
+        """Take a batch, stage it while the model runs the previous one, hand it to the model."""
+        running: Future[Any] | None = None
         while True:
             if running is not None:
                 self._await_model_or_full_batch(running, generation)
@@ -339,18 +414,12 @@ class DynamicBatcher(Generic[P]):
             key, batch = taken
             if not batch:
                 continue
-            size = sum(c.rows for c in batch)
-            payload: Any = [_slice(c.job.payload, c.lo, c.hi) for c in batch]
-            failed: dict[int, Exception] = {}
             try:
-                if self._collate is not None:
-                    payload = self._collate(payload)
-                if isinstance(payload, Collated):
-                    failed, payload = payload.failed, payload.payload
+                payload, failed = self._stage(batch)
             except Exception as exc:
                 with self._cond:
                     self._staged_rows = 0
-                self._settle(key, batch, size, exc)
+                self._settle(key, batch, exc)
                 continue
             if running is not None:
                 wait([running])  # the previous batch; this one is ready behind it
@@ -360,31 +429,37 @@ class DynamicBatcher(Generic[P]):
                     return
             if failed:
                 self._post(_fail_some, [(batch[i].job, exc) for i, exc in failed.items()])
-            live, size, payload = _drop_gone(batch, size, payload, collated=self._collate is not None,
-                                             failed=failed.keys())
+            live, payload = _drop_gone(batch, payload, failed.keys())
             if not live:
-                self._settle(key, batch, 0, None)
+                self._settle(key, batch, None)
                 continue
+            size = sum(c.rows for c in live)
             self.stats.batches += 1
             self.stats.rows += size
             self.stats.batch_sizes.append(size)
             self._on_batch(size)
+            chunks = [(c.job.post, c.rows) for c in live]
             try:
-                running = self._model_executor.submit(self._infer, payload)
+                running = self._model_executor.submit(self._run_model, payload, chunks)
             except RuntimeError:  # the executor was shut down: the service is stopping
-                self._settle(key, live, size, ShuttingDown(f"{self.name} batcher is shutting down"))
+                self._settle(key, live, ShuttingDown(f"{self.name} batcher is shutting down"))
                 return
-            running.add_done_callback(functools.partial(self._settle, key, live, size))
+            running.add_done_callback(functools.partial(self._settle, key, live))
 
-    def _settle(self, key: int, batch: list[_Chunk], size: int, outcome: Future[np.ndarray] | Exception | None
-                ) -> None:
-        """From any thread: the batch leaves `_inflight`; its rows (or error) reach its
+    def _run_model(self, payload: Any, chunks: list[tuple[Any, int]]) -> list[Any]:
+        results = self.stages.post(self.stages.forward(payload), chunks)
+        if len(results) != len(chunks):
+            raise InferenceError(f"{self.name}: {len(results)} results for {len(chunks)} requests")
+        return results
+
+    def _settle(self, key: int, batch: list[_Chunk], outcome: Future[list[Any]] | Exception | None) -> None:
+        """From any thread: the batch leaves `_inflight`; its results (or error) reach its
         requests on the event loop."""
         with self._cond:
             self._inflight.pop(key, None)
             self._cond.notify_all()  # a stager waiting for the model to finish
         if outcome is not None:
-            self._post(self._finish, batch, size, outcome)
+            self._post(self._finish, batch, outcome)
 
     def _post(self, fn: Callable[..., None], *args: Any) -> None:
         loop = self._loop
@@ -394,72 +469,87 @@ class DynamicBatcher(Generic[P]):
             loop.call_soon_threadsafe(fn, *args)
 
     # -- back on the event loop ---------------------------------------------------
-    def _finish(self, batch: list[_Chunk], size: int, outcome: Future[np.ndarray] | Exception) -> None:
+    def _finish(self, batch: list[_Chunk], outcome: Future[list[Any]] | Exception) -> None:
         if isinstance(outcome, Exception):
-            self._fail_batch(batch, size, outcome)
+            self._fail_batch(batch, outcome)
             return
         if outcome.cancelled():
             _fail_all(batch, ShuttingDown(f"{self.name} batcher is shutting down"))
             return
         exc = outcome.exception()
         if isinstance(exc, Exception):
-            self._fail_batch(batch, size, exc)
+            self._fail_batch(batch, exc)
             return
-        result = outcome.result()
-        if not isinstance(result, np.ndarray) or result.shape[0] != size:
-            self._fail_batch(batch, size, InferenceError(f"model returned {getattr(result, 'shape', None)} rows "
-                                                         f"for {size}"))
-            return
-        self._distribute(batch, result)
+        for chunk, result in zip(batch, outcome.result(), strict=True):
+            if isinstance(result, Future):  # post handed the chunk's work on (a CPU search)
+                result.add_done_callback(functools.partial(self._post, self._finish_later, chunk))
+            else:
+                self._deliver(chunk, result)
 
-    def _fail_batch(self, batch: list[_Chunk], size: int, exc: Exception) -> None:
+    def _finish_later(self, chunk: _Chunk, result: Future[Any]) -> None:
+        exc = result.exception()
+        if exc is not None:
+            self._fail_batch([chunk], exc if isinstance(exc, Exception) else InferenceError(str(exc)))
+        else:
+            self._deliver(chunk, result.result())
+
+    def _fail_batch(self, batch: list[_Chunk], exc: Exception) -> None:
         if not isinstance(exc, ShuttingDown):
-            log.error("%s batch of %d failed", self.name, size, exc_info=exc)
+            log.error("%s batch of %d rows failed", self.name, sum(c.rows for c in batch), exc_info=exc)
         _fail_all(batch, exc if isinstance(exc, ClipsearchError) else InferenceError(f"{self.name} model call failed"))
 
-    @staticmethod
-    def _distribute(batch: Sequence[_Chunk], result: np.ndarray) -> None:
-        offset = 0
-        for chunk in batch:
-            job = chunk.job
-            rows = result[offset : offset + chunk.rows]
-            offset += chunk.rows
-            if job.future.done():
-                continue
-            if job.out is None:
-                job.out = np.empty((job.n, result.shape[1]), dtype=result.dtype)
-            job.out[chunk.lo : chunk.hi] = rows
-            job.done_rows += chunk.rows
-            if job.done_rows == job.n:
-                job.future.set_result(job.out)
+    def _deliver(self, chunk: _Chunk, rows: Any) -> None:
+        job = chunk.job
+        if job.future.done():
+            return
+        if not isinstance(rows, np.ndarray) or len(rows) != chunk.rows:
+            self._fail_batch([chunk], InferenceError(
+                f"{self.name}: the model returned {getattr(rows, 'shape', None)} rows for {chunk.rows}"))
+            return
+        if chunk.rows == job.n:  # the usual case: the whole request in one batch
+            job.future.set_result(rows)
+            return
+        if job.out is None:
+            job.out = np.empty((job.n, *rows.shape[1:]), dtype=rows.dtype)
+        job.out[chunk.lo : chunk.hi] = rows
+        job.done_rows += chunk.rows
+        if job.done_rows == job.n:
+            job.future.set_result(job.out)
 
 
-def _slice(payload: Any, lo: int, hi: int) -> Any:
-    if lo == 0 and hi == len(payload):
-        return payload
-    return payload[lo:hi]
+@dataclass(frozen=True)
+class _Aligned:
+    """A collated payload missing the rows of chunks that failed in prepare: `present` are
+    the batch positions whose rows it holds, in order (what `_drop_gone` needs)."""
+
+    payload: Any
+    present: list[int]
 
 
-def _drop_gone(batch: list[_Chunk], size: int, payload: Any, *, collated: bool,
-               failed: AbstractSet[int] = frozenset()) -> tuple[list[_Chunk], int, Any]:
+def _drop_gone(batch: list[_Chunk], payload: Any, failed: AbstractSet[int]) -> tuple[list[_Chunk], Any]:
     """Leave out requests that ended (client gone, timed out) while their batch was staged,
-    and the chunks at positions `failed` (their collate failed them).
-
-    A collated payload must be indexable by a list of rows (a tensor or an array).
-    """
-    keep = [i not in failed and not c.job.future.done() for i, c in enumerate(batch)]
-    if all(keep):
-        return batch, size, payload
-    live = [c for c, k in zip(batch, keep, strict=True) if k]
-    if not collated:
-        return live, sum(c.rows for c in live), [p for p, k in zip(payload, keep, strict=True) if k]
+    and those at positions `failed`. The collated payload is indexed by a list of rows
+    (a tensor, an array or a list)."""
+    present = list(range(len(batch)))
+    if isinstance(payload, _Aligned):
+        present, payload = payload.present, payload.payload
+    keep = {i for i in present if i not in failed and not batch[i].job.future.done()}
+    if len(keep) == len(present) and not failed:
+        return batch, payload
+    live = [batch[i] for i in present if i in keep]
+    if not live:
+        return [], payload
     rows: list[int] = []
     offset = 0
-    for c, k in zip(batch, keep, strict=True):
-        if k:
-            rows.extend(range(offset, offset + c.rows))
-        offset += c.rows
-    return live, len(rows), payload[rows] if rows else payload
+    for i in present:
+        if i in keep:
+            rows.extend(range(offset, offset + batch[i].rows))
+        offset += batch[i].rows
+    if offset == len(rows):
+        return live, payload
+    if isinstance(payload, list):
+        return live, [payload[r] for r in rows]
+    return live, payload[rows]
 
 
 def _fail_all(batch: Sequence[_Chunk], exc: BaseException) -> None:

@@ -1,13 +1,17 @@
-"""The one settings class: environment variables `CLIPSEARCH_*`, and the same knobs as CLI flags."""
+"""The one settings class: environment variables `CLIPSEARCH_*`, the same knobs as
+`clipsearch serve` flags, and the configuration table in docs/configuration.md, all made
+from the fields below (`python -m service.settings` prints the table)."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, JsonValue, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+TUNING: dict[str, JsonValue] = {"group": "tuning"}  # rarely changed: a table of their own in the docs
 
 
 class Settings(BaseSettings):
@@ -34,91 +38,63 @@ class Settings(BaseSettings):
     search_backend: Literal["auto", "faiss-cpu", "faiss-gpu", "torch"] = Field(
         "auto", description="auto: faiss-gpu, else torch on a GPU, else faiss-cpu"
     )
-    text_search_on_device: bool = Field(
-        True, description="when the image index is searched by torch on the model's device (search_backend torch, "
-        "or auto on a GPU without faiss-gpu), /search/text encodes and searches in one batched step there: the "
-        "query vector never leaves the device and the request takes one batcher hop instead of two. "
-        "Off: encode, then search, as two batched steps",
-    )
 
     # HTTP
     host: str = Field("0.0.0.0", description="bind address")
     port: int = Field(8000, ge=1, le=65535, description="bind port")
-    log_level: str = Field("info", description="Python log level")
     workers: int = Field(
-        1, ge=1, le=64, description="server processes sharing the port, each with its own model copy and batchers "
-        "(and CUDA graphs): one Python process tops out near 5,000 requests/s (~0.2 ms of event loop per "
-        "request), so a fast GPU needs several. Metrics are reported across all of them",
+        1, ge=1, le=64, description="server processes sharing the port, each with its own model copy; one "
+        "Python process tops out at a few thousand requests/s, so a fast GPU needs several",
     )
-    reuse_port: bool = Field(
-        False, description="with several workers on Linux, give each worker a listening socket of its own on the "
-        "port (SO_REUSEPORT): the kernel spreads connections evenly over them by hash, where with one shared "
-        "socket the first worker to wake takes the next one (unequal shares of long-lived connections). A worker "
-        "that dies drops the connections still waiting in its own socket's queue",
-    )
+    log_level: str = Field("info", description="Python log level")
     access_log: bool = Field(False, description="log every request (metrics count them anyway)")
-
-    # batching
-    max_batch_size: int = Field(64, ge=1, le=8192, description="most items per model call")
-    max_wait_ms: float = Field(
-        0.0, ge=0, le=1000, description="extra wait for a batch to fill; 0 = pure greedy batching"
-    )
-    max_queue: int = Field(2048, ge=1, description="most items waiting per modality before 429")
-    request_timeout_s: float = Field(30.0, gt=0, description="a request waiting longer gets 504")
-    warmup: bool = Field(
-        True, description="run the model on dummy texts and images (batch 1 and a full batch) before serving"
-    )
-    cuda_graphs: bool = Field(
-        True, description="on a GPU, replay both towers from CUDA graphs captured at start for batch sizes 1, 2, "
-        "4 ... max_batch_size (at most 64), so a lone query skips ~5 ms of kernel launches; each tower is "
-        "checked against eager at start and stays eager if they differ. No effect on the CPU",
-    )
-    worker_cpus: int = Field(
-        0, ge=0, le=1024, description="keep each server process's threads on this many cores of its own "
-        "(Linux; 0: off). For GPU servers, where one process's Python is its bound; on the CPU the model's "
-        "threads get only these cores too",
-    )
-    cuda_wait: Literal["sleep", "spin"] = Field(
-        "sleep", description="on a GPU, how the model thread waits for a batch: asleep on a blocking CUDA event, "
-        "or CUDA's default busy-polling, which holds a core per server process while the GPU works",
-    )
-    preprocess_workers: int = Field(
-        default_factory=lambda: min(32, os.cpu_count() or 1),
-        ge=1,
-        description="threads that decode, preprocess and tokenize off the event loop",
-    )
-
-    image_decode: Literal["exact", "draft", "torch"] = Field(
-        "exact",
-        description="exact: open_clip's own preprocessing, bit for bit; draft: JPEGs decode at a reduced "
-        "scale that still covers the model's input (2-3x faster on photos; cosine to exact >= 0.999, tested); "
-        "torch: JPEGs decode with libjpeg-turbo, or nvJPEG on a GPU, and resize/crop/normalize as tensor ops "
-        "on the model's device (2x faster on CPU; within one grey level of exact, tested)",
-    )
-
-    exif_orientation: bool = Field(
-        False, description="turn each image upright by its EXIF orientation before preprocessing (phone photos "
-        "are often stored sideways); off by default because open_clip does not, so vectors equal open_clip's. "
-        "Build the index with the same setting (index build --exif-orientation)",
-    )
-    image_decode_scope: Literal["auto", "request", "batch"] = Field(
-        "auto", description="with image_decode=torch, where JPEGs decode: per request in the preprocess threads, "
-        "or all JPEGs of a batch in one call (nvJPEG decodes a batch far faster than one image at a time); "
-        "auto: batch on a GPU, request on the CPU",
-    )
-
-    torch_threads: int | None = Field(
-        None, ge=1, description="CPU threads for model math; default cores - 1, leaving one for HTTP"
-    )
+    admin_token: SecretStr | None = Field(None, description="token for /admin routes; unset disables them")
 
     # limits
-    max_items_per_request: int = Field(64, ge=1, description="texts + images in one /embed request")
+    max_items_per_request: int = Field(64, ge=1, description="texts + images in one request")
     max_text_chars: int = Field(2000, ge=1, description="longest text accepted, in characters")
     max_image_bytes: int = Field(10 * 1024 * 1024, ge=1, description="largest decoded image, in bytes")
     max_image_pixels: int = Field(40_000_000, ge=1, description="largest image, width x height")
     max_k: int = Field(1000, ge=1, description="most search results one request may ask for")
+    max_queue: int = Field(2048, ge=1, description="most items waiting per modality before 429")
+    request_timeout_s: float = Field(30.0, gt=0, description="a request waiting longer gets 504")
 
-    admin_token: SecretStr | None = Field(None, description="token for /admin routes; unset disables them")
+    # images
+    image_decode: Literal["exact", "draft", "torch"] = Field(
+        "exact",
+        description="exact: open_clip's own preprocessing, bit for bit; draft: JPEGs decode at a reduced "
+        "scale that still covers the model's input (2-3x faster on photos, cosine to exact >= 0.999); "
+        "torch: JPEGs decode with libjpeg-turbo, or batched nvJPEG on a GPU, and resize as tensor ops "
+        "(within one grey level of exact)",
+    )
+    exif_orientation: bool = Field(
+        False, description="turn each image upright by its EXIF orientation first (open_clip does not); "
+        "build the index with the same setting",
+    )
+
+    # tuning
+    max_batch_size: int = Field(64, ge=1, le=8192, description="most items per model call",
+                                json_schema_extra=TUNING)
+    max_wait_ms: float = Field(
+        0.0, ge=0, le=1000, description="extra wait for a batch to fill; 0 = pure greedy batching",
+        json_schema_extra=TUNING,
+    )
+    warmup: bool = Field(True, description="run the model on dummy input before serving",
+                         json_schema_extra=TUNING)
+    cuda_graphs: bool = Field(
+        True, description="on a GPU, replay both towers from CUDA graphs captured at bucketed batch sizes "
+        "(each checked against eager at start); saves the kernel launches of small batches",
+        json_schema_extra=TUNING,
+    )
+    preprocess_workers: int = Field(
+        default_factory=lambda: min(32, os.cpu_count() or 1), ge=1,
+        description="threads that decode and check images off the event loop [cores, at most 32]",
+        json_schema_extra=TUNING,
+    )
+    torch_threads: int | None = Field(
+        None, ge=1, description="CPU threads for model math [cores - 1, shared by the workers]",
+        json_schema_extra=TUNING,
+    )
 
     @model_validator(mode="after")
     def _check(self) -> Settings:
@@ -134,3 +110,70 @@ class Settings(BaseSettings):
         """Largest request body: all items at their size limits, in base64, plus slack."""
         per_item = max(self.max_image_bytes * 4 // 3 + 64, self.max_text_chars * 6 + 16)
         return self.max_items_per_request * per_item + 64 * 1024
+
+
+CLI_ONLY_ENV = frozenset({"admin_token"})  # secrets: environment only, never a flag (it would show in `ps`)
+
+
+def is_tuning(name: str) -> bool:
+    extra = Settings.model_fields[name].json_schema_extra
+    return isinstance(extra, dict) and extra.get("group") == "tuning"
+
+
+def _default(name: str) -> Any:
+    f = Settings.model_fields[name]
+    if f.default_factory is not None:
+        return None  # depends on the machine: the description says
+    value = f.default
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return value
+
+
+def _type(name: str) -> str:
+    annotation = Settings.model_fields[name].annotation
+    args = getattr(annotation, "__args__", None)
+    if getattr(annotation, "__origin__", None) is Literal and args:
+        return " \\| ".join(str(a) for a in args)
+    text = getattr(annotation, "__name__", None) or str(annotation)
+    for noise, plain in (("typing.", ""), ("pathlib.", ""), ("pydantic.types.", ""), ("SecretStr", "str"),
+                         (" | None", "")):
+        text = text.replace(noise, plain)
+    return text
+
+
+def markdown_table(tuning: bool) -> str:
+    rows = ["| variable | type | default | what it does |", "|---|---|---|---|"]
+    for name, f in Settings.model_fields.items():
+        if is_tuning(name) != tuning:
+            continue
+        default = _default(name)
+        shown = "" if default is None else f"`{default}`"
+        where = " (environment only)" if name in CLI_ONLY_ENV else ""
+        rows.append(f"| `CLIPSEARCH_{name.upper()}` | {_type(name)} | {shown} | {f.description}{where} |")
+    return "\n".join(rows)
+
+
+def configuration_doc() -> str:
+    """docs/configuration.md, made from the fields above (a test checks the file is current)."""
+    return f"""# Configuration
+
+Every setting is an environment variable `CLIPSEARCH_<NAME>`, and (but for secrets) a flag of
+`clipsearch serve`: `--max-batch-size 128` is `CLIPSEARCH_MAX_BATCH_SIZE=128`. Flags win over
+the environment. A bad value stops the service at start with a message naming the setting.
+This page is generated from `service/settings.py` (`python -m service.settings > docs/configuration.md`).
+
+## Settings
+
+{markdown_table(tuning=False)}
+
+## Tuning
+
+Defaults that suit most deployments; what each changes is measured in [benchmarks](benchmarks.md).
+
+{markdown_table(tuning=True)}
+"""
+
+
+if __name__ == "__main__":
+    print(configuration_doc(), end="")

@@ -6,14 +6,12 @@ import logging
 import os
 from dataclasses import dataclass, field
 
-from service.affinity import lock_dir_for, pin_process
-from service.cuda_wait import set_cuda_wait
+from clipsearch.core.errors import IndexLoadError, IndexRefused, ModelLoadError, NotReady
+from clipsearch.core.index_format import Modality
+from clipsearch.core.model import ClipModel, load_model
+from clipsearch.core.search import IndexHolder, IndexSet, LoadedIndex, choose_backend
 from service.engine import Engine
-from service.errors import IndexLoadError, IndexRefused, ModelLoadError, NotReady
-from service.index_format import Modality
 from service.metrics import Metrics
-from service.model import ClipModel, load_model
-from service.search import IndexHolder, IndexSet, LoadedIndex, choose_backend
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -40,18 +38,14 @@ class ServiceState:
         readiness reports why, while `/embed` keeps working.
         """
         metrics = metrics or Metrics()
-        # Process-wide, before the model starts its threads (any thread of the process may call this).
-        pin_process(settings.worker_cpus, lock_dir_for(settings.port))
         if model is None:
             model = load_model(settings.model, settings.pretrained, settings.device, settings.dtype)
         if settings.torch_threads is not None or model.info.device == "cpu":
-            # On the CPU the model's math and the HTTP event loop share the cores; leaving
-            # the loop one core gave ~25% more throughput at 64 clients on 2 cores.
+            # On the CPU the model's math and the HTTP event loop share the cores: leave the loop one.
             import torch
 
             # Several worker processes share the cores.
             torch.set_num_threads(settings.torch_threads or max(1, ((os.cpu_count() or 2) - 1) // settings.workers))
-        set_cuda_wait(settings.cuda_wait)  # process-wide, like the thread count above
         if model.info.fingerprint.startswith("random:"):
             log.warning("serving %s with RANDOM weights: vectors are meaningless outside tests and demos",
                         model.info.spec)
@@ -64,8 +58,8 @@ class ServiceState:
                 raise ModelLoadError(f"{model.info.spec}: the model failed on a warm-up batch "
                                      f"({type(exc).__name__}: {exc})") from exc
         if settings.cuda_graphs and model.device.type == "cuda":
-            # Past ~64 rows a ViT-B batch is compute-bound and the launches hide behind it, while
-            # every bucket holds its own activation memory: larger batches stay eager.
+            # Larger batches are compute-bound (launches hide behind the math), and every
+            # bucket holds its own activation memory: they stay eager.
             model.capture_graphs(min(settings.max_batch_size, GRAPH_MAX_BATCH))  # falls back to eager by itself
         metrics.set_model(model.info.__dict__)
         backend = choose_backend(settings.search_backend, model.info.device)

@@ -15,8 +15,8 @@ import pytest
 import torch
 from PIL import Image
 
-from service.model import ClipModel, load_model
-from service.tiny import write_tiny_model
+from clipsearch.core.model import ClipModel, load_model
+from clipsearch.core.tiny import write_tiny_model
 
 torch.set_num_threads(2)
 

@@ -11,11 +11,11 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from clipsearch.core.model import ClipModel
 from service.http.errors import install_error_handlers
 from service.http.middleware import BodyLimitMiddleware, MetricsMiddleware
 from service.http.routes import router
 from service.metrics import Metrics
-from service.model import ClipModel
 from service.settings import Settings
 from service.state import ServiceState
 

@@ -15,7 +15,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from service.errors import Forbidden, NotReady, Unauthorized
+from clipsearch.core.errors import Forbidden, NotReady, Unauthorized
 from service.state import ServiceState
 
 

@@ -14,7 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
-from service.errors import (
+from clipsearch.core.errors import (
     ClipsearchError,
     Forbidden,
     IndexLoadError,

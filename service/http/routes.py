@@ -3,26 +3,23 @@
 from __future__ import annotations
 
 import asyncio
-import inspect
-import json
 import os
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable
 from typing import Any, TypeVar
 
 import numpy as np
 import orjson
-import pydantic_core
 from fastapi import APIRouter
 from fastapi.exceptions import RequestValidationError
-from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
 
-from service import zeroshot
-from service.errors import OutOfRange
+from clipsearch.core import zeroshot
+from clipsearch.core.errors import OutOfRange
+from clipsearch.core.search import Hit, IndexSet, SearchParams
 from service.http.deps import AdminAuth, State, client_gone, service_state
 from service.http.schemas import (
     ClassifyRequest,
@@ -36,30 +33,15 @@ from service.http.schemas import (
     SimilarityResponse,
     TextSearchRequest,
 )
-from service.search import Hit, IndexSet, SearchParams
 from service.state import ServiceState
-
-
-def parse_json(body: bytes) -> Any:
-    """A request body as Python values, parsed by pydantic-core's JSON parser (jiter): 16 us
-    for a 166 kB base64 image body, where orjson takes ~60 us and the standard library ~230
-    (bench/NOTES.md). NaN and Infinity are refused, as by orjson and standard JSON. Raises
-    the standard JSONDecodeError, which FastAPI turns into a 422, with jiter's reason."""
-    try:
-        return pydantic_core.from_json(body, allow_inf_nan=False)
-    except ValueError as exc:
-        raise json.JSONDecodeError(str(exc), "", 0) from None
-
 
 Body = TypeVar("Body", bound=BaseModel)
 
 
 async def read_body(request: Request, model: type[Body]) -> Body:
     """The JSON body validated as `model` in one pass of pydantic-core (parsing and validation
-    together), for the routes on the hot path: FastAPI's body parameter costs ~10 % more of
-    the event loop per request (dependency solving, a dict in between; bench/NOTES.md).
-    Errors are the same 422 as a body parameter's. Such a route declares its body with
-    `openapi_extra=body_schema(model)`."""
+    together; NaN and Infinity refused). Errors are the same 422 as a body parameter's. Such
+    a route declares its body with `openapi_extra=body_schema(model)`."""
     try:
         return model.model_validate_json(await request.body())
     except ValidationError as exc:
@@ -67,64 +49,11 @@ async def read_body(request: Request, model: type[Body]) -> Body:
 
 
 def body_schema(model: type[BaseModel]) -> dict[str, Any]:
-    """The OpenAPI request body of a route that reads its body with `read_body` (the model's
-    schema inline: the hot-path request models have no nested models)."""
+    """The OpenAPI request body of a route that reads its body with `read_body`."""
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": model.model_json_schema()}}}}
 
 
-class _JsonRequest(Request):
-    """A request whose JSON body `parse_json` parses."""
-
-    async def json(self) -> Any:
-        if not hasattr(self, "_json"):
-            self._json = parse_json(await self.body())
-        return self._json
-
-
-def _takes_only_the_request(route: APIRoute) -> bool:
-    """An async endpoint whose one parameter is the request: nothing for FastAPI to solve."""
-    d = route.dependant
-    return (
-        inspect.iscoroutinefunction(route.endpoint)
-        and len(inspect.signature(route.endpoint).parameters) == 1
-        and d.request_param_name is not None
-        and not (d.path_params or d.query_params or d.header_params or d.cookie_params or d.body_params
-                 or d.dependencies)
-    )
-
-
-class _Route(APIRoute):
-    """The routes of this router. FastAPI's documented hook (a custom route class) is used twice:
-
-    - an endpoint that takes only the request (the hot routes, which read their own body with
-      `read_body`) is called directly, without FastAPI's request handler: dependency solving,
-      endpoint context, telemetry and serialization hooks do nothing for it, yet cost ~20 % of a
-      one-text request's event-loop time (bench/NOTES.md, session 9). Errors still reach the
-      app's exception handlers (Starlette's wrapper around every route stays). The check reads
-      the route's own parameters: `create_app` includes this router without dependencies;
-    - every other route parses its JSON body with `parse_json`.
-    """
-
-    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
-        if _takes_only_the_request(self):
-            endpoint = self.endpoint
-
-            async def direct(request: Request) -> Response:
-                response = await endpoint(request)
-                if not isinstance(response, Response):  # such an endpoint builds its own response
-                    raise TypeError(f"{endpoint.__name__} returned {type(response).__name__}, not a Response")
-                return response
-
-            return direct
-        handler = super().get_route_handler()
-
-        async def route(request: Request) -> Response:
-            return await handler(_JsonRequest(request.scope, request.receive))
-
-        return route
-
-
-router = APIRouter(route_class=_Route)
+router = APIRouter()
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse} for code in (400, 413, 422, 429, 503, 504)
@@ -212,9 +141,11 @@ async def search_image(request: Request) -> Response:
     return _search_response(hits, current)
 
 
-@router.post("/classify", response_model=ClassifyResponse, responses=_ERRORS)
-async def classify(body: ClassifyRequest, request: Request) -> Response:
+@router.post("/classify", response_model=ClassifyResponse, responses=_ERRORS,
+             openapi_extra=body_schema(ClassifyRequest))
+async def classify(request: Request) -> Response:
     """Zero-shot classification: labels sorted by softmax(logit_scale x cosine) of image and prompts."""
+    body = await read_body(request, ClassifyRequest)
     state, disconnected = service_state(request), client_gone(request)
     engine = state.engine
     engine.check_count(len(body.labels) + 1)
@@ -227,9 +158,11 @@ async def classify(body: ClassifyRequest, request: Request) -> Response:
     return json_response({"labels": zeroshot.classify(image[0], labels, body.labels, state.model.logit_scale)})
 
 
-@router.post("/similarity", response_model=SimilarityResponse, responses=_ERRORS)
-async def similarity(body: SimilarityRequest, request: Request) -> Response:
+@router.post("/similarity", response_model=SimilarityResponse, responses=_ERRORS,
+             openapi_extra=body_schema(SimilarityRequest))
+async def similarity(request: Request) -> Response:
     """Cosine matrix (images x texts) and per-image softmax probabilities over the texts."""
+    body = await read_body(request, SimilarityRequest)
     state, disconnected = service_state(request), client_gone(request)
     engine = state.engine
     engine.check_count(len(body.texts) + len(body.images))
@@ -294,13 +227,10 @@ async def info(state: State) -> Response:
             "cuda_graphs": state.model.graphed_towers,
             "max_batch_size": settings.max_batch_size,
             "image_decode": settings.image_decode,
-            "jpegs_per_batch": state.engine.jpegs_per_batch,
-            "text_search_on_device": state.engine.searches_text_on_device(
-                current.get("image") if current is not None else None),
+            "jpegs_per_batch": state.engine.decoder.jpegs_per_batch,
             "exif_orientation": settings.exif_orientation,
             "workers": settings.workers,
             "pid": os.getpid(),
-            "cpus": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         },
         "search_backend": state.backend,
         "index": None if current is None else {

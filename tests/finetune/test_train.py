@@ -15,12 +15,12 @@ import pytest
 import torch
 from PIL import Image
 
+from clipsearch.core.model import load_model
 from finetune.data import PairFile
 from finetune.evaluate import evaluate
 from finetune.predict import load_features, predict
 from finetune.synth import write_tsv
 from finetune.train import TrainOptions, clip_loss, train
-from service.model import load_model
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -78,7 +78,7 @@ def test_evaluate_cli_json_matches(trained, data) -> None:
 
 async def test_best_checkpoint_serves_the_trainers_vectors(trained, make_client) -> None:
     out, _ = trained
-    from service.model import load_for_training
+    from clipsearch.core.model import load_for_training
 
     trainer_view = load_for_training(f"local-dir:{out / 'best'}", device="cpu").as_clip_model()
     served = load_model(f"local-dir:{out / 'best'}", device="cpu")
@@ -137,7 +137,7 @@ def test_resume_continues_from_saved_step(data, tmp_path, monkeypatch) -> None:
 
 
 def test_freeze_vision_trains_text_only(data, tmp_path) -> None:
-    from service.model import load_for_training
+    from clipsearch.core.model import load_for_training
 
     before = load_for_training("clipsearch-tiny", device="cpu", seed=9).model.state_dict()
     train(TrainOptions(train=data / "train.tsv", valid=None, output=tmp_path, epochs=1, batch_size=64,
@@ -205,7 +205,7 @@ def test_offline_classify_and_similarity_cli(trained, tmp_path) -> None:
     labels = json.loads(r.stdout)["labels"]
     assert abs(sum(x["probability"] for x in labels) - 1) < 1e-5
     model = load_model(spec, device="cpu")
-    from service import zeroshot
+    from clipsearch.core import zeroshot
 
     names = ["red circle", "blue square", "green star"]
     expected = zeroshot.classify(model.encode_images([Image.open(tmp_path / "r.png")])[0],

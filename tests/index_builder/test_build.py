@@ -18,9 +18,7 @@ import torch
 from PIL import Image
 
 import index_builder.writer as writer_mod
-from index_builder.build import BuildError, BuildOptions, run_build
-from index_builder.indexing import build_and_tune, plan_index
-from service.index_format import (
+from clipsearch.core.index_format import (
     ModelRef,
     current_version_dir,
     list_versions,
@@ -28,7 +26,9 @@ from service.index_format import (
     read_manifest,
     write_index_from_vectors,
 )
-from service.model import ClipModel
+from clipsearch.core.model import ClipModel
+from index_builder.build import BuildError, BuildOptions, run_build
+from index_builder.indexing import build_and_tune, plan_index
 from tests.conftest import encode_image, make_image
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -395,7 +395,7 @@ def test_encoder_processes_on_the_gpu_give_the_one_process_index(tmp_path, tiny_
     """On a GPU with nvJPEG per batch (the setting the processes are for): 2 processes, each
     with its own CUDA context and model copy, give the one-process GPU index, and it stays
     within the torch path's tolerance of the exact CPU build."""
-    from service.model import load_model
+    from clipsearch.core.model import load_model
 
     corpus = tmp_path / "c.tsv"
     write_corpus(corpus, 40, bad=True)
@@ -407,7 +407,7 @@ def test_encoder_processes_on_the_gpu_give_the_one_process_index(tmp_path, tiny_
                     model=gpu)
     exact = run_build(opts(tmp_path / "c", [corpus], cpu, index_type="flat"), model=cpu)
     assert one.skipped == two.skipped == exact.skipped == 4
-    assert read_manifest(two.version_dir).build["jpegs_on_device"] is True
+    assert read_manifest(two.version_dir).build["jpegs_per_batch"] is True
     for modality in ("image", "text"):
         a, ai = load_vectors(one.version_dir, modality)
         b, bi = load_vectors(two.version_dir, modality)
@@ -443,10 +443,14 @@ def test_fast_image_decode_builds_a_faithful_index(tmp_path, tiny_model, decode:
 
 def test_jpegs_decoded_a_batch_at_a_time_on_the_device_give_the_same_index(tmp_path, tiny_model,
                                                                          monkeypatch) -> None:
-    """`--jpegs-on-device` (the default for torch decoding on a GPU): workers only check the
-    JPEGs and each model batch decodes in one call on the model's device. Here the device is
-    the CPU; the index equals the one decoded image by image in the workers, and a JPEG whose
-    header passes but whose data does not is skipped with the same reason."""
+    """With the torch path on a GPU the decoder takes JPEGs a batch at a time: workers only
+    check them and each model batch decodes in one call on the model's device. Here that
+    decoder runs on the CPU; the index equals the one decoded image by image in the workers,
+    and a JPEG whose header passes but whose data does not is skipped with the same reason."""
+    import dataclasses
+
+    from clipsearch.core.decoder import ImageDecoder
+
     corpus = tmp_path / "c.tsv"
     rows = [(f"a {COLOURS[i % 6]} photo {i}", encode_image(make_image(800 + i, (300 + 30 * i, 200)), urlsafe=True))
             for i in range(7)]
@@ -455,16 +459,17 @@ def test_jpegs_decoded_a_batch_at_a_time_on_the_device_give_the_same_index(tmp_p
     truncated = base64.b64encode(whole[: len(whole) // 2]).decode()  # the header passes; the data does not
     corpus.write_text("".join(f"{t}\t{img}\n" for t, img in rows) + f"cut short\t{truncated}\n")
     kw = {"index_type": "flat", "image_decode": "torch", "batch_size": 3}
-    in_workers = run_build(opts(tmp_path / "a", [corpus], tiny_model, jpegs_on_device=False, **kw), model=tiny_model)
-    on_device = run_build(opts(tmp_path / "b", [corpus], tiny_model, jpegs_on_device=True, workers=2, **kw),
-                          model=tiny_model)
-    from service.torch_preprocess import ImageDecoder
+    in_workers = run_build(opts(tmp_path / "a", [corpus], tiny_model, **kw), model=tiny_model)
+    create = ImageDecoder.create
+    monkeypatch.setattr(ImageDecoder, "create", lambda *a, **k: dataclasses.replace(create(*a, **k),
+                                                                                   jpegs_per_batch=True))
+    on_device = run_build(opts(tmp_path / "b", [corpus], tiny_model, workers=2, **kw), model=tiny_model)
 
     calls: list[int] = []
     decode_jpegs = ImageDecoder.decode_jpegs
     monkeypatch.setattr(ImageDecoder, "decode_jpegs",
                         lambda self, jpegs, device: calls.append(len(jpegs)) or decode_jpegs(self, jpegs, device))
-    in_process = run_build(opts(tmp_path / "c", [corpus], tiny_model, jpegs_on_device=True, **kw), model=tiny_model)
+    in_process = run_build(opts(tmp_path / "c", [corpus], tiny_model, **kw), model=tiny_model)
     # Batches of 3 records (the PNG went through PIL in its worker); the batch holding the bad
     # JPEG is retried one by one, and that one then fails in PIL, which names the reason.
     assert calls == [3, 2, 3, 1, 1, 1], calls
@@ -474,7 +479,7 @@ def test_jpegs_decoded_a_batch_at_a_time_on_the_device_give_the_same_index(tmp_p
         assert ai == bi and len(ai) == 8
         np.testing.assert_allclose(a, b, atol=1e-5)
     manifests = [read_manifest(s.version_dir).build for s in (in_workers, on_device, in_process)]
-    assert [m["jpegs_on_device"] for m in manifests] == [False, True, True]
+    assert [m["jpegs_per_batch"] for m in manifests] == [False, True, True]
     assert manifests[0]["errors_sample"] == manifests[1]["errors_sample"] == manifests[2]["errors_sample"]
     assert manifests[1]["skipped"] == 1
 
@@ -494,6 +499,6 @@ def test_exif_orientation_build_matches_the_service_with_the_same_setting(tmp_pa
                           model=tiny_model)
         vectors, _ = load_vectors(built.version_dir, "image")
         engine = Engine(tiny_model, Settings(model="x", exif_orientation=exif))
-        want = tiny_model.encode_pixels(engine._prepare_images([image], "images"))
+        want = tiny_model.encode_pixels(engine.prepare_images([image]))
         np.testing.assert_allclose(vectors, want, atol=1e-5)
         assert read_manifest(built.version_dir).build["exif_orientation"] is exif

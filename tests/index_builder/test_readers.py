@@ -106,8 +106,8 @@ def test_tsv_line_endings_blank_lines_and_odd_bytes(tmp_path: Path) -> None:
     assert recs[0].image_b64 == recs[1].image_b64 == IMG
     assert recs[2].image_b64 == IMG[:10] + "\xe9" + IMG[10:]
     assert count_records([p]) == 5
-    from service.errors import InvalidBase64
-    from service.images import decode_base64
+    from clipsearch.core.errors import InvalidBase64
+    from clipsearch.core.images import decode_base64
 
     with pytest.raises(InvalidBase64, match="non-ASCII"):
         decode_base64(recs[2].image_b64, field="image", max_bytes=10**6)

@@ -14,8 +14,8 @@ import pytest
 import torch
 from PIL import Image
 
-from service.index_format import ModelRef, write_index_from_vectors
-from service.model import ClipModel
+from clipsearch.core.index_format import ModelRef, write_index_from_vectors
+from clipsearch.core.model import ClipModel
 from tests.conftest import encode_image, gate_model_call, image_bytes, make_image
 
 TEXTS = ["a red circle", "a photo of a dog", "", "二只小猫", "x" * 300]
@@ -165,56 +165,54 @@ async def test_concurrent_searches_are_batched_and_equal_brute_force(make_client
     queries = [f"picture {i} in {c}" for i, c in enumerate(["red", "blue", "gold", "green"] * 6)]
     ks = [1, 3, 10, 40, 7, 2] * 4  # different k in one batch: each gets its own top-k
     async with make_client(tiny_model, index_dir=path, search_backend=backend) as client:
-        engine = client.state.engine
-        batcher = engine.text_search if backend == "torch" else engine.searcher
-        before = batcher.stats.batches
+        backend_ = client.state.indexes.current.get("image").backend
+        search, calls = backend_.search, []
+        backend_.search = lambda q, k, p: calls.append(len(q)) or search(q, k, p)
         responses = await asyncio.gather(*[
             client.post("/search/text", json={"text": q, "k": k}) for q, k in zip(queries, ks, strict=True)
         ])
-        batches = batcher.stats.batches - before
     for r, qv, k in zip(responses, ref_text(reference, queries), ks, strict=True):
         assert r.status_code == 200, r.text
         expected = np.argsort(-(img_vecs @ qv), kind="stable")[:k]
         assert [h["id"] for h in r.json()["results"]] == [f"img-{i}" for i in expected]
-    assert batches < len(queries)  # merged into fewer index calls
+    assert sum(calls) == len(queries) and len(calls) < len(queries)  # merged into fewer index calls
 
 
-@pytest.mark.parametrize("on_device", [True, False])
-async def test_text_search_on_the_models_device_skips_the_host(make_client, tiny_model, reference, index_dir,
-                                                                monkeypatch, on_device) -> None:
-    """With a torch index on the model's device, the query vector goes from the text tower into
-    the search as a tensor, in one batcher step; with the setting off, as a host array in two."""
+@pytest.mark.parametrize("backend", ["torch", "faiss-cpu"])
+async def test_a_search_is_the_post_step_of_its_query_encode(make_client, tiny_model, reference, index_dir,
+                                                            monkeypatch, backend) -> None:
+    """A text search takes one batcher step: with a torch index on the model's device the query
+    vector goes into the search as a tensor, in the model's thread; FAISS on the CPU gets a host
+    array in its own thread."""
+    import threading
+
     path, img_vecs, _, _ = index_dir
-    seen: list[type] = []
-    async with make_client(tiny_model, index_dir=path, search_backend="torch",
-                           text_search_on_device=on_device) as client:
+    seen: list[tuple[type, str]] = []
+    async with make_client(tiny_model, index_dir=path, search_backend=backend) as client:
         engine, index = client.state.engine, client.state.indexes.current.get("image")
         search = index.backend.search
 
         def spy(queries, k, params):
-            seen.append(type(queries))
+            seen.append((type(queries), threading.current_thread().name.split("_")[0]))
             return search(queries, k, params)
 
         monkeypatch.setattr(index.backend, "search", spy)
-        steps = {b.name: b.stats.batches for b in (engine.text, engine.searcher, engine.text_search)}
+        before = engine.text.stats.batches
         r = await client.post("/search/text", json={"text": "number 7", "k": 4})
-        steps = {b.name: b.stats.batches - steps[b.name] for b in (engine.text, engine.searcher, engine.text_search)}
-        assert (await client.get("/")).json()["runtime"]["text_search_on_device"] is on_device
+        batches = engine.text.stats.batches - before
     assert r.status_code == 200, r.text
     qv = ref_text(reference, ["number 7"])[0]
     expected = np.argsort(-(img_vecs @ qv), kind="stable")[:4]
     assert [h["id"] for h in r.json()["results"]] == [f"img-{i}" for i in expected]
-    if on_device:
-        assert seen == [torch.Tensor] and steps == {"text": 0, "search": 0, "text_search": 1}
-    else:
-        assert seen == [np.ndarray] and steps == {"text": 1, "search": 1, "text_search": 0}
+    assert batches == 1
+    assert seen == ([(torch.Tensor, "clip-model")] if backend == "torch" else [(np.ndarray, "clip-search")])
 
 
 @pytest.mark.gpu
 async def test_text_search_on_the_gpu_equals_brute_force(make_client, tiny_spec, index_dir) -> None:
     """On a GPU (fp16, CUDA graphs, torch index in fp16): the one-step text search returns the
     brute-force top-k of the service's own query vector, within fp16 rounding."""
-    from service.model import load_model
+    from clipsearch.core.model import load_model
 
     path, img_vecs, _, _ = index_dir
     model = load_model(tiny_spec, device="cuda", dtype="fp16")
@@ -224,7 +222,7 @@ async def test_text_search_on_the_gpu_equals_brute_force(make_client, tiny_spec,
         assert client.state.model.graphed_towers == ["text", "image"]
         vectors = np.array((await client.post("/embed", json={"texts": queries})).json()["texts"])
         responses = await asyncio.gather(*[client.post("/search/text", json={"text": q, "k": 8}) for q in queries])
-        assert engine.text_search.stats.batches > 0 and engine.searcher.stats.batches == 0
+        assert engine.text.stats.batches > 0
     for r, qv in zip(responses, vectors, strict=True):
         assert r.status_code == 200, r.text
         scores = [h["score"] for h in r.json()["results"]]
@@ -236,10 +234,9 @@ async def test_text_search_on_the_gpu_equals_brute_force(make_client, tiny_spec,
 async def test_text_searches_of_two_index_versions_share_a_batch(make_client, tiny_model, reference,
                                                                   index_dir) -> None:
     """A hot reload while text searches are batched: each query is searched in the index it
-    was given (one backend call per index), and a request that left is dropped by rows."""
-    from service.engine import SearchJob, TextQueries
-    from service.index_format import current_version_dir
-    from service.search import SearchParams, load_index_set
+    was given (one backend call per index)."""
+    from clipsearch.core.index_format import current_version_dir
+    from clipsearch.core.search import SearchParams, load_index_set
 
     path, img_vecs, _, _ = index_dir
     other_vecs = img_vecs[::-1].copy()
@@ -252,26 +249,23 @@ async def test_text_searches_of_two_index_versions_share_a_batch(make_client, ti
         other = load_index_set(current_version_dir(path.parent / "other"), fingerprint=tiny_model.info.fingerprint,
                                dim=tiny_model.dim, backend="torch", device="cpu").get("image")
         queries = [f"picture {i}" for i in range(12)]
-        before = engine.text_search.stats.batches
+        before = engine.text.stats.batches
         results = await asyncio.gather(*[
             engine.search_text(served if i % 2 else other, q, 5, SearchParams()) for i, q in enumerate(queries)
         ])
-        assert engine.text_search.stats.batches - before < len(queries)
+        assert engine.text.stats.batches - before < len(queries)
     for i, (hits, qv) in enumerate(zip(results, ref_text(reference, queries), strict=True)):
         vecs, prefix = (img_vecs, "img") if i % 2 else (other_vecs, "other")
         expected = np.argsort(-(vecs @ qv), kind="stable")[:5]
         assert [h.id for h in hits] == [f"{prefix}-{j}" for j in expected]
         np.testing.assert_allclose([h.score for h in hits], (vecs @ qv)[expected], atol=1e-4)
-    jobs = [SearchJob(served, k, SearchParams()) for k in (1, 2, 3)]
-    kept = TextQueries(torch.arange(6).reshape(3, 2), jobs)[[0, 2]]
-    assert kept.tokens.tolist() == [[0, 1], [4, 5]] and [j.k for j in kept.jobs] == [1, 3]
 
 
 async def test_text_search_whose_client_left_is_dropped_from_its_batch(make_client, tiny_model, reference,
                                                                       index_dir, monkeypatch) -> None:
     """A text search that ends while its batch waits for the model: its row is cut from the
     collated batch (tokens and search jobs together), its batch-mate gets exactly its hits."""
-    from service.search import SearchParams
+    from clipsearch.core.search import SearchParams
 
     path, img_vecs, _, _ = index_dir
     gate, rows = gate_model_call(monkeypatch, tiny_model, "text_vectors")
@@ -303,7 +297,7 @@ async def test_k_above_index_size_returns_all(make_client, tiny_model, index_dir
 
 
 async def test_model_failure_fails_every_waiter_and_service_recovers(make_client, tiny_model, monkeypatch) -> None:
-    original = tiny_model.encode_tokens
+    original = tiny_model.text_vectors
     broken = threading.Event()
     broken.set()
 
@@ -312,7 +306,7 @@ async def test_model_failure_fails_every_waiter_and_service_recovers(make_client
             raise RuntimeError("CUDA error: device-side assert (secret internals)")
         return original(tokens)
 
-    monkeypatch.setattr(tiny_model, "encode_tokens", flaky)
+    monkeypatch.setattr(tiny_model, "text_vectors", flaky)
     async with make_client(tiny_model, warmup=False) as client:  # it fails while serving, not at start
         responses = await asyncio.wait_for(
             asyncio.gather(*[client.post("/embed", json={"texts": [f"t{i}"]}) for i in range(20)]), 30)
@@ -325,7 +319,7 @@ async def test_model_failure_fails_every_waiter_and_service_recovers(make_client
 
 
 async def test_overload_gets_429_with_retry_after(make_client, tiny_model, monkeypatch) -> None:
-    gate, _ = gate_model_call(monkeypatch, tiny_model, "encode_tokens")
+    gate, _ = gate_model_call(monkeypatch, tiny_model, "text_vectors")
     async with make_client(tiny_model, max_queue=8, max_items_per_request=8, max_batch_size=4,
                            warmup=False) as client:
         first = asyncio.ensure_future(client.post("/embed", json={"texts": ["a"] * 4}))
@@ -342,8 +336,8 @@ async def test_overload_gets_429_with_retry_after(make_client, tiny_model, monke
 
 async def test_timeout_gets_504(make_client, tiny_model, monkeypatch) -> None:
     gate = threading.Event()
-    original = tiny_model.encode_tokens
-    monkeypatch.setattr(tiny_model, "encode_tokens", lambda t: (gate.wait(5), original(t))[1])
+    original = tiny_model.text_vectors
+    monkeypatch.setattr(tiny_model, "text_vectors", lambda t: (gate.wait(5), original(t))[1])
     async with make_client(tiny_model, request_timeout_s=0.3, warmup=False) as client:
         r = await client.post("/embed", json={"texts": ["slow"]})
         gate.set()
@@ -460,39 +454,14 @@ async def test_healthz_and_info(make_client, tiny_model) -> None:
         info = (await client.get("/")).json()
         assert info["model"]["dim"] == 64 and info["index"] is None
         assert info["runtime"]["cuda_graphs"] == [] and info["runtime"]["workers"] == 1  # CPU: no graphs
-        assert info["runtime"]["text_search_on_device"] is False  # no index
         schema = (await client.get("/openapi.json")).json()
         assert {"/embed", "/search/text", "/search/image"} <= set(schema["paths"])
         bodies = {path: schema["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]
                   for path in ("/embed", "/search/text", "/search/image", "/classify")}
-        assert set(bodies["/embed"]["properties"]) == {"texts", "images"}  # routes that read their own body
+        assert set(bodies["/embed"]["properties"]) == {"texts", "images"}
         assert set(bodies["/search/text"]["properties"]) == {"text", "k", "nprobe", "ef_search"}
-        assert "image" in bodies["/search/image"]["properties"] and "$ref" in bodies["/classify"]  # a body parameter
-
-
-async def test_hot_routes_skip_fastapis_request_handler_and_keep_their_errors(make_client, tiny_model,
-                                                                              monkeypatch) -> None:
-    """/embed and the searches are called without FastAPI's dependency solving (their event-loop cost);
-    routes with parameters keep it, and the hot routes' errors still go through the app's handlers."""
-    import fastapi.routing
-
-    solved: list[str] = []
-    solve = fastapi.routing.solve_dependencies
-
-    async def counting(*args, **kwargs):
-        solved.append(kwargs["request"].url.path)
-        return await solve(*args, **kwargs)
-
-    monkeypatch.setattr(fastapi.routing, "solve_dependencies", counting)
-    async with make_client(tiny_model) as client:
-        assert (await client.post("/embed", json={"texts": ["a dog"]})).status_code == 200
-        bad = await client.post("/embed", json={"texts": [3]})
-        assert bad.status_code == 422 and bad.json()["error"]["field"] == "texts[0]"
-        assert (await client.post("/search/text", json={"text": "a dog"})).status_code == 503  # no index
-        assert solved == []
-        classify = {"image": encode_image(make_image(1), "PNG"), "labels": ["a", "b"]}
-        assert (await client.post("/classify", json=classify)).status_code == 200
-        assert solved == ["/classify"]
+        assert "image" in bodies["/search/image"]["properties"]
+        assert {"image", "labels"} <= set(bodies["/classify"]["properties"])
 
 
 async def test_local_dir_written_without_clipsearch_serves_open_clips_vectors(tmp_path, make_client) -> None:
@@ -501,7 +470,7 @@ async def test_local_dir_written_without_clipsearch_serves_open_clips_vectors(tm
 
     from safetensors.torch import save_file
 
-    from service.model import load_model
+    from clipsearch.core.model import load_model
 
     cfg = {"embed_dim": 48, "vision_cfg": {"image_size": 48, "layers": 1, "width": 48, "patch_size": 12,
                                            "head_width": 24},

@@ -10,15 +10,14 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from service.batcher import Collated, DynamicBatcher
-from service.errors import InferenceError, InvalidInput, Overloaded, RequestTimeout, ShuttingDown
+from clipsearch.core.errors import InferenceError, InvalidInput, Overloaded, RequestTimeout, ShuttingDown
+from service.batcher import Collated, DynamicBatcher, Stages, concat_rows
 
 
 def fake_model(calls: list[int], delay: float = 0.0, fail_when=None):
     """Row i of the output is [x, 2x] for input row value x; records each batch size."""
 
-    def infer(payloads: list[np.ndarray]) -> np.ndarray:
-        x = np.concatenate(payloads)
+    def infer(x: np.ndarray) -> np.ndarray:
         calls.append(len(x))
         if delay:
             time.sleep(delay)
@@ -37,8 +36,16 @@ def executors():
     prep.shutdown(wait=False, cancel_futures=True)
 
 
-async def _started(infer, executors, **kw) -> DynamicBatcher:
-    b: DynamicBatcher = DynamicBatcher("test", infer, model_executor=executors[0], prepare_executor=executors[1], **kw)
+def _prepare(items, field: str, start: int) -> np.ndarray:
+    """Items are numbers; "bad" is an item that fails its request."""
+    if "bad" in items:
+        raise ValueError(f"bad item {field}[{start + list(items).index('bad')}]")
+    return np.asarray(items, dtype=np.float32)
+
+
+async def _started(forward, executors, *, collate=concat_rows, prepare=_prepare, **kw) -> DynamicBatcher:
+    stages = Stages(forward=forward, prepare=prepare, collate=collate)
+    b = DynamicBatcher("test", stages, model_executor=executors[0], prepare_executor=executors[1], **kw)
     await b.start()
     return b
 
@@ -47,13 +54,17 @@ def _payload(start: int, n: int) -> np.ndarray:
     return np.arange(start, start + n, dtype=np.float32)
 
 
+def _items(start: int, n: int) -> list[float]:
+    return [float(x) for x in range(start, start + n)]
+
+
 async def test_concurrent_requests_are_merged_and_exact(executors) -> None:
     calls: list[int] = []
     b = await _started(fake_model(calls, delay=0.02), executors, max_batch_size=16)
     sizes = [1, 3, 2, 5, 1, 1, 4, 2, 7, 1] * 3
     starts = np.cumsum([0, *sizes[:-1]]) * 10
     results = await asyncio.gather(*[
-        b.submit(n, lambda s=int(s), n=n: _payload(s, n), timeout=10) for s, n in zip(starts, sizes, strict=True)
+        b.submit(_items(s, n), timeout=10) for s, n in zip(starts, sizes, strict=True)
     ])
     for s, n, r in zip(starts, sizes, results, strict=True):
         x = _payload(int(s), n)
@@ -67,7 +78,7 @@ async def test_concurrent_requests_are_merged_and_exact(executors) -> None:
 async def test_request_larger_than_a_batch_is_split(executors) -> None:
     calls: list[int] = []
     b = await _started(fake_model(calls), executors, max_batch_size=4)
-    r = await b.submit(10, lambda: _payload(100, 10), timeout=10)
+    r = await b.submit(_items(100, 10), timeout=10)
     np.testing.assert_array_equal(r[:, 0], _payload(100, 10))
     assert calls == [4, 4, 2]
     await b.stop()
@@ -77,23 +88,23 @@ async def test_failed_batch_fails_every_waiter_and_service_continues(executors) 
     calls: list[int] = []
     gate = threading.Event()
 
-    def infer(payloads):
+    def infer(x):
         gate.wait(5)
-        return fake_model(calls, fail_when=lambda x: (x < 0).any())(payloads)
+        return fake_model(calls, fail_when=lambda x: (x < 0).any())(x)
 
     b = await _started(infer, executors, max_batch_size=64)
     # The first request occupies the model; the next ones queue up and form one batch
     # containing a poisoned row.
-    first = asyncio.ensure_future(b.submit(1, lambda: _payload(1, 1), timeout=10))
+    first = asyncio.ensure_future(b.submit(_items(1, 1), timeout=10))
     await asyncio.sleep(0.05)
-    rest = [asyncio.ensure_future(b.submit(2, lambda s=s: _payload(s, 2), timeout=10)) for s in (10, 20, -5)]
+    rest = [asyncio.ensure_future(b.submit(_items(s, 2), timeout=10)) for s in (10, 20, -5)]
     await asyncio.sleep(0.1)
     gate.set()
     assert (await first)[0, 0] == 1
     outcomes = await asyncio.gather(*rest, return_exceptions=True)
     assert all(isinstance(o, InferenceError) for o in outcomes), outcomes
     assert "CUDA" not in str(outcomes[0])  # internals stay in the log
-    ok = await b.submit(1, lambda: _payload(7, 1), timeout=10)
+    ok = await b.submit(_items(7, 1), timeout=10)
     assert ok[0, 1] == 14
     await b.stop()
 
@@ -102,13 +113,10 @@ async def test_prepare_error_fails_only_that_request(executors) -> None:
     calls: list[int] = []
     b = await _started(fake_model(calls), executors)
 
-    def bad() -> np.ndarray:
-        raise ValueError("bad item")
-
-    with pytest.raises(ValueError, match="bad item"):
-        await b.submit(1, bad, timeout=5)
+    with pytest.raises(ValueError, match=r"bad item items\[1\]"):
+        await b.submit([1.0, "bad"], timeout=5)
     assert calls == [] and b.pending_rows == 0
-    assert (await b.submit(1, lambda: _payload(3, 1), timeout=5))[0, 0] == 3
+    assert (await b.submit(_items(3, 1), timeout=5))[0, 0] == 3
     await b.stop()
 
 
@@ -116,17 +124,17 @@ async def test_full_queue_answers_overloaded(executors) -> None:
     gate = threading.Event()
     calls: list[int] = []
 
-    def infer(payloads):
+    def infer(x):
         gate.wait(5)
-        return fake_model(calls)(payloads)
+        return fake_model(calls)(x)
 
     b = await _started(infer, executors, max_batch_size=4, max_queue=6)
-    running = asyncio.ensure_future(b.submit(4, lambda: _payload(0, 4), timeout=10))
+    running = asyncio.ensure_future(b.submit(_items(0, 4), timeout=10))
     await asyncio.sleep(0.05)  # taken by the model; the queue is empty again
-    queued = asyncio.ensure_future(b.submit(5, lambda: _payload(10, 5), timeout=10))
+    queued = asyncio.ensure_future(b.submit(_items(10, 5), timeout=10))
     await asyncio.sleep(0.05)
     with pytest.raises(Overloaded) as exc:
-        await b.submit(2, lambda: _payload(20, 2), timeout=10)
+        await b.submit(_items(20, 2), timeout=10)
     assert exc.value.retry_after > 0
     gate.set()
     assert (await running).shape == (4, 2) and (await queued).shape == (5, 2)
@@ -137,20 +145,20 @@ async def test_timeout_resolves_and_skips_the_rows(executors) -> None:
     gate = threading.Event()
     calls: list[int] = []
 
-    def infer(payloads):
+    def infer(x):
         gate.wait(5)
-        return fake_model(calls)(payloads)
+        return fake_model(calls)(x)
 
     b = await _started(infer, executors, max_batch_size=8)
-    blocker = asyncio.ensure_future(b.submit(1, lambda: _payload(0, 1), timeout=10))
+    blocker = asyncio.ensure_future(b.submit(_items(0, 1), timeout=10))
     await asyncio.sleep(0.05)
     t0 = time.monotonic()
     with pytest.raises(RequestTimeout):
-        await b.submit(3, lambda: _payload(10, 3), timeout=0.2)
+        await b.submit(_items(10, 3), timeout=0.2)
     assert time.monotonic() - t0 < 1.0
     gate.set()
     await blocker
-    await b.submit(1, lambda: _payload(50, 1), timeout=5)
+    await b.submit(_items(50, 1), timeout=5)
     assert calls == [1, 1]  # the timed-out rows never reached the model
     await b.stop()
 
@@ -159,22 +167,22 @@ async def test_disconnected_client_is_dropped_before_the_model(executors) -> Non
     gate = threading.Event()
     calls: list[int] = []
 
-    def infer(payloads):
+    def infer(x):
         gate.wait(5)
-        return fake_model(calls)(payloads)
+        return fake_model(calls)(x)
 
     b = await _started(infer, executors)
-    blocker = asyncio.ensure_future(b.submit(1, lambda: _payload(0, 1), timeout=10))
+    blocker = asyncio.ensure_future(b.submit(_items(0, 1), timeout=10))
     await asyncio.sleep(0.05)
     gone = asyncio.Event()
-    waiter = asyncio.ensure_future(b.submit(2, lambda: _payload(5, 2), timeout=10, disconnected=gone.wait))
+    waiter = asyncio.ensure_future(b.submit(_items(5, 2), timeout=10, disconnected=gone.wait))
     await asyncio.sleep(0.05)
     gone.set()
     with pytest.raises(asyncio.CancelledError):
         await waiter
     gate.set()
     await blocker
-    await b.submit(1, lambda: _payload(9, 1), timeout=5)
+    await b.submit(_items(9, 1), timeout=5)
     assert calls == [1, 1]
     await b.stop()
 
@@ -193,23 +201,23 @@ async def test_disconnect_watcher_starts_only_for_requests_that_wait(executors) 
 
         return wait
 
-    def infer(payloads):
+    def infer(x):
         gate.wait(5)
-        return fake_model(calls)(payloads)
+        return fake_model(calls)(x)
 
     b = await _started(infer, executors, watch_after_s=0.2)
     gate.set()
     never = asyncio.Event()
-    r = await b.submit(1, payload=_payload(3, 1), timeout=10, disconnected=watcher("fast", never))
+    r = await b.submit(_payload(3, 1), timeout=10, disconnected=watcher("fast", never))
     np.testing.assert_array_equal(r, [[3, 6]])
     await asyncio.sleep(0.3)  # past watch_after_s: the fast request's timer was cancelled
     assert watched == []
 
     gate.clear()
-    blocker = asyncio.ensure_future(b.submit(1, payload=_payload(0, 1), timeout=10))
+    blocker = asyncio.ensure_future(b.submit(_payload(0, 1), timeout=10))
     await asyncio.sleep(0.05)
     gone = asyncio.Event()
-    slow = asyncio.ensure_future(b.submit(2, payload=_payload(5, 2), timeout=10, disconnected=watcher("slow", gone)))
+    slow = asyncio.ensure_future(b.submit(_payload(5, 2), timeout=10, disconnected=watcher("slow", gone)))
     await asyncio.sleep(0.1)
     assert watched == []  # still within watch_after_s
     await asyncio.sleep(0.2)
@@ -226,25 +234,25 @@ async def test_disconnect_watcher_starts_only_for_requests_that_wait(executors) 
 async def test_stop_resolves_every_waiter(executors) -> None:
     gate = threading.Event()
 
-    def infer(payloads):
+    def infer(x):
         gate.wait(5)
-        return fake_model([])(payloads)
+        return fake_model([])(x)
 
     b = await _started(infer, executors, max_batch_size=2)
-    waiters = [asyncio.ensure_future(b.submit(2, lambda s=s: _payload(s, 2), timeout=10)) for s in range(5)]
+    waiters = [asyncio.ensure_future(b.submit(_items(s, 2), timeout=10)) for s in range(5)]
     await asyncio.sleep(0.1)
     await b.stop()
     gate.set()
     outcomes = await asyncio.wait_for(asyncio.gather(*waiters, return_exceptions=True), 5)
     assert all(isinstance(o, ShuttingDown) for o in outcomes), outcomes
     with pytest.raises(ShuttingDown):
-        await b.submit(1, lambda: _payload(0, 1), timeout=1)
+        await b.submit(_items(0, 1), timeout=1)
 
 
 async def test_wrong_row_count_from_model_is_an_error(executors) -> None:
     b = await _started(lambda p: np.zeros((1, 2), np.float32), executors)
     with pytest.raises(InferenceError):
-        await b.submit(3, lambda: _payload(0, 3), timeout=5)
+        await b.submit(_items(0, 3), timeout=5)
     await b.stop()
 
 
@@ -283,7 +291,7 @@ async def _collating_with_model_busy(executors, per_request: bool = False, **kw)
     gate = threading.Event()
     b = await _started(_collated_model(events, gate), executors,
                        collate=_collate_recorder(events, per_request=per_request), **kw)
-    first = asyncio.ensure_future(b.submit(1, payload=[1], timeout=10))
+    first = asyncio.ensure_future(b.submit([1], timeout=10))
     await asyncio.sleep(0.1)
     return b, events, gate, first
 
@@ -294,7 +302,7 @@ async def test_collated_batches_are_exact_and_merged(executors) -> None:
     sizes = [1, 3, 2, 5, 1, 4, 2, 7, 1, 1] * 3
     starts = np.cumsum([0, *sizes[:-1]]) * 10
     results = await asyncio.gather(*[
-        b.submit(n, payload=list(range(int(s), int(s) + n)), timeout=10) for s, n in zip(starts, sizes, strict=True)
+        b.submit(list(range(int(s), int(s) + n)), timeout=10) for s, n in zip(starts, sizes, strict=True)
     ])
     for s, n, r in zip(starts, sizes, results, strict=True):
         x = _payload(int(s), n)
@@ -305,7 +313,7 @@ async def test_collated_batches_are_exact_and_merged(executors) -> None:
 
 async def test_next_batch_is_collated_while_the_model_runs(executors) -> None:
     b, events, gate, first = await _collating_with_model_busy(executors, max_batch_size=2)
-    second = asyncio.ensure_future(b.submit(2, payload=[2, 3], timeout=10))
+    second = asyncio.ensure_future(b.submit([2, 3], timeout=10))
     await asyncio.sleep(0.1)
     # The model is still busy with the first batch, and the second, a full batch, is already collated.
     assert events == ["collate 1", "model start 1", "collate 2"], events
@@ -318,8 +326,8 @@ async def test_next_batch_is_collated_while_the_model_runs(executors) -> None:
 async def test_request_gone_while_staged_never_reaches_the_model(executors) -> None:
     b, events, gate, blocker = await _collating_with_model_busy(executors, max_batch_size=5)
     gone = asyncio.Event()
-    leaver = asyncio.ensure_future(b.submit(3, payload=[5, 6, 7], timeout=10, disconnected=gone.wait))
-    stayer = asyncio.ensure_future(b.submit(2, payload=[8, 9], timeout=10))
+    leaver = asyncio.ensure_future(b.submit([5, 6, 7], timeout=10, disconnected=gone.wait))
+    stayer = asyncio.ensure_future(b.submit([8, 9], timeout=10))
     await asyncio.sleep(0.1)
     assert "collate 5" in events  # both staged together behind the blocker
     gone.set()
@@ -335,10 +343,10 @@ async def test_request_gone_while_staged_never_reaches_the_model(executors) -> N
 
 async def test_staged_rows_count_against_the_queue(executors) -> None:
     b, _, gate, blocker = await _collating_with_model_busy(executors, max_queue=4, max_batch_size=4)
-    staged = asyncio.ensure_future(b.submit(4, payload=[1, 2, 3, 4], timeout=10))
+    staged = asyncio.ensure_future(b.submit([1, 2, 3, 4], timeout=10))
     await asyncio.sleep(0.1)
     with pytest.raises(Overloaded):
-        await b.submit(1, payload=[9], timeout=10)
+        await b.submit([9], timeout=10)
     gate.set()
     await asyncio.gather(blocker, staged)
     await b.stop()
@@ -349,9 +357,9 @@ async def test_collate_failure_fails_its_batch_only(executors) -> None:
     b = await _started(_collated_model(events), executors,
                        collate=_collate_recorder(events, fail_when=lambda rows: -1 in rows))
     with pytest.raises(InferenceError) as err:
-        await b.submit(2, payload=[3, -1], timeout=5)
+        await b.submit([3, -1], timeout=5)
     assert "internal detail" not in str(err.value)
-    r = await b.submit(1, payload=[4], timeout=5)
+    r = await b.submit([4], timeout=5)
     assert r[0, 1] == 8
     await b.stop()
 
@@ -360,9 +368,9 @@ async def test_collate_can_fail_one_request_and_not_its_batch_mates(executors) -
     """A bad image found while decoding a whole batch fails its own request only; its rows
     never reach the model, and the others get exactly their rows."""
     b, events, gate, blocker = await _collating_with_model_busy(executors, per_request=True, max_batch_size=5)
-    good = asyncio.ensure_future(b.submit(2, payload=[2, 3], timeout=10))
-    bad = asyncio.ensure_future(b.submit(2, payload=[4, -1], timeout=10))
-    also_good = asyncio.ensure_future(b.submit(1, payload=[5], timeout=10))
+    good = asyncio.ensure_future(b.submit([2, 3], timeout=10))
+    bad = asyncio.ensure_future(b.submit([4, -1], timeout=10))
+    also_good = asyncio.ensure_future(b.submit([5], timeout=10))
     await asyncio.sleep(0.1)
     assert "collate 5" in events  # the three were staged as one batch behind the blocker
     gate.set()
@@ -380,7 +388,7 @@ async def test_stop_resolves_a_staged_batch(executors) -> None:
     events: list[str] = []
     gate = threading.Event()
     b = await _started(_collated_model(events, gate), executors, collate=_collate_recorder(events))
-    waiters = [asyncio.ensure_future(b.submit(1, payload=[i], timeout=10)) for i in range(3)]
+    waiters = [asyncio.ensure_future(b.submit([i], timeout=10)) for i in range(3)]
     await asyncio.sleep(0.1)
     stopping = asyncio.ensure_future(b.stop())
     await asyncio.sleep(0.1)
@@ -394,7 +402,7 @@ async def test_the_model_takes_the_next_batch_while_the_event_loop_is_busy(execu
     """The hand-off from one batch to the next happens in the batcher's own thread: a busy
     event loop (parsing and answering requests) does not hold the model idle."""
     b, events, gate, first = await _collating_with_model_busy(executors, max_batch_size=2)
-    second = asyncio.ensure_future(b.submit(2, payload=[2, 3], timeout=10))
+    second = asyncio.ensure_future(b.submit([2, 3], timeout=10))
     await asyncio.sleep(0.1)  # a full batch: collated, behind the first batch
     gate.set()
     time.sleep(0.3)  # the point: no event-loop callback can run meanwhile
@@ -407,7 +415,7 @@ async def test_while_the_model_runs_requests_gather_into_one_batch(executors) ->
     """Short of a full batch, requests arriving while the model runs wait for it, and then go
     as one batch (taking them at once would split them into ever smaller batches)."""
     b, events, gate, first = await _collating_with_model_busy(executors, max_batch_size=8)
-    rest = [asyncio.ensure_future(b.submit(1, payload=[i], timeout=10)) for i in range(2, 6)]
+    rest = [asyncio.ensure_future(b.submit([i], timeout=10)) for i in range(2, 6)]
     await asyncio.sleep(0.1)
     assert events == ["collate 1", "model start 1"], events  # nothing taken behind a busy model
     gate.set()

@@ -17,7 +17,7 @@ from tests.conftest import gate_model_call
 
 
 def test_hung_up_client_is_not_encoded(tiny_model, monkeypatch) -> None:
-    gate, encoded = gate_model_call(monkeypatch, tiny_model, "encode_tokens")
+    gate, encoded = gate_model_call(monkeypatch, tiny_model, "text_vectors")
     port = free_port()
     settings = Settings(model=tiny_model.info.spec, device="cpu", port=port, warmup=False)
     app = create_app(settings, state=ServiceState.build(settings, model=tiny_model))

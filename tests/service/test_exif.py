@@ -4,6 +4,7 @@ PIL's `ImageOps.exif_transpose` does; off, images stay as stored (open_clip's be
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 
 import numpy as np
@@ -11,10 +12,10 @@ import pytest
 import torch
 from PIL import ExifTags, Image, ImageOps
 
+from clipsearch.core.decoder import upright
+from clipsearch.core.images import _PIL_ORIENT
 from service.engine import Engine
-from service.images import _PIL_ORIENT
 from service.settings import Settings
-from service.torch_preprocess import upright
 
 TORCH_PIXEL_MAE = 0.004  # as tests/service/test_fast_images.py
 DRAFT_PIXEL_MAE = 0.012
@@ -51,10 +52,11 @@ def test_every_decode_path_turns_images_upright(tiny_model, orientation: int) ->
     upright_ref = transform(ImageOps.exif_transpose(Image.open(io.BytesIO(data))))
     as_stored = transform(Image.open(io.BytesIO(data)))
 
-    def prepared(**kw) -> torch.Tensor:
+    def prepared(per_batch: bool = False, **kw) -> torch.Tensor:
         engine = Engine(tiny_model, Settings(model="x", **kw))
-        items = engine._prepare_images(b64, "images")
-        return engine._collate_images([items]).payload[0] if engine.jpegs_per_batch else items[0]
+        if per_batch:  # JPEGs decoded a batch at a time, as on a GPU
+            engine.decoder = dataclasses.replace(engine.decoder, jpegs_per_batch=True)
+        return engine.prepare_images(b64)[0]
 
     def mae(a: torch.Tensor, b: torch.Tensor) -> float:
         return float((a - b).abs().mean())
@@ -64,7 +66,7 @@ def test_every_decode_path_turns_images_upright(tiny_model, orientation: int) ->
     assert torch.equal(prepared(exif_orientation=True), upright_ref)
     assert mae(prepared(exif_orientation=True, image_decode="draft"), upright_ref) <= DRAFT_PIXEL_MAE
     assert mae(prepared(exif_orientation=True, image_decode="torch"), upright_ref) <= TORCH_PIXEL_MAE
-    per_batch = prepared(exif_orientation=True, image_decode="torch", image_decode_scope="batch")
+    per_batch = prepared(True, exif_orientation=True, image_decode="torch")
     assert mae(per_batch, upright_ref) <= TORCH_PIXEL_MAE
 
 
@@ -75,6 +77,5 @@ def test_a_broken_exif_block_leaves_the_image_as_stored(tiny_model) -> None:
     b64 = [base64.b64encode(broken).decode()]
     as_stored = tiny_model.preprocess_transform(Image.open(io.BytesIO(broken)))
     for decode in ("exact", "torch"):
-        got = Engine(tiny_model, Settings(model="x", exif_orientation=True, image_decode=decode))._prepare_images(
-            b64, "images")[0]
+        got = Engine(tiny_model, Settings(model="x", exif_orientation=True, image_decode=decode)).prepare_images(b64)[0]
         assert float((got - as_stored).abs().mean()) <= TORCH_PIXEL_MAE, decode

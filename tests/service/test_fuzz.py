@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -42,12 +43,14 @@ fields = {
 bodies = st.fixed_dictionaries({}, optional=fields) | json_values
 
 
-@pytest.fixture(scope="module", params=[{}, {"image_decode": "torch", "image_decode_scope": "batch"}],
-                ids=["exact", "torch-batch"])
+@pytest.fixture(scope="module", params=["exact", "torch-batch"])
 def client(tiny_model, request):
-    """The exact path, and the torch path decoding JPEGs per batch (the GPU default) on the CPU."""
-    cfg = Settings(model=tiny_model.info.spec, device="cpu", **request.param)
-    app = create_app(cfg, state=ServiceState.build(cfg, model=tiny_model))
+    """The exact path, and the torch path decoding JPEGs per batch (the GPU's way) on the CPU."""
+    cfg = Settings(model=tiny_model.info.spec, device="cpu", image_decode=request.param.split("-")[0])
+    state = ServiceState.build(cfg, model=tiny_model)
+    if request.param == "torch-batch":
+        state.engine.decoder = dataclasses.replace(state.engine.decoder, jpegs_per_batch=True)
+    app = create_app(cfg, state=state)
     with TestClient(app, raise_server_exceptions=False) as c:
         yield c
 

@@ -10,8 +10,8 @@ import open_clip
 import pytest
 import torch
 
-from service.graphs import BucketedGraphs, Captured, batch_buckets, capture_emulated, length_buckets
-from service.model import ClipModel, load_model
+from clipsearch.core.graphs import BucketedGraphs, Captured, batch_buckets, capture_emulated, length_buckets
+from clipsearch.core.model import ClipModel, load_model
 from tests.conftest import make_image
 
 TEXTS = ["a", "a red circle on a blue square", "", "x " * 100, "猫", "two green stars", "a dog", "a cat", "sky"]
@@ -128,7 +128,7 @@ def test_a_tower_whose_graphs_differ_stays_eager(tiny_spec: str, reference, capl
         return captured
 
     model = load_model(tiny_spec, device="cpu")
-    with caplog.at_level(logging.WARNING, logger="service.model"):
+    with caplog.at_level(logging.WARNING, logger="clipsearch.core.model"):
         assert model.capture_graphs(4, capture=stale_images) == ["text"]
     assert "image tower stays eager" in caplog.text and "replay differs from eager" in caplog.text
     ref, preprocess, _ = reference
@@ -143,7 +143,7 @@ def test_a_failing_capture_leaves_the_model_eager(tiny_spec: str, tiny_model: Cl
         raise RuntimeError("operation not permitted when stream is capturing")
 
     model = load_model(tiny_spec, device="cpu")
-    with caplog.at_level(logging.WARNING, logger="service.model"):
+    with caplog.at_level(logging.WARNING, logger="clipsearch.core.model"):
         assert model.capture_graphs(8, capture=failing) == []
     assert caplog.text.count("stays eager") == 2
     np.testing.assert_allclose(model.encode_texts(TEXTS), tiny_model.encode_texts(TEXTS), atol=1e-6)

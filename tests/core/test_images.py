@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from service.errors import InvalidBase64, InvalidImage, PayloadTooLarge
-from service.images import decode_base64, decode_image
+from clipsearch.core.errors import InvalidBase64, InvalidImage, PayloadTooLarge
+from clipsearch.core.images import decode_base64, decode_image
 from tests.conftest import image_bytes, make_image
 
 RAW = image_bytes(make_image(3), "PNG")
@@ -148,7 +148,7 @@ def test_jpeg_header_scan_reads_the_size_pil_reads() -> None:
 
     from PIL import Image
 
-    from service.images import jpeg_size, probe_image
+    from clipsearch.core.images import jpeg_size, probe_image
 
     for data in _jpegs():
         assert jpeg_size(data) == Image.open(io.BytesIO(data)).size
@@ -175,7 +175,7 @@ def test_jpeg_header_scan_never_disagrees_with_pil_on_broken_headers(which: int,
 
     from PIL import Image
 
-    from service.images import jpeg_size
+    from clipsearch.core.images import jpeg_size
 
     data = bytearray(_JPEGS[which][: max(cut, 2)] if cut < 700 else _JPEGS[which])
     for pos, value in flips:

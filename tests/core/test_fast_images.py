@@ -60,15 +60,15 @@ def test_draft_model_input_is_close_to_exact(tiny_model) -> None:
     from service.engine import Engine
     from service.settings import Settings
 
-    exact = Engine(tiny_model, Settings(model="x"))._prepare_images(JPEGS, "images")
-    draft = Engine(tiny_model, Settings(model="x", image_decode="draft"))._prepare_images(JPEGS, "images")
+    exact = Engine(tiny_model, Settings(model="x")).prepare_images(JPEGS)
+    draft = Engine(tiny_model, Settings(model="x", image_decode="draft")).prepare_images(JPEGS)
     mae = (exact - draft).abs().mean(dim=(1, 2, 3))
     assert float(mae.max()) <= PIXEL_MAE, mae
     assert float(mae.min()) > 0
 
 
 def test_draft_decodes_at_reduced_scale_covering_the_model_input() -> None:
-    from service.images import decode_image
+    from clipsearch.core.images import decode_image
 
     kw = {"field": "image", "max_bytes": 10**8, "max_pixels": 10**8}
     full = decode_image(JPEGS[1], **kw)
@@ -105,8 +105,8 @@ def test_torch_model_input_is_within_a_grey_level_of_exact(tiny_model) -> None:
 
     # Mixed in one request: JPEGs take the torch path, the PNG keeps PIL, order is kept.
     images = [*JPEGS[:2], encode_image(photo(7, (300, 500)), "PNG"), *JPEGS[2:]]
-    exact = Engine(tiny_model, Settings(model="x"))._prepare_images(images, "images")
-    fast = Engine(tiny_model, Settings(model="x", image_decode="torch"))._prepare_images(images, "images")
+    exact = Engine(tiny_model, Settings(model="x")).prepare_images(images)
+    fast = Engine(tiny_model, Settings(model="x", image_decode="torch")).prepare_images(images)
     diff = (exact - fast).abs()
     assert float(diff.mean(dim=(1, 2, 3)).max()) <= TORCH_PIXEL_MAE, diff.mean(dim=(1, 2, 3))
     assert float(diff.max()) <= TORCH_PIXEL_MAX, float(diff.max())
@@ -117,7 +117,7 @@ def test_torch_model_input_is_within_a_grey_level_of_exact(tiny_model) -> None:
 def test_torch_preprocess_only_mirrors_the_standard_transform(tiny_model) -> None:
     from torchvision.transforms import Compose, InterpolationMode, Resize
 
-    from service.torch_preprocess import TorchPreprocess
+    from clipsearch.core.decoder import TorchPreprocess
 
     tp = TorchPreprocess.from_transform(tiny_model.preprocess_transform)
     assert tp is not None and tp.size == 64 and tp.crop == (64, 64)
@@ -132,7 +132,7 @@ def test_same_sized_images_resized_as_one_batch_equal_one_at_a_time(tiny_model) 
     gives exactly the one-at-a-time result, here on the CPU with sizes interleaved."""
     import torch
 
-    from service.torch_preprocess import TorchPreprocess
+    from clipsearch.core.decoder import TorchPreprocess
 
     tp = TorchPreprocess.from_transform(tiny_model.preprocess_transform)
     assert tp is not None
@@ -147,39 +147,29 @@ def test_same_sized_images_resized_as_one_batch_equal_one_at_a_time(tiny_model) 
 
 @pytest.mark.gpu
 def test_torch_preprocess_on_cuda_is_faithful(tiny_model) -> None:
-    """nvJPEG + tensor resize on the GPU against open_clip's PIL path on the CPU."""
-    import torch
+    """nvJPEG + tensor resize on the GPU against open_clip's PIL path on the CPU, for a batch
+    of JPEGs as they reach it (still in base64), one request with a bad image failing alone."""
 
+    from clipsearch.core.decoder import ImageDecoder
     from service.engine import Engine
     from service.settings import Settings
 
-    exact = Engine(tiny_model, Settings(model="x"))._prepare_images(JPEGS, "images")
-    tiny_model.device = torch.device("cuda")
-    try:
-        per_request = Engine(tiny_model, Settings(model="x", image_decode="torch", image_decode_scope="request"))
-        fast = per_request._prepare_images(JPEGS, "images")
-        per_batch = Engine(tiny_model, Settings(model="x", image_decode="torch"))  # auto: batch on a GPU
-        assert per_batch.jpegs_per_batch
-        collated = per_batch._collate_images([per_batch._prepare_images(JPEGS[:2], "images"),
-                                              per_batch._prepare_images(JPEGS[2:], "images")])
-        # As requests of JPEGs reach it on a GPU: still in base64, one with a bad image.
-        from service.engine import Base64Jpeg
-
-        in_base64 = per_batch._collate_images([[Base64Jpeg("images[0]", JPEGS[0]), Base64Jpeg("images[1]", JPEGS[1])],
-                                               [Base64Jpeg("images[0]", "/9j/!!!!")],
-                                               [Base64Jpeg("images[0]", j) for j in JPEGS[2:]]])
-    finally:
-        tiny_model.device = torch.device("cpu")
-    assert fast.device.type == "cuda" and collated.payload.device.type == "cuda" and not collated.failed
-    assert list(in_base64.failed) == [1] and in_base64.failed[1].field == "images[0]"
-    assert torch.equal(in_base64.payload[[0, 1, 3, 4]], collated.payload)
-    for pixels in (fast, collated.payload):
-        mae = (exact - pixels.cpu()).abs().mean(dim=(1, 2, 3))
-        assert float(mae.max()) <= PIXEL_MAE, mae  # nvJPEG rounds unlike libjpeg-turbo: the looser bound
+    exact = Engine(tiny_model, Settings(model="x")).prepare_images(JPEGS)
+    decoder = ImageDecoder.create(tiny_model.preprocess_transform, "torch", tiny_model.image_size, 10**9,
+                                  device="cuda")
+    assert decoder.jpegs_per_batch and decoder.prepares_cheaply(JPEGS)
+    raws = [base64.b64decode(j) for j in JPEGS]
+    requests = [decoder.prepare(raws[:2], ["images[0]", "images[1]"]),
+                decoder.prepare([raws[0][:300]], ["images[0]"]),
+                decoder.prepare(raws[2:], ["images[0]", "images[1]"])]
+    pixels, failed = decoder.collate(requests)
+    assert pixels.device.type == "cuda" and list(failed) == [1] and failed[1].field == "images[0]"
+    mae = (exact - pixels[[0, 1, 3, 4]].cpu()).abs().mean(dim=(1, 2, 3))
+    assert float(mae.max()) <= PIXEL_MAE, mae  # nvJPEG rounds unlike libjpeg-turbo: the looser bound
 
 
 async def test_torch_mode_without_a_torch_decoder_serves_exact(make_client, tiny_model, monkeypatch) -> None:
-    import service.torch_preprocess as tp
+    import clipsearch.core.decoder as tp
 
     monkeypatch.setattr(tp, "HAVE_TORCH_DECODE", False)
     exact = await _embed(make_client, tiny_model, JPEGS)
@@ -192,8 +182,8 @@ def test_torch_path_on_unusual_jpegs_matches_exact_or_its_error(tiny_model) -> N
     exact; truncated ones get the exact path's own 400, naming the item."""
     import io
 
+    from clipsearch.core.errors import InvalidImage
     from service.engine import Engine
-    from service.errors import InvalidImage
     from service.settings import Settings
 
     def jpeg(image: Image.Image, **kw) -> str:
@@ -206,27 +196,45 @@ def test_torch_path_on_unusual_jpegs_matches_exact_or_its_error(tiny_model) -> N
             jpeg(Image.new("RGB", (1, 1), (200, 10, 10)))]
     exact = Engine(tiny_model, Settings(model="x"))
     fast = Engine(tiny_model, Settings(model="x", image_decode="torch"))
-    diff = (exact._prepare_images(good, "images") - fast._prepare_images(good, "images")).abs()
+    diff = (exact.prepare_images(good) - fast.prepare_images(good)).abs()
     assert float(diff.max()) <= TORCH_PIXEL_MAX, diff.amax(dim=(1, 2, 3))
     truncated = base64.b64encode(base64.b64decode(jpeg(rgb))[:400]).decode()
     messages = []
     for engine in (exact, fast):
         with pytest.raises(InvalidImage) as err:
-            engine._prepare_images([good[0], truncated], "images")
+            engine.prepare_images([good[0], truncated])
         messages.append((err.value.field, err.value.message))
     assert messages[0] == messages[1] and messages[0][0] == "images[1]"
 
 
-async def test_batch_scope_decodes_jpegs_of_several_requests_in_one_call(make_client, tiny_model,
-                                                                         monkeypatch) -> None:
-    """`image_decode_scope=batch` (the default on a GPU, for nvJPEG): the JPEGs of concurrent
-    requests decode in one call; vectors equal the per-request scope's; a truncated JPEG,
+@pytest.fixture
+def jpegs_per_batch(monkeypatch):
+    """The torch path decoding JPEGs a batch at a time, as it does on a GPU, here on the CPU."""
+    import dataclasses
+
+    from clipsearch.core.decoder import ImageDecoder
+
+    create = ImageDecoder.create
+
+    def per_batch(*args, **kw):
+        decoder = create(*args, **kw)
+        return dataclasses.replace(decoder, jpegs_per_batch=decoder.torch_path is not None)
+
+    monkeypatch.setattr(ImageDecoder, "create", per_batch)
+    return create  # the unpatched one
+
+
+async def test_batch_decode_takes_jpegs_of_several_requests_in_one_call(make_client, tiny_model, monkeypatch,
+                                                                        jpegs_per_batch) -> None:
+    """JPEGs decoded a batch at a time (a GPU's way, for nvJPEG): the JPEGs of concurrent
+    requests decode in one call; vectors equal the per-request decode's; a truncated JPEG,
     bad base64, a broken header and an oversize image (all of which start as a JPEG's base64
     does, so they reach the batch still in base64) each fail only their own request, with
-    the same answer as in per-request scope."""
+    the same answer as per request."""
     import asyncio
+    import threading
 
-    from service.torch_preprocess import ImageDecoder
+    from clipsearch.core.decoder import ImageDecoder
 
     calls: list[list[str]] = []
     decode_jpegs = ImageDecoder.decode_jpegs
@@ -240,8 +248,8 @@ async def test_batch_scope_decodes_jpegs_of_several_requests_in_one_call(make_cl
     bodies = [[JPEGS[0], JPEGS[1]], [png, JPEGS[2]], [JPEGS[3]]]
     want = [await _embed(make_client, tiny_model, b, image_decode="torch") for b in bodies]
     calls.clear()
-    async with make_client(tiny_model, image_decode="torch", image_decode_scope="batch", max_wait_ms=300) as client:
-        assert client.state.engine.jpegs_per_batch
+    async with make_client(tiny_model, image_decode="torch", max_wait_ms=300) as client:
+        assert client.state.engine.decoder.jpegs_per_batch
         replies = await asyncio.gather(*[client.post("/embed", json={"images": b})
                                          for b in [*bodies, [JPEGS[0], HALF_JPEG]]])
     assert [r.status_code for r in replies] == [200, 200, 200, 400], [r.text for r in replies]
@@ -253,17 +261,24 @@ async def test_batch_scope_decodes_jpegs_of_several_requests_in_one_call(make_cl
                                        "images[1]"]), calls
     assert all(len(c) == 1 for c in calls[1:]), calls
 
-    # JPEGs in base64 or as data: URIs skip the prepare threads on this path: the same vectors.
+    # JPEGs in base64 or as data: URIs are prepared in the batcher's thread, not the prepare
+    # pool's, on this path; a PNG takes the pool. The same vectors.
     from service.engine import Engine
 
-    def no_prepare(self, images, field):
-        raise AssertionError(f"{field}: went through the prepare threads")
+    threads: list[str] = []
+    prepare = Engine._prepare_images
+
+    def spy_prepare(self, images, field, start):
+        threads.append(threading.current_thread().name.split("_")[0])
+        return prepare(self, images, field, start)
 
     with monkeypatch.context() as patched:
-        patched.setattr(Engine, "_prepare_images", no_prepare)
-        async with make_client(tiny_model, image_decode="torch", image_decode_scope="batch") as client:
+        patched.setattr(Engine, "_prepare_images", spy_prepare)
+        async with make_client(tiny_model, image_decode="torch") as client:
             r = await client.post("/embed", json={"images": [JPEGS[0], f"data:image/jpeg;base64,{JPEGS[1]}"]})
-    assert r.status_code == 200, r.text
+            r2 = await client.post("/embed", json={"images": [png]})
+    assert r.status_code == 200 and r2.status_code == 200, r.text
+    assert threads == ["batcher-image", "clip-prep"], threads
     np.testing.assert_allclose(np.asarray(r.json()["images"], np.float32), want[0], atol=1e-5)
 
     broken_header = base64.b64encode(b"\xff\xd8\xff\xe0" + bytes(40)).decode()
@@ -272,10 +287,14 @@ async def test_batch_scope_decodes_jpegs_of_several_requests_in_one_call(make_cl
     assert all(image.startswith("/9j/") for b in failing for image in b)
     answers = {}
     for scope in ("request", "batch"):
-        async with make_client(tiny_model, image_decode="torch", image_decode_scope=scope, max_wait_ms=300,
-                               max_image_bytes=300_000) as client:
-            replies = await asyncio.gather(*[client.post("/embed", json={"images": b})
-                                             for b in [*failing, [JPEGS[3]]]])
+        with monkeypatch.context() as patched:
+            if scope == "request":
+                patched.setattr(ImageDecoder, "create", jpegs_per_batch)
+            async with make_client(tiny_model, image_decode="torch", max_wait_ms=300,
+                                   max_image_bytes=300_000) as client:
+                assert client.state.engine.decoder.jpegs_per_batch is (scope == "batch")
+                replies = await asyncio.gather(*[client.post("/embed", json={"images": b})
+                                                 for b in [*failing, [JPEGS[3]]]])
         answers[scope] = [(r.status_code, r.json().get("error")) for r in replies]
         np.testing.assert_allclose(np.asarray(replies[-1].json()["images"], np.float32), want[2], atol=1e-5)
     assert answers["batch"] == answers["request"]
@@ -283,57 +302,50 @@ async def test_batch_scope_decodes_jpegs_of_several_requests_in_one_call(make_cl
         (400, "images[1]"), (400, "images[0]"), (413, "images[1]")], answers
 
 
-def test_request_scope_is_the_default_on_the_cpu(tiny_model) -> None:
-    from service.engine import Engine
-    from service.settings import Settings
+def test_jpegs_decode_per_batch_only_on_a_gpu_with_the_torch_path(tiny_model) -> None:
+    from clipsearch.core.decoder import ImageDecoder
 
-    assert not Engine(tiny_model, Settings(model="x", image_decode="torch")).jpegs_per_batch
-    assert not Engine(tiny_model, Settings(model="x", image_decode_scope="batch")).jpegs_per_batch  # exact: PIL
-    assert Engine(tiny_model, Settings(model="x", image_decode="torch", image_decode_scope="batch")).jpegs_per_batch
+    def per_batch(mode: str, device: str) -> bool:
+        return ImageDecoder.create(tiny_model.preprocess_transform, mode, tiny_model.image_size, 10**9,
+                                   device=device).jpegs_per_batch
+
+    assert per_batch("torch", "cuda")
+    assert not per_batch("torch", "cpu") and not per_batch("exact", "cuda") and not per_batch("draft", "cuda")
 
 
-def test_pixels_are_gathered_by_the_model_thread_only_on_the_cpu(tiny_model) -> None:
-    """On the CPU the image batcher has no collate (the model waits for nothing to overlap);
-    `gather_rows` keeps rows in order and passes a lone tensor through uncopied."""
+def test_gathered_rows_keep_their_order() -> None:
     import torch
 
-    from service.engine import Engine, gather_rows
-    from service.settings import Settings
+    from clipsearch.core.decoder import gather_rows
 
-    for settings in (Settings(model="x"), Settings(model="x", image_decode="torch")):
-        assert Engine(tiny_model, settings).image._collate is None
-    parts = [torch.randn(2, 3, 4, 4), torch.randn(1, 3, 4, 4), torch.randn(3, 3, 4, 4)]
-    cpu = torch.device("cpu")
-    assert torch.equal(gather_rows(parts, cpu), torch.cat(parts))
-    assert gather_rows(parts[:1], cpu) is parts[0]
+    rows = [torch.randn(3, 4, 4) for _ in range(5)]
+    assert torch.equal(gather_rows(rows, torch.device("cpu")), torch.stack(rows))
 
 
 @pytest.mark.gpu
 async def test_pixels_decoded_on_the_cpu_reach_a_gpu_model_pinned(make_client, tiny_model) -> None:
     """On a GPU the batch's CPU-decoded pixels are gathered into page-locked memory in the
-    collate step; a batch mixing CPU-decoded (PNG) and GPU-decoded (JPEG, nvJPEG per request)
+    collate step; a batch mixing CPU-decoded (PNG) and GPU-decoded (JPEG, nvJPEG per batch)
     images is gathered on the GPU. Vectors stay those of the CPU model, within fp16."""
     import asyncio
 
     import torch
 
-    from service.engine import Engine, gather_rows
-    from service.model import load_model
-    from service.settings import Settings
+    from clipsearch.core.decoder import gather_rows
+    from clipsearch.core.model import load_model
 
     cuda = torch.device("cuda")
-    parts = [torch.randn(2, 3, 4, 4), torch.randn(1, 3, 4, 4)]
+    parts = [torch.randn(3, 4, 4), torch.randn(3, 4, 4)]
     pinned = gather_rows(parts, cuda)
-    assert pinned.is_pinned() and torch.equal(pinned, torch.cat(parts))
+    assert pinned.is_pinned() and torch.equal(pinned, torch.stack(parts))
     mixed = gather_rows([parts[0], parts[1].to(cuda)], cuda)
-    assert mixed.device.type == "cuda" and torch.equal(mixed.cpu(), torch.cat(parts))
+    assert mixed.device.type == "cuda" and torch.equal(mixed.cpu(), torch.stack(parts))
 
     model = load_model(tiny_model.info.spec, device="cuda", dtype="fp16")
-    assert Engine(model, Settings(model="x")).image._collate is not None
     png = encode_image(photo(7, (320, 240)), "PNG")
     images = [*JPEGS, png]
     exact = await _embed(make_client, tiny_model, images)
-    for settings in ({}, {"image_decode": "torch", "image_decode_scope": "request"}):
+    for settings in ({}, {"image_decode": "torch"}):
         async with make_client(model, **settings) as client:
             replies = await asyncio.gather(*[client.post("/embed", json={"images": [im]}) for im in images])
         got = np.array([r.json()["images"][0] for r in replies], np.float32)

@@ -1,21 +1,21 @@
-"""Image bytes -> model input, the one place that chooses how (`ImageDecoder`), and the
+"""Image bytes -> model input: the one place that decides how (`ImageDecoder`), and the
 torch path it can take: libjpeg-turbo (CPU) or nvJPEG (CUDA) decode, then resize /
 center-crop / normalize as tensor ops on the same device (`TorchPreprocess`).
 The service and the index builder both decode through `ImageDecoder`.
 
-This mirrors open_clip's inference transform (Resize(shorter side, bicubic, antialias)
--> CenterCrop -> RGB -> ToTensor -> Normalize) without PIL, so that on a GPU the pixels
-never go through Python-level image objects. `TorchPreprocess.from_transform` reads the
-parameters off the model's own transform and returns None for any other composition
-(the caller then keeps PIL). Not bit-exact: torch's antialiased bicubic differs from
-PIL's by about one grey level; tests/service/test_torch_preprocess.py bounds the
-deviation (model input and embedding) against open_clip's PIL path.
+The torch path mirrors open_clip's inference transform (Resize(shorter side, bicubic,
+antialias) -> CenterCrop -> RGB -> ToTensor -> Normalize) without PIL, so that on a GPU the
+pixels never go through Python-level image objects. `TorchPreprocess.from_transform` reads
+the parameters off the model's own transform and returns None for any other composition
+(the caller then keeps PIL). Not bit-exact: torch's antialiased bicubic differs from PIL's
+by about one grey level; tests/core/test_fast_images.py bounds the deviation.
 """
 
 from __future__ import annotations
 
 import functools
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,8 +30,8 @@ try:  # torchvision 0.29 deprecates its decoders in favour of TorchCodec; withou
 except ImportError:  # pragma: no cover - depends on the torchvision release
     HAVE_TORCH_DECODE = False
 
-from service.errors import InvalidImage
-from service.images import open_image, probe_image
+from clipsearch.core.errors import InvalidImage
+from clipsearch.core.images import base64_looks_like_jpeg, open_image, probe_image
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 
@@ -82,12 +82,9 @@ class TorchPreprocess:
     def pixels(self, images: list[torch.Tensor], *, batched: bool | None = None) -> torch.Tensor:
         """uint8 RGB CHW images (any sizes, one device) -> a normalized (N, 3, H, W) batch.
 
-        On a GPU, images of one size resize together, as one batch: each resize is a handful
-        of kernel launches, which per image cost more than the arithmetic (a batch of
-        same-sized photos, the common case, takes one set of launches). On the CPU one at a
-        time: torch's vectorised uint8 resize handles single images only, and batches were
-        3x slower (bench/decode_probe.py). The outputs are equal either way; `batched`
-        overrides the choice (tests compare the two on the CPU)."""
+        On a GPU, images of one size resize together (one set of kernel launches for a batch
+        of same-sized photos); on the CPU one at a time, where torch's vectorised uint8
+        resize is faster. The outputs are equal either way; `batched` overrides the choice."""
         if batched is None:
             batched = bool(images) and images[0].device.type != "cpu"
         groups: dict[Any, list[int]] = {}
@@ -113,14 +110,21 @@ def _normalization(mean: tuple[float, ...], std: tuple[float, ...], device: torc
             torch.tensor(std, device=device).view(1, -1, 1, 1))
 
 
+_CPU = torch.device("cpu")
+
+
 @dataclass(frozen=True)
 class ImageDecoder:
     """Image bytes -> model input, by `mode`:
 
     - exact: open_clip's own transform on a full PIL decode (bit for bit);
     - draft: PIL decodes JPEGs at the smallest DCT scale covering `image_size`;
-    - torch: JPEGs through `TorchPreprocess` on the caller's device; other formats, and
-      models whose transform is not open_clip's standard one, stay exact.
+    - torch: JPEGs through `TorchPreprocess` on `device`; other formats, and models whose
+      transform is not open_clip's standard one, stay exact.
+
+    Where JPEGs decode is decided here too: on a GPU with the torch path, all JPEGs of a
+    batch in one nvJPEG call (`collate`), their headers checked per request (`prepare`);
+    everywhere else each request's images decode fully in `prepare`.
 
     Picklable, so that the index builder's worker processes decode exactly as the service.
     """
@@ -131,14 +135,59 @@ class ImageDecoder:
     max_pixels: int
     torch_path: TorchPreprocess | None
     exif: bool = False  # turn images upright by their EXIF orientation first
+    device: torch.device = _CPU  # where the model (and the torch path) runs
+    jpegs_per_batch: bool = False  # JPEGs decode a batch at a time (nvJPEG), not per request
 
     @classmethod
     def create(cls, transform: Any, mode: str, image_size: tuple[int, int], max_pixels: int, *,
-               exif: bool = False) -> ImageDecoder:
+               exif: bool = False, device: torch.device | str = "cpu") -> ImageDecoder:
         if mode not in ("exact", "draft", "torch"):
             raise ValueError(f"image decode must be exact, draft or torch, not {mode!r}")
         torch_path = TorchPreprocess.from_transform(transform) if mode == "torch" else None
-        return cls(transform, mode, image_size, max_pixels, torch_path, exif)
+        device = torch.device(device)
+        per_batch = torch_path is not None and device.type == "cuda"
+        return cls(transform, mode, image_size, max_pixels, torch_path, exif, device, per_batch)
+
+    def prepares_cheaply(self, images: Sequence[str]) -> bool:
+        """Whether `prepare` of these base64 images is only a header check (JPEGs for a batch
+        decode): cheaper than a hop through a thread pool."""
+        return self.jpegs_per_batch and all(map(base64_looks_like_jpeg, images))
+
+    def prepare(self, raws: list[bytes], names: list[str]) -> list[torch.Tensor | Jpeg]:
+        """Per request: each image checked (format, pixel limits; errors name the item) and
+        decoded to model input on the CPU, or, for a batch decode, left as a checked `Jpeg`."""
+        items = self.split(raws, names)
+        if self.jpegs_per_batch:
+            return items
+        return [self._raise(item) for item in self.resolve(items, _CPU)]
+
+    def collate(self, requests: list[list[torch.Tensor | Jpeg]]) -> tuple[torch.Tensor, dict[int, InvalidImage]]:
+        """Per batch: every request's model input as one (N, 3, H, W) tensor for `device`
+        (JPEGs decoded in one call; on a GPU, rows from the CPU gathered page-locked, so the
+        copy is asynchronous), and the requests whose image failed to decode, by position
+        (their rows are placeholders)."""
+        flat = [item for items in requests for item in items]
+        tensors = [item for item in flat if not isinstance(item, Jpeg)]
+        if len(tensors) == len(flat):
+            return gather_rows(tensors, self.device), {}
+        failed: dict[int, InvalidImage] = {}
+        resolved = iter(self.resolve(flat, self.device))
+        placeholder = torch.zeros((3, *self.image_size), device=self.device)
+        rows: list[torch.Tensor] = []
+        for i, items in enumerate(requests):
+            for _ in items:
+                item = next(resolved)
+                if isinstance(item, InvalidImage):
+                    failed.setdefault(i, item)
+                    item = placeholder
+                rows.append(item.to(self.device))
+        return torch.stack(rows), failed
+
+    @staticmethod
+    def _raise(item: torch.Tensor | InvalidImage) -> torch.Tensor:
+        if isinstance(item, InvalidImage):
+            raise item
+        return item
 
     def _pil(self, raw: bytes, name: str) -> torch.Tensor:
         """open_clip's own transform on a PIL decode (at a reduced scale in draft mode)."""
@@ -193,13 +242,21 @@ class ImageDecoder:
     def pixels(self, raws: list[bytes], names: list[str], device: torch.device) -> torch.Tensor:
         """A (N, 3, H, W) float batch, in input order; errors name the item. On `device`
         when the torch path ran there (nvJPEG: one call for all JPEGs), else on the CPU."""
-        tensors = []
-        for item in self.resolve(self.split(raws, names), device):
-            if isinstance(item, InvalidImage):
-                raise item
-            tensors.append(item)
+        tensors = [self._raise(item) for item in self.resolve(self.split(raws, names), device)]
         on = next((t.device for t in tensors if t.device.type != "cpu"), None)
         return torch.stack([t if on is None else t.to(on) for t in tensors])
+
+
+def gather_rows(rows: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """(3, H, W) rows as one (N, 3, H, W) tensor for a model on `device`: on the CPU as they
+    are; for a GPU, page-locked when all rows are on the CPU (so the copy to it is
+    asynchronous), else on it."""
+    if any(t.device.type != "cpu" for t in rows):
+        return torch.stack([t.to(device) for t in rows])
+    if device.type != "cuda":
+        return torch.stack(rows)
+    out = torch.empty((len(rows), *rows[0].shape), dtype=rows[0].dtype, pin_memory=True)
+    return torch.stack(rows, out=out)
 
 
 @dataclass(frozen=True)

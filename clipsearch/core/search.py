@@ -20,8 +20,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from service.errors import IndexLoadError
-from service.index_format import (
+from clipsearch.core.errors import IndexLoadError
+from clipsearch.core.index_format import (
     MODALITIES,
     IndexEntry,
     Manifest,
@@ -115,7 +115,7 @@ class TorchExactBackend:
     def __init__(self, vectors: np.ndarray, *, device: str = "cuda", dtype: str = "auto") -> None:
         import torch
 
-        from service.cuda_wait import to_numpy_all
+        from clipsearch.core.cuda_wait import to_numpy_all
 
         self._torch = torch
         self._to_numpy_all = to_numpy_all

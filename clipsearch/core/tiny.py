@@ -15,7 +15,7 @@ from typing import Any
 import open_clip
 import torch
 
-from service.model import MODEL_CONFIG_DIR, save_local_dir
+from clipsearch.core.model import MODEL_CONFIG_DIR, save_local_dir
 
 TINY_MODEL_NAME = "clipsearch-tiny"
 TINY_MODEL_CFG: dict[str, Any] = json.loads((MODEL_CONFIG_DIR / f"{TINY_MODEL_NAME}.json").read_text())

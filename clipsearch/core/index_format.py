@@ -36,8 +36,8 @@ import numpy as np
 import orjson
 from pydantic import BaseModel, Field, ValidationError
 
-from service.errors import IndexLoadError, IndexMismatch
-from service.fsutil import atomic_write_text
+from clipsearch.core.errors import IndexLoadError, IndexMismatch
+from clipsearch.core.fsutil import atomic_write_text
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from service.errors import IndexLoadError, IndexMismatch
-from service.index_format import (
+from clipsearch.core.errors import IndexLoadError, IndexMismatch
+from clipsearch.core.index_format import (
     CURRENT_NAME,
     ModelRef,
     current_version_dir,
@@ -18,7 +18,7 @@ from service.index_format import (
     read_manifest,
     write_index_from_vectors,
 )
-from service.search import (
+from clipsearch.core.search import (
     FaissBackend,
     IndexHolder,
     SearchParams,
@@ -66,7 +66,7 @@ def test_flat_search_equals_brute_force(published, backend: str) -> None:
     root, img, txt = published
     kind, _, device = backend.partition("-")
     if backend == "faiss-gpu":
-        from service.search import faiss_gpu_available
+        from clipsearch.core.search import faiss_gpu_available
 
         if not faiss_gpu_available():
             pytest.skip("faiss-gpu not installed")

@@ -32,10 +32,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from service.cuda_wait import to_numpy
-from service.errors import ModelLoadError
-from service.fsutil import atomic_dir, sha256_file
-from service.graphs import BucketedGraphs, Capture, batch_buckets, capture_cuda, length_buckets
+from clipsearch.core.cuda_wait import to_numpy
+from clipsearch.core.errors import ModelLoadError
+from clipsearch.core.fsutil import atomic_dir, sha256_file
+from clipsearch.core.graphs import BucketedGraphs, Capture, batch_buckets, capture_cuda, length_buckets
 
 log = logging.getLogger(__name__)
 
@@ -187,13 +187,18 @@ class ClipModel:
         features = self._graphs.get("text") or self._text_features
         return features(tokens)
 
-    @torch.inference_mode()
     def encode_pixels(self, pixels: torch.Tensor) -> np.ndarray:
+        """Preprocessed pixels (N, 3, H, W) -> vectors, as float32 numpy on the host."""
+        return to_numpy(self.image_vectors(pixels))
+
+    @torch.inference_mode()
+    def image_vectors(self, pixels: torch.Tensor) -> torch.Tensor:
+        """`encode_pixels`, left on the model's device."""
         if self.device.type == "cuda" and pixels.device.type == "cpu" and not pixels.is_pinned():
             pixels = pixels.pin_memory()  # page-locked: the copy below runs asynchronously
         pixels = pixels.to(self.device, dtype=self.dtype, non_blocking=True)
         features = self._graphs.get("image") or self._image_features
-        return to_numpy(features(pixels))
+        return features(pixels)
 
     @property
     def graphed_towers(self) -> list[str]:

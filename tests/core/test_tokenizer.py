@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from service.model import FastClipTokenizer
+from clipsearch.core.model import FastClipTokenizer
 
 REFERENCE = open_clip.get_tokenizer("ViT-B-32")
 FAST = FastClipTokenizer.wrap(REFERENCE)

@@ -11,9 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-from service.errors import ModelLoadError
-from service.model import ClipModel, load_model, model_fingerprint
-from service.tiny import write_tiny_model
+from clipsearch.core.errors import ModelLoadError
+from clipsearch.core.model import ClipModel, load_model, model_fingerprint
+from clipsearch.core.tiny import write_tiny_model
 from tests.conftest import image_bytes, make_image
 
 TEXTS = ["a red circle", "two blue squares on white", "", "一只猫", "x" * 500]
@@ -125,7 +125,7 @@ def test_trimmed_padding_equals_full_context(tiny_model: ClipModel) -> None:
             full = tiny_model.model.encode_text(tokens)
         full = (full / full.norm(dim=-1, keepdim=True)).numpy()
         np.testing.assert_allclose(tiny_model.encode_tokens(tokens), full, atol=2e-6)
-    from service.model import trim_padding
+    from clipsearch.core.model import trim_padding
 
     assert trim_padding(tiny_model.tokenize(["a"])).shape[1] == 3  # <sot> a <eot>
 

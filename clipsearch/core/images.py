@@ -16,7 +16,7 @@ from collections.abc import Iterator
 import pybase64
 from PIL import ExifTags, Image, UnidentifiedImageError
 
-from service.errors import InvalidBase64, InvalidImage, PayloadTooLarge
+from clipsearch.core.errors import InvalidBase64, InvalidImage, PayloadTooLarge
 
 _DATA_URI = re.compile(r"^data:[\w.+/-]*(;[\w=.+-]+)*;base64,", re.IGNORECASE)
 _URLSAFE = bytes.maketrans(b"-_", b"+/")
