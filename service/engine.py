@@ -9,6 +9,8 @@ here, before anything is queued, and raise typed errors that name the offending 
 from __future__ import annotations
 
 import logging
+import threading
+from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -19,7 +21,7 @@ import torch
 
 from clipsearch.core.cuda_wait import to_numpy
 from clipsearch.core.decoder import ImageDecoder, Jpeg
-from clipsearch.core.errors import InvalidInput, PayloadTooLarge
+from clipsearch.core.errors import InvalidInput, PayloadTooLarge, ShuttingDown
 from clipsearch.core.images import decode_base64
 from clipsearch.core.model import ClipModel
 from clipsearch.core.search import Hit, LoadedIndex, SearchParams
@@ -62,6 +64,55 @@ def search_rows(jobs: Sequence[SearchJob], queries: np.ndarray | torch.Tensor) -
     return out
 
 
+class SearchThread:
+    """FAISS on the CPU, in a thread of its own: every query waiting when it is free is
+    searched in one call, up to `max_rows` (a flat scan costs nearly as much for one query
+    as for dozens, so queries from many model batches are merged, greedily)."""
+
+    def __init__(self, max_rows: int) -> None:
+        self._max_rows = max_rows
+        self._pending: deque[tuple[SearchJob, np.ndarray, Future[np.ndarray]]] = deque()
+        self._cond = threading.Condition()
+        self._closed = False
+        threading.Thread(target=self._run, name="clip-search", daemon=True).start()
+
+    def submit(self, queries: list[tuple[SearchJob, np.ndarray]]) -> list[Future[np.ndarray]]:
+        """A Future of its (id, score) row for each one-row query."""
+        futures: list[Future[np.ndarray]] = [Future() for _ in queries]
+        with self._cond:
+            if self._closed:
+                raise ShuttingDown("search thread is shutting down")
+            self._pending.extend((job, q, f) for (job, q), f in zip(queries, futures, strict=True))
+            self._cond.notify()
+        return futures
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._pending and not self._closed:
+                    self._cond.wait()
+                if self._closed:
+                    return
+                batch = [self._pending.popleft() for _ in range(min(self._max_rows, len(self._pending)))]
+            try:
+                rows = search_rows([job for job, _, _ in batch], np.concatenate([q for _, q, _ in batch]))
+            except Exception as exc:
+                for _, _, future in batch:
+                    future.set_exception(exc)
+                continue
+            for j, (_, _, future) in enumerate(batch):
+                future.set_result(rows[j : j + 1])
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            left = list(self._pending)
+            self._pending.clear()
+            self._cond.notify_all()
+        for _, _, future in left:
+            future.set_exception(ShuttingDown("search thread is shutting down"))
+
+
 def item_name(field: str, i: int) -> str:
     """How errors name an item: `texts[3]` in a list field, plain `image` in a single-item one.
 
@@ -86,7 +137,7 @@ class Engine:
         self._model_executor = ThreadPoolExecutor(1, thread_name_prefix="clip-model")
         self._prepare_executor = ThreadPoolExecutor(settings.preprocess_workers, thread_name_prefix="clip-prep")
         # FAISS on the CPU searches in a thread of its own, so a search never holds up an encode.
-        self._search_executor = ThreadPoolExecutor(1, thread_name_prefix="clip-search")
+        self._searches = SearchThread(settings.max_batch_size)
         self.text = self._batcher("text", Stages(
             forward=lambda tokens: self.model.text_vectors(tokens),
             collate=self._tokenize,  # per batch: cheaper than a thread hop per request
@@ -125,7 +176,7 @@ class Engine:
         await self.image.stop()
         self._prepare_executor.shutdown(wait=False, cancel_futures=True)
         self._model_executor.shutdown(wait=True, cancel_futures=True)
-        self._search_executor.shutdown(wait=True, cancel_futures=True)
+        self._searches.close()
 
     @property
     def dim(self) -> int:
@@ -180,26 +231,10 @@ class Engine:
             else:
                 later.append((i, job, part))
         if later:
-            for i, future in zip([i for i, _, _ in later], self._search_later(later), strict=True):
+            futures = self._searches.submit([(job, query) for _, job, query in later])
+            for (i, _, _), future in zip(later, futures, strict=True):
                 out[i] = future
         return out
-
-    def _search_later(self, queries: list[tuple[int, SearchJob, np.ndarray]]) -> list[Future[np.ndarray]]:
-        """The queries searched together in the search thread, a Future of its row for each."""
-        parts: list[Future[np.ndarray]] = [Future() for _ in queries]
-
-        def run() -> None:
-            try:
-                rows = search_rows([job for _, job, _ in queries], np.concatenate([q for _, _, q in queries]))
-            except BaseException as exc:
-                for part in parts:
-                    part.set_exception(exc)
-                return
-            for j, part in enumerate(parts):
-                part.set_result(rows[j : j + 1])
-
-        self._search_executor.submit(run)
-        return parts
 
     # -- public API (event loop) ------------------------------------------------------
     def check_texts(self, texts: Sequence[str], field: str = "texts") -> None:
