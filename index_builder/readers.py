@@ -122,14 +122,12 @@ def _default_schema(path: Path) -> list[str]:
 
 
 _SCAN_CHUNK = 4 << 20  # bytes per numpy pass when cutting files into spans
-_READ_BUFFER = 4 << 20  # bytes; readline on 166 kB lines was 7x slower through the default 8 kB
+_READ_BUFFER = 4 << 20  # bytes; lines of 100-200 kB read far slower through the default 8 kB
 
 
 def read_tsv(path: Path, schema: list[str] | None, id_prefix: str, span: Span | None = None) -> Iterator[Record]:
-    # A line is mostly one 100-200 kB base64 image. Read as text through the default 8 kB
-    # buffer it cost ~470 us; as bytes through a 4 MB buffer ~80 us, the difference being
-    # more than the rest of the builder's own work per record (bench/NOTES.md). Only the id
-    # and text columns are decoded as UTF-8; the image column as Latin-1, a plain copy that
+    # A line is mostly one 100-200 kB base64 image, so lines are read as bytes through a
+    # large buffer. Only the id and text columns are decoded as UTF-8; the image column as Latin-1, a plain copy that
     # keeps any non-ASCII byte for decode_base64 to reject. Lines end at "\n" (a "\r"
     # before it is dropped).
     columns = schema or _default_schema(path)
@@ -287,8 +285,8 @@ def describe_inputs(inputs: list[Path]) -> list[dict[str, Any]]:
 def plan_spans(inputs: list[Path], fmt: str = "auto", size: int = 1024) -> list[Span]:
     """Cut every input into spans of `size` lines (image files); no span crosses two inputs.
 
-    One pass over each file, finding line ends with numpy (3x faster than bytes.count on a
-    base64 TSV), records where every `size`-th line starts.
+    One pass over each file, finding line ends with numpy, records where every `size`-th
+    line starts.
     """
     _span_files.cache_clear()
     spans: list[Span] = []

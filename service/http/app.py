@@ -50,7 +50,7 @@ def create_app(settings: Settings, *, state: ServiceState | None = None, model: 
         await svc.engine.start()
         # The model, torch and open_clip leave millions of long-lived objects; without
         # this, every full collection walks them all and stalls the event loop for
-        # ~100-300 ms under load (seen as a p95 cliff in bench/serve_bench.py).
+        # ~100-300 ms under load.
         gc.collect()
         gc.freeze()
         svc.started = True

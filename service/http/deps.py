@@ -2,9 +2,8 @@
 
 The routes that reach the model (/embed, /search/*, /classify, /similarity) take the
 `Request` and call `service_state` and `client_gone` directly instead of declaring them
-as `Depends`: FastAPI's dependency solving costs ~23 us per dependency per request,
-measured, a tenth of /embed's whole per-request budget on the event loop
-(bench/NOTES.md). The other routes use the `State` alias.
+as `Depends`: dependency solving per request is a noticeable share of a hot route's event
+loop time (docs/benchmarks.md). The other routes use the `State` alias.
 """
 
 from __future__ import annotations
