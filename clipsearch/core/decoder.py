@@ -226,7 +226,7 @@ class ImageDecoder:
         try:
             decoded = tp.decode([j.data for j in jpegs], device)
             return list(tp.pixels([upright(t, j.orientation) for t, j in zip(decoded, jpegs, strict=True)]))
-        except RuntimeError:
+        except Exception:  # whatever the decoder rejects: retried below, and PIL names the bad one
             if len(jpegs) > 1:
                 return [r for j in jpegs for r in self.decode_jpegs([j], device)]
         try:
