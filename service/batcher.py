@@ -42,7 +42,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from clipsearch.core.errors import ClipsearchError, InferenceError, Overloaded, RequestTimeout, ShuttingDown
+from clipsearch.core.errors import (
+    ClientGone,
+    ClipsearchError,
+    InferenceError,
+    Overloaded,
+    RequestTimeout,
+    ShuttingDown,
+)
 
 log = logging.getLogger(__name__)
 
@@ -179,7 +186,9 @@ class _Guard:
                 fut.add_done_callback(lambda f: f.cancelled() or f.exception())
             if self.why == "timeout":
                 raise RequestTimeout(f"{self.name} request timed out after waiting for the model") from None
-            raise  # the client left, or the request itself was cancelled
+            if self.why == "disconnect":
+                raise ClientGone(f"{self.name} request dropped: the client went away") from None
+            raise  # the request itself was cancelled (the server is stopping)
         finally:
             self.fut = None
 
@@ -282,7 +291,7 @@ class DynamicBatcher:
 
         `disconnected`, if given, is awaited alongside once the request has waited
         `watch_after_s`; when it returns first the request is dropped (its rows never reach
-        the model) and `asyncio.CancelledError` is raised.
+        the model) and `ClientGone` is raised.
         """
         if self._closed or self._loop is None:
             raise ShuttingDown(f"{self.name} batcher is not running")
@@ -483,10 +492,14 @@ class DynamicBatcher:
         for chunk, result in zip(batch, outcome.result(), strict=True):
             if isinstance(result, Future):  # post handed the chunk's work on (a CPU search)
                 result.add_done_callback(functools.partial(self._post, self._finish_later, chunk))
+                # A request that ends first (client gone, timed out) withdraws that work if not yet begun.
+                chunk.job.future.add_done_callback(functools.partial(_withdraw, result))
             else:
                 self._deliver(chunk, result)
 
     def _finish_later(self, chunk: _Chunk, result: Future[Any]) -> None:
+        if result.cancelled():  # withdrawn: its request has ended already
+            return
         exc = result.exception()
         if exc is not None:
             self._fail_batch([chunk], exc if isinstance(exc, Exception) else InferenceError(str(exc)))
@@ -550,6 +563,10 @@ def _drop_gone(batch: list[_Chunk], payload: Any, failed: AbstractSet[int]) -> t
     if isinstance(payload, list):
         return live, [payload[r] for r in rows]
     return live, payload[rows]
+
+
+def _withdraw(work: Future[Any], _: object) -> None:
+    work.cancel()
 
 
 def _fail_all(batch: Sequence[_Chunk], exc: BaseException) -> None:

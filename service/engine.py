@@ -93,7 +93,13 @@ class SearchThread:
                     self._cond.wait()
                 if self._closed:
                     return
-                batch = [self._pending.popleft() for _ in range(min(self._max_rows, len(self._pending)))]
+                batch: list[tuple[SearchJob, np.ndarray, Future[np.ndarray]]] = []
+                while self._pending and len(batch) < self._max_rows:
+                    item = self._pending.popleft()
+                    if item[2].set_running_or_notify_cancel():  # False: its request has ended, skip it
+                        batch.append(item)
+            if not batch:
+                continue
             try:
                 rows = search_rows([job for job, _, _ in batch], np.concatenate([q for _, q, _ in batch]))
             except Exception as exc:
@@ -110,7 +116,8 @@ class SearchThread:
             self._pending.clear()
             self._cond.notify_all()
         for _, _, future in left:
-            future.set_exception(ShuttingDown("search thread is shutting down"))
+            if future.set_running_or_notify_cancel():
+                future.set_exception(ShuttingDown("search thread is shutting down"))
 
 
 def item_name(field: str, i: int) -> str:

@@ -63,6 +63,12 @@ class RequestTimeout(ClipsearchError):
     code = "timeout"
 
 
+class ClientGone(ClipsearchError):
+    """The client disconnected before its answer: not a server error (counted as 499)."""
+
+    code = "client_closed_request"
+
+
 class NotReady(ClipsearchError):
     """The model or a needed index is not loaded (yet, or refused)."""
 

@@ -15,6 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
 from clipsearch.core.errors import (
+    ClientGone,
     ClipsearchError,
     Forbidden,
     IndexLoadError,
@@ -38,6 +39,7 @@ STATUS_BY_ERROR: tuple[tuple[type[ClipsearchError], int], ...] = (
     (InvalidInput, 400),
     (Overloaded, 429),
     (RequestTimeout, 504),
+    (ClientGone, 499),
     (NotReady, 503),
     (IndexLoadError, 503),
     (IndexRefused, 409),
@@ -64,6 +66,8 @@ async def _domain_error(request: Request, exc: Exception) -> Response:
     if not isinstance(exc, ClipsearchError):  # registered for this class only
         return await _internal_error(request, exc)
     status = status_for(exc)
+    if isinstance(exc, ClientGone):  # nobody reads this answer; counted as 499 in the metrics
+        log.info("%s %s: %s", request.method, request.url.path, exc.message)
     headers = {"Retry-After": str(max(1, round(exc.retry_after)))} if isinstance(exc, Overloaded) else None
     if status == 500:
         # Internal: the client gets the kind of failure, never its internals. (503/504

@@ -6,6 +6,7 @@ route can still notice a client that went away.
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -86,6 +87,9 @@ class MetricsMiddleware:
 
         try:
             await self.app(scope, receive, send_wrapper)
+        except asyncio.CancelledError:
+            status = 499  # the request was cancelled before it could answer: not a server error
+            raise
         finally:
             route = scope.get("route")
             path = getattr(route, "path", None) or "unmatched"

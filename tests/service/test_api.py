@@ -14,6 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
+from clipsearch.core.errors import ClientGone
 from clipsearch.core.index_format import ModelRef, write_index_from_vectors
 from clipsearch.core.model import ClipModel
 from tests.conftest import encode_image, gate_model_call, image_bytes, make_image
@@ -283,9 +284,45 @@ async def test_text_search_whose_client_left_is_dropped_from_its_batch(make_clie
         gate.set()
         await blocker
         hits = await stayer
-        with pytest.raises(asyncio.CancelledError):
+        with pytest.raises(ClientGone):
             await leaver
     assert rows == [1, 1]
+    qv = ref_text(reference, ["number 7"])[0]
+    assert [h.id for h in hits] == [f"img-{i}" for i in np.argsort(-(img_vecs @ qv), kind="stable")[:3]]
+
+
+async def test_cpu_search_whose_client_left_while_queued_for_faiss_is_not_searched(make_client, tiny_model,
+                                                                                   reference, index_dir) -> None:
+    """A query already encoded and waiting for the FAISS thread is withdrawn when its client
+    leaves (a load generator that stops leaves hundreds of such queries behind)."""
+    from clipsearch.core.search import SearchParams
+
+    path, img_vecs, _, _ = index_dir
+    async with make_client(tiny_model, index_dir=path, search_backend="faiss-cpu", warmup=False) as client:
+        engine, index = client.state.engine, client.state.indexes.current.get("image")
+        search, searched, started, release = index.backend.search, [], threading.Event(), threading.Event()
+
+        def held(queries, k, params):
+            searched.append(len(queries))
+            started.set()
+            release.wait(10)
+            return search(queries, k, params)
+
+        index.backend.search = held
+        left = asyncio.Event()
+        blocker = asyncio.ensure_future(engine.search_text(index, "blocker", 3, SearchParams()))
+        assert await asyncio.to_thread(started.wait, 10)
+        leaver = asyncio.ensure_future(engine.search_text(index, "leaver", 3, SearchParams(), disconnected=left.wait))
+        await asyncio.sleep(0.4)  # encoded, queued for the FAISS thread, watched for a disconnect
+        left.set()
+        with pytest.raises(ClientGone):
+            await leaver
+        stayer = asyncio.ensure_future(engine.search_text(index, "number 7", 3, SearchParams()))
+        await asyncio.sleep(0.2)
+        release.set()
+        await blocker
+        hits = await stayer
+    assert searched == [1, 1]  # the blocker, then the stayer: the leaver's query never reached FAISS
     qv = ref_text(reference, ["number 7"])[0]
     assert [h.id for h in hits] == [f"img-{i}" for i in np.argsort(-(img_vecs @ qv), kind="stable")[:3]]
 
@@ -487,3 +524,31 @@ async def test_local_dir_written_without_clipsearch_serves_open_clips_vectors(tm
     assert body["dim"] == 48
     assert cosines(body["texts"], ref_text(ref, TEXTS)).min() >= 0.9999
     assert cosines(body["images"][0], ref_image(ref, data)) >= 0.9999
+
+
+def test_cpu_searches_waiting_together_are_one_index_call() -> None:
+    """Queries handed to the search thread by several model batches while it is busy are
+    merged into one call (up to its row limit), and each gets its own rows back."""
+    from clipsearch.core.search import SearchParams
+    from service.engine import SearchJob, SearchThread
+
+    started, release, calls = threading.Event(), threading.Event(), []
+
+    class Index:
+        def raw_search(self, queries, k, params):
+            calls.append(len(queries))
+            started.set()
+            release.wait(10)
+            ids = np.asarray(queries)[:, :1].astype(np.int64).repeat(k, 1)
+            return np.zeros(ids.shape, np.float32), ids
+
+    job = SearchJob(Index(), 2, SearchParams())
+    thread = SearchThread(max_rows=4)
+    first = thread.submit([(job, np.array([[0.0]]))])
+    assert started.wait(10)
+    later = [f for q in range(1, 7) for f in thread.submit([(job, np.array([[float(q)]]))])]
+    release.set()
+    rows = [f.result(10) for f in (*first, *later)]
+    thread.close()
+    assert calls == [1, 4, 2]
+    assert [int(r["id"][0, 0]) for r in rows] == list(range(7))

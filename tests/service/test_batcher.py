@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from clipsearch.core.errors import InferenceError, InvalidInput, Overloaded, RequestTimeout, ShuttingDown
+from clipsearch.core.errors import ClientGone, InferenceError, InvalidInput, Overloaded, RequestTimeout, ShuttingDown
 from service.batcher import Collated, DynamicBatcher, Stages, concat_rows
 
 
@@ -178,7 +178,7 @@ async def test_disconnected_client_is_dropped_before_the_model(executors) -> Non
     waiter = asyncio.ensure_future(b.submit(_items(5, 2), timeout=10, disconnected=gone.wait))
     await asyncio.sleep(0.05)
     gone.set()
-    with pytest.raises(asyncio.CancelledError):
+    with pytest.raises(ClientGone):
         await waiter
     gate.set()
     await blocker
@@ -223,7 +223,7 @@ async def test_disconnect_watcher_starts_only_for_requests_that_wait(executors) 
     await asyncio.sleep(0.2)
     assert watched == ["slow"]
     gone.set()
-    with pytest.raises(asyncio.CancelledError):
+    with pytest.raises(ClientGone):
         await slow
     gate.set()
     await blocker
@@ -331,7 +331,7 @@ async def test_request_gone_while_staged_never_reaches_the_model(executors) -> N
     await asyncio.sleep(0.1)
     assert "collate 5" in events  # both staged together behind the blocker
     gone.set()
-    with pytest.raises(asyncio.CancelledError):
+    with pytest.raises(ClientGone):
         await leaver
     gate.set()
     await blocker
