@@ -45,7 +45,7 @@ from clipsearch.core.index_format import (
     write_version,
 )
 from clipsearch.core.model import ClipModel, load_model
-from index_builder.encoder import Encoder, ItemError, ShardResult, concat_vectors
+from index_builder.encoder import Encoder, ItemError, ShardResult, concat_vectors, exit_with_parent
 from index_builder.indexing import BuiltIndex, build_and_tune
 from index_builder.readers import Span, describe_inputs, plan_spans, read_span
 from index_builder.writer import ShardStore, shard_path, write_shard
@@ -73,6 +73,7 @@ class BuildOptions:
     processes: int = 1  # encoder processes, each with its own model, each encoding whole spans
     shard_size: int = 1024  # lines per span: the unit of resume, of work for --processes, of progress
     max_errors: int | None = None
+    max_error_fraction: float = 0.5  # refuse to publish when more of the records than this were bad
     keep: int = 3
     recall_target: float = 0.95
     memory_budget: int = 4 << 30
@@ -201,10 +202,16 @@ def run_build(opts: BuildOptions, model: ClipModel | None = None) -> BuildSummar
     text_vecs = concat_vectors([s.text_vectors for s in ordered], model.dim)
     image_items = [i for s in ordered for i in s.image_items]
     text_items = [i for s in ordered for i in s.text_items]
+    records = sum(s.records for s in ordered)
+    first = f"; first: {errors[0].source}: {errors[0].reason}" if errors else ""
     if not image_items and not text_items:
         stop_hashing.set()
-        raise BuildError(f"nothing to index: all {sum(s.records for s in ordered)} records were skipped"
-                         + (f"; first: {errors[0].source}: {errors[0].reason}" if errors else ""))
+        raise BuildError(f"nothing to index: all {records} records were skipped{first}")
+    bad = len({e.source for e in errors})  # a record whose text and image both failed counts once
+    if records and bad / records > opts.max_error_fraction:
+        stop_hashing.set()
+        raise BuildError(f"{bad} of {records} records were bad, more than --max-error-fraction "
+                         f"{opts.max_error_fraction:g}; nothing was published{first}")
 
     built: dict[Modality, BuiltIndex] = {}
     jobs: tuple[tuple[Modality, np.ndarray, np.ndarray], ...] = (
@@ -321,6 +328,7 @@ def _init_span_worker(opts: BuildOptions, work_dir: Path, fingerprint: str, thre
     global _SPAN_WORKER
     import torch
 
+    exit_with_parent()
     torch.set_num_threads(threads)
     _SPAN_WORKER = (opts, work_dir, fingerprint, None)
 

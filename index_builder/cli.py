@@ -53,6 +53,8 @@ def build(
     shard_size: Annotated[int, typer.Option(
         min=1, help="input lines (or image files) per resumable shard, the unit of work")] = 1024,
     max_errors: Annotated[int | None, typer.Option(help="fail when more records than this are bad")] = None,
+    max_error_fraction: Annotated[float, typer.Option(
+        min=0.0, max=1.0, help="publish nothing when more than this share of the records is bad")] = 0.5,
     keep: Annotated[int, typer.Option(min=1, help="index versions to keep, the new one included")] = 3,
     recall_target: Annotated[float, typer.Option(min=0.0, max=1.0, help="recall@10 to tune nprobe/efSearch to")] = 0.95,
     memory_budget: Annotated[str, typer.Option(help="index memory budget for auto, e.g. 4GB")] = "4GB",
@@ -67,6 +69,13 @@ def build(
     quiet: Annotated[bool, typer.Option(help="only warnings and the summary")] = False,
 ) -> None:
     from clipsearch.core.errors import ClipsearchError
+    from clipsearch.core.index_format import faiss_module
+
+    try:
+        faiss_module()
+    except ClipsearchError as exc:
+        typer.echo(f"clipsearch index build: {exc.message}", err=True)
+        raise typer.Exit(1) from None
     from index_builder.build import BuildError, BuildOptions, run_build
     from index_builder.indexing import parse_bytes
     from index_builder.readers import InputError
@@ -78,7 +87,8 @@ def build(
             inputs=input, output=output, model=model, pretrained=pretrained, device=device, dtype=dtype,
             index_type=index_type, fmt=format, schema=input_schema, batch_size=batch_size, workers=workers,
             processes=processes,
-            shard_size=shard_size, max_errors=max_errors, keep=keep, recall_target=recall_target,
+            shard_size=shard_size, max_errors=max_errors, max_error_fraction=max_error_fraction, keep=keep,
+            recall_target=recall_target,
             memory_budget=parse_bytes(memory_budget), flat_max=flat_max, progress=progress and not quiet,
             image_decode=image_decode, exif_orientation=exif_orientation,
         )

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import itertools
 import multiprocessing
+import os
+import threading
 from collections.abc import Iterable, Sequence
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -33,6 +35,25 @@ _DEFER_JPEGS = False
 _CPU = torch.device("cpu")
 
 Decoded = tuple[np.ndarray | Jpeg | None, str | None]
+
+
+def exit_with_parent() -> None:
+    """In a worker process: exit as soon as the process that started it is gone, also when
+    that one was killed outright (SIGKILL leaves it no chance to stop its children)."""
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+
+    def watch() -> None:
+        parent.join()  # returns when the parent's end of the spawn pipe closes
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
+def _init_worker_process(decoder: ImageDecoder, max_bytes: int, defer_jpegs: bool) -> None:
+    exit_with_parent()
+    _init_worker(decoder, max_bytes, defer_jpegs)
 
 
 def _init_worker(decoder: ImageDecoder, max_bytes: int, defer_jpegs: bool) -> None:
@@ -123,13 +144,11 @@ class Encoder:
         if workers > 0 and not self.jpegs_per_batch:
             # spawn, not fork: forking a process that already runs torch's thread pools can hang.
             ctx = multiprocessing.get_context("spawn")
-            self._pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
+            self._pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker_process,
                                              initargs=(decoder, max_image_bytes, self.jpegs_per_batch))
         else:
-            # JPEGs decoded on the device leave the workers only base64 and a header check
-            # (~0.1 ms an image): shipping each 166 kB string to a process and its bytes back
-            # cost more than that work (228 vs 818 pairs/s on 2 cores with decode and model
-            # stubbed, bench/NOTES.md), so threads in this process do it, ahead of the model.
+            # JPEGs decoded on the device leave only base64 and a header check per image, less
+            # than shipping the image to a process and back costs: threads here do it.
             _init_worker(decoder, max_image_bytes, self.jpegs_per_batch)
             self._pool = ThreadPoolExecutor(2)
 
@@ -138,9 +157,8 @@ class Encoder:
 
     def encode(self, records: Iterable[Record]) -> ShardResult:
         """Encode a span's records, `batch_size` at a time: each chunk's images decode while
-        the chunk before it encodes, and only two chunks' images are held at once. (Reading a
-        whole 4,096-line span first held ~700 MB of base64 images in fresh memory: reading a
-        line took 0.6-0.8 ms in the build against 0.05 ms alone, bench/NOTES.md.)"""
+        the chunk before it encodes, and only two chunks' images are held at once (a whole span
+        of base64 images in fresh memory made reading itself the bound)."""
         parts: list[ShardResult] = []
         rest = iter(records)
         chunks: Iterable[list[Record]] = iter(lambda: list(itertools.islice(rest, self.batch_size)), [])

@@ -113,6 +113,18 @@ def test_bad_lines_are_skipped_and_counted(tmp_path, tiny_model) -> None:
         run_build(opts(tmp_path, [corpus], tiny_model, max_errors=3), model=tiny_model)
 
 
+def test_mostly_bad_input_publishes_nothing(tmp_path, tiny_model) -> None:
+    """An input whose records are mostly bad (here every image; texts alone would still
+    index) is refused with a reason, and no version is published for a service to switch to."""
+    corpus = tmp_path / "c.tsv"
+    corpus.write_text("".join(f"caption {i}\t%%not base64%%\n" for i in range(6)) + "no tab\n")
+    with pytest.raises(BuildError, match=r"7 of 7 records were bad.*nothing was published; first: c.tsv:"):
+        run_build(opts(tmp_path, [corpus], tiny_model), model=tiny_model)
+    assert current_version_dir(tmp_path / "index") is None
+    s = run_build(opts(tmp_path, [corpus], tiny_model, max_error_fraction=1.0), model=tiny_model)
+    assert s.encoded == {"image": 0, "text": 6}
+
+
 @pytest.mark.parametrize("processes", [1, 2])  # 2: a span per input, read by the encoder processes
 def test_all_input_formats(tmp_path, tiny_model, processes: int) -> None:
     d = tmp_path / "imgs" / "sub"
