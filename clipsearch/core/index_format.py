@@ -46,6 +46,7 @@ VERSIONS_DIR = "versions"
 Modality = Literal["image", "text"]
 MODALITIES: tuple[Modality, ...] = ("image", "text")
 _VERSION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_FILE_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
 
 
 class ModelRef(BaseModel):
@@ -57,11 +58,11 @@ class ModelRef(BaseModel):
 
 
 class IndexEntry(BaseModel):
-    count: int
+    count: int = Field(ge=0)
     index_type: str  # flat | hnsw | ivf | ivfpq | a FAISS factory string
     factory: str
-    file: str
-    items: str
+    file: str = Field(pattern=_FILE_NAME)  # plain names: a manifest cannot point outside its version
+    items: str = Field(pattern=_FILE_NAME)
     search_params: dict[str, int] = Field(default_factory=dict)  # nprobe / efSearch defaults
     recall_at_10: float | None = None
 
@@ -199,9 +200,18 @@ def read_items(path: Path, expected: int) -> list[dict[str, Any]]:
 
 
 # -- writing a version from in-memory vectors -------------------------------------
+def faiss_module() -> Any:
+    """The `faiss` module, or an error saying which extra installs it."""
+    try:
+        import faiss
+    except ImportError:
+        raise IndexLoadError("FAISS is not installed: pip install 'clipsearch[cpu]' (or [gpu] for faiss-gpu)") from None
+    return faiss
+
+
 def build_faiss_index(vectors: np.ndarray, factory: str = "Flat") -> Any:
     """A trained, filled FAISS inner-product index for L2-normalized `vectors`."""
-    import faiss
+    faiss = faiss_module()
 
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     index = faiss.index_factory(vectors.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
@@ -226,8 +236,7 @@ def write_version(
     hold at least `index_type` and `factory`, optionally `search_params` and
     `recall_at_10`.
     """
-    import faiss
-
+    faiss = faiss_module()
     entries: dict[Modality, IndexEntry] = {}
     for modality, (index, items, fields) in indexes.items():
         if index.d != dim:

@@ -23,10 +23,12 @@ import numpy as np
 from clipsearch.core.errors import IndexLoadError
 from clipsearch.core.index_format import (
     MODALITIES,
+    VERSIONS_DIR,
     IndexEntry,
     Manifest,
     Modality,
     current_version_dir,
+    faiss_module,
     read_items,
     read_manifest,
 )
@@ -62,14 +64,7 @@ class SearchBackend(Protocol):
         ...
 
 
-def _faiss() -> Any:
-    try:
-        import faiss
-    except ImportError:
-        raise IndexLoadError(
-            "FAISS is not installed: pip install 'clipsearch[cpu]' (or [gpu] for faiss-gpu)"
-        ) from None
-    return faiss
+_faiss = faiss_module
 
 
 def faiss_gpu_available() -> bool:
@@ -158,6 +153,40 @@ def _read_faiss(path: Path) -> Any:
         return faiss.read_index(str(path))
     except RuntimeError as exc:
         raise IndexLoadError(f"{path}: unreadable FAISS index: {str(exc).splitlines()[0]}") from None
+
+
+def _check_finite(vectors: np.ndarray, path: Path) -> None:
+    """Refuse an index holding NaN or infinite vectors: they sort anywhere and drop hits."""
+    for start in range(0, len(vectors), 1 << 16):  # in blocks: a memory-mapped index stays unread
+        if not np.isfinite(vectors[start : start + (1 << 16)]).all():
+            raise IndexLoadError(f"{path}: holds NaN or infinite vectors; rebuild the index")
+
+
+def _stored_vectors(index: Any) -> list[np.ndarray]:
+    """What of an index's vectors can be read as floats without a copy: a flat store (also
+    HNSW's), an IVF's centroids and, for IVF-Flat, its inverted lists. PQ codes are not
+    floats; their index's centroids are checked."""
+    faiss = _faiss()
+
+    def floats(ptr: Any, n: int, d: int) -> np.ndarray:
+        return faiss.rev_swig_ptr(ptr, n * d).reshape(n, d) if n else np.zeros((0, d), np.float32)
+
+    store = faiss.downcast_index(index.storage) if isinstance(index, faiss.IndexHNSW) else index
+    if isinstance(store, faiss.IndexFlat):
+        return [floats(store.get_xb(), store.ntotal, store.d)]
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is None:
+        return []
+    quantizer = faiss.downcast_index(ivf.quantizer)
+    out = [floats(quantizer.get_xb(), quantizer.ntotal, quantizer.d)] if isinstance(quantizer, faiss.IndexFlat) else []
+    if isinstance(ivf, faiss.IndexIVFFlat):
+        lists = ivf.invlists
+        for i in range(ivf.nlist):
+            n = lists.list_size(i)
+            if n:
+                codes = faiss.rev_swig_ptr(lists.get_codes(i), n * ivf.code_size)
+                out.append(codes.view(np.float32).reshape(n, ivf.d))
+    return out
 
 
 def _reconstruct_all(index: Any) -> np.ndarray:
@@ -252,6 +281,9 @@ def load_index_set(
 ) -> IndexSet:
     """Load and check one version directory. Raises IndexLoadError / IndexMismatch."""
     manifest = read_manifest(version_dir)
+    if version_dir.parent.name == VERSIONS_DIR and manifest.version != version_dir.name:
+        raise IndexLoadError(f"{version_dir}: its manifest says version {manifest.version!r}; a published "
+                             "version's directory and manifest name it alike")
     manifest.check_compatible(fingerprint, dim)
     indexes: dict[Modality, LoadedIndex] = {}
     for modality in MODALITIES:
@@ -267,11 +299,21 @@ def load_index_set(
         items = read_items(version_dir / entry.items, entry.count)
         impl: SearchBackend
         if backend == "torch":
-            impl = TorchExactBackend(_reconstruct_all(index), device=device)
+            vectors = _reconstruct_all(index)
+            _check_finite(vectors, version_dir / entry.file)
+            impl = TorchExactBackend(vectors, device=device)
         elif backend == "faiss-gpu":
             impl = FaissBackend(index, gpu=True)
         else:
             impl = FaissBackend(index)
+        if backend != "torch":
+            for vectors in _stored_vectors(index):
+                _check_finite(vectors, version_dir / entry.file)
+        ivf = faiss_module().try_extract_index_ivf(index)
+        listed = ivf.invlists.compute_ntotal() if ivf is not None else index.ntotal
+        if listed != index.ntotal:  # FAISS files a NaN vector under no list: it could never be found
+            raise IndexLoadError(f"{version_dir / entry.file}: {index.ntotal - listed} of {index.ntotal} vectors "
+                                 "are in no inverted list (NaN or infinite vectors); rebuild the index")
         indexes[modality] = LoadedIndex(modality, entry, impl, items)
         log.info("loaded %s index %s: %d vectors via %s", modality, manifest.version, entry.count, impl.name)
     return IndexSet(manifest, version_dir, indexes)

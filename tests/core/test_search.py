@@ -235,3 +235,62 @@ def test_no_temp_files_left_after_failed_publish(tmp_path: Path) -> None:
     assert current_version_dir(tmp_path) is None
     leftovers = [p for p in (tmp_path / "versions").iterdir()] if (tmp_path / "versions").exists() else []
     assert leftovers == [], os.listdir(tmp_path / "versions")
+
+
+def _items(n: int) -> list[dict]:
+    return [{"id": f"i{i}"} for i in range(n)]
+
+
+def _publish(index_dir: Path, index, n: int) -> Path:
+    """Publish `index` (any FAISS index) as a version's image index."""
+    from clipsearch.core.index_format import new_version_name, publish_version, staging_dir, write_version
+
+    name, staged = new_version_name(), staging_dir(index_dir)
+    entry = {"index_type": "x", "factory": "x"}
+    write_version(staged, model=MODEL, dim=DIM, indexes={"image": (index, _items(n), entry)}, version=name)
+    return publish_version(index_dir, staged, name)
+
+
+@pytest.mark.parametrize("factory", ["Flat", "HNSW16", "IVF4,Flat"])
+@pytest.mark.parametrize("backend", ["faiss-cpu", "torch"])
+def test_a_version_with_nan_vectors_is_refused(tmp_path, factory, backend) -> None:
+    import faiss
+
+    clean, vectors = unit_vectors(300), unit_vectors(300)
+    vectors[[7, 250]] = np.nan
+    for data, refused in ((vectors, True), (clean, False)):
+        index = faiss.index_factory(DIM, factory, faiss.METRIC_INNER_PRODUCT)
+        index.train(clean)  # FAISS itself refuses to train on NaN; adding them goes through
+        index.add(data)
+        version = _publish(tmp_path, index, 300)
+        if refused:
+            with pytest.raises(IndexLoadError, match="NaN"):
+                load_index_set(version, fingerprint=MODEL.fingerprint, dim=DIM, backend=backend)
+        else:
+            loaded = load_index_set(version, fingerprint=MODEL.fingerprint, dim=DIM, backend=backend)
+            assert loaded.get("image").count == 300
+
+
+@pytest.mark.parametrize("field", ["file", "items"])
+@pytest.mark.parametrize("path", ["../other/image.faiss", "/etc/passwd", "sub/image.faiss"])
+def test_manifest_paths_cannot_leave_their_version(tmp_path, field, path) -> None:
+    import json
+
+    version = write_index_from_vectors(tmp_path, model=MODEL, image=(unit_vectors(10), _items(10)))
+    manifest = json.loads((version / "manifest.json").read_text())
+    manifest["indexes"]["image"][field] = path
+    (version / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(IndexLoadError, match="invalid manifest"):
+        load_index_set(version, fingerprint=MODEL.fingerprint, dim=DIM)
+
+
+def test_served_version_is_its_directory_and_must_match_the_manifest(tmp_path) -> None:
+    import json
+
+    version = write_index_from_vectors(tmp_path, model=MODEL, image=(unit_vectors(10), _items(10)))
+    assert load_index_set(version, fingerprint=MODEL.fingerprint, dim=DIM).version == version.name
+    manifest = json.loads((version / "manifest.json").read_text())
+    manifest["version"] = "someone-elses-name"
+    (version / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(IndexLoadError, match="someone-elses-name"):
+        load_index_set(version, fingerprint=MODEL.fingerprint, dim=DIM)
