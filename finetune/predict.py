@@ -12,9 +12,7 @@ left empty for a row whose item was bad). `load_features` reads it back:
 
 from __future__ import annotations
 
-import contextlib
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +20,7 @@ import numpy as np
 import torch
 
 from clipsearch.core.errors import ClipsearchError
+from clipsearch.core.fsutil import atomic_file
 from clipsearch.core.model import ClipModel
 from finetune.data import decode_offline_image
 from index_builder.readers import read_inputs
@@ -75,23 +74,15 @@ def predict(model: ClipModel, input_path: Path, output_path: Path, modality: str
             vecs = model.encode_pixels(torch.stack(pixels[start : start + batch_size]))
             for i, v in zip(owners[start : start + batch_size], vecs, strict=True):
                 image_vecs[i] = v
-    output_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{output_path.name}.", dir=output_path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write("\t".join(["id", *(f"{m}_feature" for m in columns)]) + "\n")
-            for i, r in enumerate(records):
-                cols = [r.id]
-                if "text" in columns:
-                    cols.append(_fmt(text_vecs[i]))
-                if "image" in columns:
-                    cols.append(_fmt(image_vecs[i]))
-                f.write("\t".join(cols) + "\n")
-        os.replace(tmp, output_path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with atomic_file(output_path, "w", encoding="utf-8") as f:
+        f.write("\t".join(["id", *(f"{m}_feature" for m in columns)]) + "\n")
+        for i, r in enumerate(records):
+            cols = [r.id]
+            if "text" in columns:
+                cols.append(_fmt(text_vecs[i]))
+            if "image" in columns:
+                cols.append(_fmt(image_vecs[i]))
+            f.write("\t".join(cols) + "\n")
     return PredictSummary(rows=len(records), bad=bad, columns=columns)
 
 

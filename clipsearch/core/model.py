@@ -34,7 +34,7 @@ from PIL import Image
 
 from clipsearch.core.cuda_wait import to_numpy
 from clipsearch.core.errors import ModelLoadError
-from clipsearch.core.fsutil import atomic_dir, sha256_file
+from clipsearch.core.fsutil import atomic_dir, sha256_file, umask
 from clipsearch.core.graphs import BucketedGraphs, Capture, batch_buckets, capture_cuda, length_buckets
 
 log = logging.getLogger(__name__)
@@ -422,7 +422,7 @@ def load_model(spec: str, pretrained: str | None = None, device: str = "auto", d
         spec = LOCAL_DIR + str(directory.resolve())
     elif not spec.startswith(HF_HUB):
         if spec.replace("/", "-") not in open_clip.list_models():
-            raise ModelLoadError(f"unknown open_clip model {spec!r}; see `open_clip.list_models()`")
+            raise ModelLoadError(unknown_model(spec))
         if pretrained is None or pretrained.strip().lower() in _RANDOM:
             random_weights = True
             kwargs["pretrained_text"] = False
@@ -476,6 +476,7 @@ def save_local_dir(
     with atomic_dir(directory) as tmp:
         state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
         save_file(state, str(tmp / WEIGHTS_NAME))
+        os.chmod(tmp / WEIGHTS_NAME, 0o666 & ~umask())  # safetensors writes 0600
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2))
         for name, data in (extra_files or {}).items():
             (tmp / name).write_bytes(data)
@@ -513,8 +514,15 @@ def _model_config(spec: str) -> tuple[dict[str, Any], dict[str, Any]]:
         return cfg["model_cfg"], cfg.get("preprocess_cfg", {})
     cfg = open_clip.get_model_config(spec.replace("/", "-"))
     if cfg is None:
-        raise ModelLoadError(f"unknown open_clip model {spec!r}")
+        raise ModelLoadError(unknown_model(spec))
     return cfg, {}
+
+
+def unknown_model(spec: str) -> str:
+    """Why `spec` names no model, with the likely fix."""
+    if Path(spec).expanduser().is_dir():
+        return f"unknown open_clip model {spec!r}: for a checkpoint directory, write local-dir:{spec}"
+    return f"unknown open_clip model {spec!r}; see `open_clip.list_models()`, or use hf-hub:org/repo or local-dir:/path"
 
 
 def load_for_training(spec: str, pretrained: str | None = None, device: str = "auto", seed: int = 0
@@ -530,7 +538,7 @@ def load_for_training(spec: str, pretrained: str | None = None, device: str = "a
         spec = LOCAL_DIR + str(directory.resolve())
     elif not spec.startswith(HF_HUB):
         if spec.replace("/", "-") not in open_clip.list_models():
-            raise ModelLoadError(f"unknown open_clip model {spec!r}; see `open_clip.list_models()`")
+            raise ModelLoadError(unknown_model(spec))
         if pretrained is not None and pretrained.strip().lower() not in _RANDOM:
             kwargs["pretrained"] = pretrained
         else:
