@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -103,10 +103,9 @@ def evaluate(
 
     _logging(quiet=True)
     try:
-        pairs = PairFile(data, input_schema)
+        res = run_eval(_load(model, pretrained, device), PairFile(data, input_schema))
     except InputError as exc:
         raise _fail(f"clipsearch evaluate: {exc}") from None
-    res = run_eval(_load(model, pretrained, device), pairs)
     if json_out:
         typer.echo(json.dumps({"t2i": res["t2i"], "i2t": res["i2t"], "mean_recall": res["mean_recall"]}))
         return
@@ -140,10 +139,22 @@ def predict(
         typer.echo(f"  {source}: {reason}", err=True)
 
 
-def _read_image_b64(path: Path) -> str:
+def _read_images(command: str, paths: list[Path]) -> list[Any]:
+    """Image files decoded as the service would, or a one-line error naming the bad file."""
     import base64
 
-    return base64.b64encode(path.read_bytes()).decode()
+    from clipsearch.core.errors import ClipsearchError
+    from finetune.data import decode_offline_image
+
+    images = []
+    for path in paths:
+        try:
+            images.append(decode_offline_image(base64.b64encode(path.read_bytes()).decode(), field=str(path)))
+        except OSError as exc:
+            raise _fail(f"clipsearch {command}: {path}: {exc.strerror or exc}") from None
+        except ClipsearchError as exc:
+            raise _fail(f"clipsearch {command}: {exc.message}") from None
+    return images
 
 
 def classify(
@@ -156,11 +167,12 @@ def classify(
 ) -> None:
     """Zero-shot classification of one image (the offline twin of POST /classify)."""
     from clipsearch.core import zeroshot
-    from finetune.data import decode_offline_image
 
-    clip = _load(model, pretrained, device)
     names = [x.strip() for x in labels.split(",") if x.strip()]
-    pil = decode_offline_image(_read_image_b64(image))
+    if not names:
+        raise _fail("clipsearch classify: --labels: give at least one label")
+    pil = _read_images("classify", [image])[0]
+    clip = _load(model, pretrained, device)
     result = zeroshot.classify(clip.encode_images([pil])[0], clip.encode_texts(zeroshot.prompts(names, template)),
                                names, clip.logit_scale)
     typer.echo(json.dumps({"labels": result}, indent=2, ensure_ascii=False))
@@ -175,10 +187,9 @@ def similarity(
 ) -> None:
     """Cosine matrix (images x texts) and per-image softmax probabilities (the twin of POST /similarity)."""
     from clipsearch.core import zeroshot
-    from finetune.data import decode_offline_image
 
+    pils = _read_images("similarity", images)
     clip = _load(model, pretrained, device)
-    pils = [decode_offline_image(_read_image_b64(p), field=str(p)) for p in images]
     cos, probs = zeroshot.similarity(clip.encode_images(pils), clip.encode_texts(texts), clip.logit_scale)
     typer.echo(json.dumps({"cosine": cos.round(6).tolist(), "probabilities": probs.round(6).tolist(),
                            "logit_scale": clip.logit_scale}, indent=2))

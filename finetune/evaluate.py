@@ -15,6 +15,7 @@ import torch
 
 from clipsearch.core.model import ClipModel
 from finetune.data import PairFile, decode_offline_image, image_key
+from index_builder.readers import InputError
 
 KS = (1, 5, 10)
 
@@ -86,6 +87,9 @@ def encode_pairs(model: ClipModel, pairs: PairFile, batch_size: int = 256
 
 def evaluate(model: ClipModel, pairs: PairFile, batch_size: int = 256) -> dict[str, Any]:
     image_vecs, text_vecs, true_pairs, skipped = encode_pairs(model, pairs, batch_size)
+    if not true_pairs:
+        raise InputError(f"{pairs.path}: none of its {len(pairs)} rows is a usable pair (bad images or empty "
+                         "texts): nothing to evaluate")
     res = recall_at_k(image_vecs, text_vecs, true_pairs)
     res["counts"] = {"rows": len(pairs), "images": len(image_vecs), "texts": len(text_vecs), "skipped": skipped}
     return res

@@ -31,6 +31,7 @@ from clipsearch.core.fsutil import atomic_write_bytes
 from clipsearch.core.model import load_for_training, save_local_dir
 from finetune.data import PairDataset, PairFile, collate
 from finetune.evaluate import evaluate
+from index_builder.readers import InputError
 
 log = logging.getLogger(__name__)
 
@@ -235,6 +236,9 @@ def train(opts: TrainOptions) -> dict[str, Any]:
                 t_log, samples = now, 0
             if opts.save_steps and step % opts.save_steps == 0:
                 save_checkpoint(epoch)
+        if step == 0:  # every row was bad (or alone in its batch): never write untrained weights as best
+            raise InputError(f"{opts.train}: no training step ran in epoch {epoch + 1}: no batch held two usable "
+                             "pairs (bad images or empty texts are skipped; see the warnings)")
         validate(epoch)
         save_checkpoint(epoch + 1)
     bar.close()

@@ -204,3 +204,31 @@ def test_workers_share_the_port_and_report_metrics_together(tiny_spec: str, tiny
     finally:
         proc.terminate()
         proc.wait(timeout=60)
+
+
+def test_offline_commands_fail_in_one_line_naming_the_cause(tmp_path, tiny_spec) -> None:
+    """A missing or non-image file, FAISS missing, a checkpoint directory without `local-dir:`:
+    a one-line reason and a non-zero exit, never a traceback."""
+    (tmp_path / "notes.txt").write_text("not an image")
+    no_faiss = tmp_path / "no_faiss"
+    no_faiss.mkdir()
+    (no_faiss / "faiss.py").write_text("raise ImportError('No module named faiss')\n")
+    corpus = tmp_path / "c.tsv"
+    corpus.write_text(f"a caption\t{encode_image(make_image(1))}\n")
+    model_dir = tiny_spec.removeprefix("local-dir:")
+    cases = [
+        (["classify", "--image", str(tmp_path / "missing.jpg"), "--labels", "a,b", "--model", tiny_spec],
+         {}, "missing.jpg: No such file"),
+        (["classify", "--image", str(tmp_path / "notes.txt"), "--labels", "a,b", "--model", tiny_spec],
+         {}, "notes.txt: bytes are not a recognised image format"),
+        (["similarity", "--text", "a", "--image", str(tmp_path / "notes.txt"), "--model", tiny_spec],
+         {}, "notes.txt: bytes are not a recognised image format"),
+        (["index", "build", "--input", str(corpus), "--output", str(tmp_path / "i"), "--model", tiny_spec],
+         {"PYTHONPATH": str(no_faiss)}, "FAISS is not installed: pip install 'clipsearch[cpu]'"),
+        (["evaluate", "--data", str(corpus), "--model", model_dir], {}, f"write local-dir:{model_dir}"),
+    ]
+    for args, env, message in cases:
+        r = run_cli(*args, "--device", "cpu", env=env)
+        assert r.returncode in (1, 2), (args, r.stdout, r.stderr)
+        assert message in r.stderr.strip().splitlines()[-1], (args, r.stderr)
+        assert "Traceback" not in r.stderr, r.stderr

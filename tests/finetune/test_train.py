@@ -217,3 +217,20 @@ def test_offline_classify_and_similarity_cli(trained, tmp_path) -> None:
                        capture_output=True, text=True, cwd=ROOT, timeout=120)
     body = json.loads(s.stdout)
     assert np.array(body["cosine"]).shape == (1, 2) and abs(sum(body["probabilities"][0]) - 1) < 1e-4
+
+
+def test_useless_input_is_refused_and_writes_no_model(tmp_path, tiny_spec) -> None:
+    """A TSV of bad images: train stops with a reason (no untrained `best/`), evaluate
+    too (not a NaN recall), each as one line and a non-zero exit."""
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("".join(f"caption {i}\t%%not an image%%\n" for i in range(8)))
+    for cmd in (["train", "--train", str(bad), "--valid", str(bad), "--output", str(tmp_path / "run"), "--epochs",
+                 "1", "--batch-size", "4", "--no-progress"],
+                ["evaluate", "--data", str(bad)]):
+        r = subprocess.run([sys.executable, "-m", "clipsearch", *cmd, "--model", tiny_spec, "--device", "cpu"],
+                           capture_output=True, text=True, cwd=ROOT, timeout=300)
+        assert r.returncode == 1, (cmd[0], r.stdout, r.stderr)
+        last = r.stderr.strip().splitlines()[-1]
+        assert last.startswith(f"clipsearch {cmd[0]}: ") and "bad.tsv" in last, r.stderr
+        assert "Traceback" not in r.stderr
+    assert not (tmp_path / "run" / "best").exists()
