@@ -90,12 +90,14 @@ def serve(**overrides: Any) -> None:
     import uvicorn
 
     from service.http.app import create_app
+    from service.http.protocol import PROTOCOL
     from service.metrics import MULTIPROC_ENV
     from service.state import ServiceState
 
     common: dict[str, Any] = {
         "host": settings.host, "port": settings.port, "log_level": settings.log_level.lower(),
         "access_log": settings.access_log, "timeout_graceful_shutdown": int(settings.request_timeout_s) + 5,
+        "http": PROTOCOL, "timeout_keep_alive": settings.keep_alive_s,
     }
     # With several workers the model is only checked here (on the CPU, with the index):
     # each worker loads its own copy.

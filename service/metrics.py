@@ -40,6 +40,9 @@ class Metrics:
         )
         self.queue_depth = Gauge("clipsearch_queue_depth", "items waiting for the model", ["modality"], registry=r,
                                  multiprocess_mode="livesum")
+        self.connections_refused = Counter(
+            "clipsearch_connections_refused", "connections closed at once: max_connections were open", registry=r
+        )
         self.items = Counter("clipsearch_items_encoded", "items encoded", ["modality"], registry=r)
         self.index_size = Gauge("clipsearch_index_size", "vectors in the served index", ["index"], registry=r,
                                 multiprocess_mode="livemostrecent")

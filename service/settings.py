@@ -11,6 +11,7 @@ from typing import Any, Literal
 from pydantic import Field, JsonValue, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+DEFAULT_BODY_CAP = 32 << 20  # bodies are held in memory until parsed: a hard cap unless set explicitly
 TUNING: dict[str, JsonValue] = {"group": "tuning"}  # rarely changed: a table of their own in the docs
 
 
@@ -49,6 +50,16 @@ class Settings(BaseSettings):
     log_level: str = Field("info", description="Python log level")
     access_log: bool = Field(False, description="log every request (metrics count them anyway)")
     admin_token: SecretStr | None = Field(None, description="token for /admin routes; unset disables them")
+    max_connections: int | None = Field(
+        None, ge=1, description="open connections per server process; more are answered 503 and closed [the "
+        "open-file limit - 128, at most 8192]",
+    )
+    header_timeout_s: float = Field(
+        10.0, gt=0, description="a connection whose request headers are not complete this long after it opened "
+        "(or after its last response) is closed",
+    )
+    body_timeout_s: float = Field(60.0, gt=0, description="a request body not received in this time gets 408")
+    keep_alive_s: float = Field(5.0, gt=0, description="idle keep-alive connections are closed after this")
 
     # limits
     max_items_per_request: int = Field(64, ge=1, description="texts + images in one request")
@@ -56,6 +67,10 @@ class Settings(BaseSettings):
     max_image_bytes: int = Field(10 * 1024 * 1024, ge=1, description="largest decoded image, in bytes")
     max_image_pixels: int = Field(40_000_000, ge=1, description="largest image, width x height")
     max_k: int = Field(1000, ge=1, description="most search results one request may ask for")
+    max_body_bytes: int | None = Field(
+        None, ge=1024, description="largest request body, refused with 413 while it streams in [the items at "
+        "their limits, at most 32 MiB]",
+    )
     max_queue: int = Field(2048, ge=1, description="most items waiting per modality before 429")
     request_timeout_s: float = Field(30.0, gt=0, description="a request waiting longer gets 504")
 
@@ -106,10 +121,13 @@ class Settings(BaseSettings):
         return self
 
     @property
-    def max_body_bytes(self) -> int:
-        """Largest request body: all items at their size limits, in base64, plus slack."""
+    def body_limit(self) -> int:
+        """Largest request body: `max_body_bytes`, or all items at their size limits (in
+        base64, plus slack), but never more than 32 MiB unless set explicitly."""
+        if self.max_body_bytes is not None:
+            return self.max_body_bytes
         per_item = max(self.max_image_bytes * 4 // 3 + 64, self.max_text_chars * 6 + 16)
-        return self.max_items_per_request * per_item + 64 * 1024
+        return min(self.max_items_per_request * per_item + 64 * 1024, DEFAULT_BODY_CAP)
 
 
 CLI_ONLY_ENV = frozenset({"admin_token"})  # secrets: environment only, never a flag (it would show in `ps`)

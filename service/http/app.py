@@ -12,6 +12,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from clipsearch.core.model import ClipModel
+from service.http import protocol
 from service.http.errors import install_error_handlers
 from service.http.middleware import BodyLimitMiddleware, MetricsMiddleware
 from service.http.routes import router
@@ -77,7 +78,9 @@ def create_app(settings: Settings, *, state: ServiceState | None = None, model: 
     )
     install_error_handlers(app)
     app.include_router(router)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.body_limit, timeout_s=settings.body_timeout_s)
+    protocol.configure(settings.max_connections or protocol.default_max_connections(), settings.header_timeout_s,
+                       metrics.connections_refused.inc)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     return app
 
