@@ -50,6 +50,10 @@ class Settings(BaseSettings):
     log_level: str = Field("info", description="Python log level")
     access_log: bool = Field(False, description="log every request (metrics count them anyway)")
     admin_token: SecretStr | None = Field(None, description="token for /admin routes; unset disables them")
+    expose_internals: bool = Field(
+        True, description="GET / shows the index path on disk, the checkpoint's fingerprint, pid and runtime "
+        "settings; off for a service clients reach directly (keep /metrics and /admin on an internal network)",
+    )
     max_connections: int | None = Field(
         None, ge=1, description="open connections per server process; more are answered 503 and closed [the "
         "open-file limit - 128, at most 8192]",
@@ -92,6 +96,11 @@ class Settings(BaseSettings):
                                 json_schema_extra=TUNING)
     max_wait_ms: float = Field(
         0.0, ge=0, le=1000, description="extra wait for a batch to fill; 0 = pure greedy batching",
+        json_schema_extra=TUNING,
+    )
+    overload_wait_ms: float = Field(
+        200.0, ge=0, le=5000, description="a request that finds the queue full waits this long for room before "
+        "its 429: clients that retry at once are paced instead of spinning the event loop",
         json_schema_extra=TUNING,
     )
     warmup: bool = Field(True, description="run the model on dummy input before serving",

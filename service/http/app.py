@@ -8,6 +8,7 @@ import gc
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
 
@@ -16,6 +17,7 @@ from service.http import protocol
 from service.http.errors import install_error_handlers
 from service.http.middleware import BodyLimitMiddleware, MetricsMiddleware
 from service.http.routes import router
+from service.http.schemas import apply_limits
 from service.metrics import Metrics
 from service.settings import Settings
 from service.state import ServiceState
@@ -78,6 +80,14 @@ def create_app(settings: Settings, *, state: ServiceState | None = None, model: 
     )
     install_error_handlers(app)
     app.include_router(router)
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:  # the generated document, with this deployment's limits in it
+        if app.openapi_schema is None:
+            apply_limits(generate(), settings)
+        return app.openapi_schema  # type: ignore[return-value]
+
+    app.openapi = openapi  # type: ignore[method-assign]
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.body_limit, timeout_s=settings.body_timeout_s)
     protocol.configure(settings.max_connections or protocol.default_max_connections(), settings.header_timeout_s,
                        metrics.connections_refused.inc)

@@ -56,7 +56,7 @@ def body_schema(model: type[BaseModel]) -> dict[str, Any]:
 router = APIRouter()
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse} for code in (400, 413, 422, 429, 503, 504)
+    code: {"model": ErrorResponse} for code in (400, 408, 413, 422, 429, 503, 504)
 }
 
 
@@ -208,7 +208,9 @@ async def readyz(state: State) -> Response:
     return json_response(body, status_code=200 if reason is None else 503)
 
 
-@router.get("/metrics")
+@router.get("/metrics", response_class=Response,
+            responses={200: {"content": {CONTENT_TYPE_LATEST.split(";")[0]: {"schema": {"type": "string"}}},
+                             "description": "Prometheus text exposition format"}})
 async def metrics(state: State) -> Response:
     """Prometheus metrics."""
     return Response(state.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
@@ -220,6 +222,12 @@ async def info(state: State) -> Response:
     worker runs it (CUDA graphs fall back to eager with only a log line: this says which)."""
     current = state.indexes.current
     settings = state.settings
+    if not settings.expose_internals:  # what a client needs, without paths, pids or the runtime
+        return json_response({
+            "service": "clipsearch", "model": state.model.info.spec, "dim": state.model.dim,
+            "index": None if current is None else {
+                "version": current.version, "counts": {m: i.count for m, i in current.indexes.items()}},
+        })
     return json_response({
         "service": "clipsearch",
         "model": state.model.info.__dict__,

@@ -2,9 +2,21 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+
+
+def _integer(value: Any) -> Any:
+    """JSON integers only (10 or 10.0): no `true` or `"5"` coerced into one."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError("must be an integer")
+    return value
+
+
+Integer = Annotated[int, BeforeValidator(_integer)]
+Probes = Annotated[int, Field(ge=1, le=65536), BeforeValidator(_integer)]
+Image = Annotated[str, Field(min_length=1, description="base64 image (standard or urlsafe, data: URIs ok)")]
 
 
 class _Request(BaseModel):
@@ -14,7 +26,7 @@ class _Request(BaseModel):
 
 class EmbedRequest(_Request):
     texts: list[str] = Field(default_factory=list, description="texts to embed")
-    images: list[str] = Field(default_factory=list, description="base64 images (standard or urlsafe, data: URIs ok)")
+    images: list[Image] = Field(default_factory=list, description="base64 images (standard or urlsafe, data: URIs ok)")
 
 
 class EmbedResponse(BaseModel):
@@ -25,17 +37,17 @@ class EmbedResponse(BaseModel):
 
 
 class _SearchRequest(_Request):
-    k: int = Field(10, ge=1, description="number of results (at most the max_k setting)")
-    nprobe: int | None = Field(None, ge=1, le=65536, description="IVF lists to visit (default: the manifest's)")
-    ef_search: int | None = Field(None, ge=1, le=65536, description="HNSW efSearch (default: the manifest's)")
+    k: Integer = Field(10, ge=1, description="number of results (at most the max_k setting)")
+    nprobe: Probes | None = Field(None, description="IVF lists to visit (default: the manifest's)")
+    ef_search: Probes | None = Field(None, description="HNSW efSearch (default: the manifest's)")
 
 
 class TextSearchRequest(_SearchRequest):
-    text: str = Field(description="query text, searched in the image index")
+    text: str = Field(min_length=1, description="query text, searched in the image index")
 
 
 class ImageSearchRequest(_SearchRequest):
-    image: str = Field(description="base64 query image, searched in the text index")
+    image: Image = Field(description="base64 query image, searched in the text index")
 
 
 class SearchHit(BaseModel):
@@ -61,7 +73,7 @@ class ErrorResponse(BaseModel):
 
 
 class ClassifyRequest(_Request):
-    image: str = Field(description="base64 image to classify")
+    image: Image = Field(description="base64 image to classify")
     labels: list[str] = Field(min_length=1, description="candidate labels")
     template: str = Field("a photo of a {}", description="prompt template; {} is replaced by each label")
 
@@ -78,10 +90,34 @@ class ClassifyResponse(BaseModel):
 
 class SimilarityRequest(_Request):
     texts: list[str] = Field(min_length=1)
-    images: list[str] = Field(min_length=1, description="base64 images")
+    images: list[Image] = Field(min_length=1, description="base64 images")
 
 
 class SimilarityResponse(BaseModel):
     cosine: list[list[float]] = Field(description="images x texts cosine similarities")
     probabilities: list[list[float]] = Field(description="per image, softmax over texts of logit_scale x cosine")
     logit_scale: float
+
+
+def apply_limits(node: Any, settings: Any) -> None:
+    """Write the settings' limits into an OpenAPI document, so that it describes what the
+    service accepts: most items, longest text, largest image, largest k."""
+    image_chars = (settings.max_image_bytes + 2) // 3 * 4 + 256  # base64, padding and a data: URI prefix
+    if isinstance(node, list):
+        for child in node:
+            apply_limits(child, settings)
+        return
+    if not isinstance(node, dict):
+        return
+    for name, prop in (node.get("properties") or {}).items():
+        if name == "k":
+            prop["maximum"] = settings.max_k
+        elif name in ("texts", "images", "labels"):
+            prop["maxItems"] = settings.max_items_per_request - (name == "labels")  # a label's image counts too
+            prop.setdefault("items", {})["maxLength"] = image_chars if name == "images" else settings.max_text_chars
+        elif name in ("text", "template"):
+            prop["maxLength"] = settings.max_text_chars
+        elif name == "image":
+            prop["maxLength"] = image_chars
+    for child in node.values():
+        apply_limits(child, settings)

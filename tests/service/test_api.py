@@ -444,7 +444,7 @@ BAD_REQUESTS = [
     ("POST", "/search/text", {"text": None}, 422, "validation_error", "text"),
     ("POST", "/search/text", {"text": "y" * 2001}, 413, "payload_too_large", "text"),
     ("POST", "/search/image", {"image": "aGVsbG8"}, 400, "invalid_image", "image"),
-    ("POST", "/search/image", {"image": ""}, 400, "invalid_base64", "image"),
+    ("POST", "/search/image", {"image": ""}, 422, "validation_error", "image"),  # the schema says minLength 1
     ("POST", "/search/image", {"image": GOOD, "nprobe": -1}, 422, "validation_error", "nprobe"),
     ("GET", "/embed", None, 405, "method_not_allowed", None),
     ("GET", "/nope", None, 404, "not_found", None),
@@ -499,6 +499,9 @@ async def test_healthz_and_info(make_client, tiny_model) -> None:
         assert set(bodies["/search/text"]["properties"]) == {"text", "k", "nprobe", "ef_search"}
         assert "image" in bodies["/search/image"]["properties"]
         assert {"image", "labels"} <= set(bodies["/classify"]["properties"])
+    async with make_client(tiny_model, expose_internals=False) as client:
+        info = (await client.get("/")).json()
+        assert info == {"service": "clipsearch", "model": tiny_model.info.spec, "dim": 64, "index": None}
 
 
 async def test_local_dir_written_without_clipsearch_serves_open_clips_vectors(tmp_path, make_client) -> None:
