@@ -218,6 +218,7 @@ class DynamicBatcher:
         max_batch_size: int = 64,
         max_wait_ms: float = 0.0,
         max_queue: int = 1024,
+        overload_wait_ms: float = 0.0,
         watch_after_s: float = 0.25,
         on_batch: Callable[[int], None] | None = None,
         on_queue_depth: Callable[[int], None] | None = None,
@@ -231,6 +232,7 @@ class DynamicBatcher:
         self.max_batch_size = max_batch_size
         self.max_wait = max_wait_ms / 1000.0
         self.max_queue = max_queue
+        self.overload_wait = overload_wait_ms / 1000.0
         self.watch_after = watch_after_s
         self._on_batch = on_batch or (lambda n: None)
         self._on_queue_depth = on_queue_depth or (lambda n: None)
@@ -244,6 +246,7 @@ class DynamicBatcher:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._generation = 0  # a stager thread from before a stop() exits instead of serving
         self._closed = True
+        self._room_waiters: deque[tuple[int, asyncio.Future[bool]]] = deque()  # requests waiting for room
         self.stats = BatcherStats()
 
     # -- lifecycle ----------------------------------------------------------------
@@ -298,6 +301,10 @@ class DynamicBatcher:
         n = len(items)
         if n == 0:
             return np.zeros((0, 0), np.float32)
+        if self.overload_wait > 0 and (self.pending_rows + n > self.max_queue or self._room_waiters):
+            # Wait a little for room first: clients that retry at once on 429 would otherwise
+            # spin the event loop (and the GIL) on rejections, starving the batches they wait for.
+            await self._wait_for_room(n)
         if self.pending_rows + n > self.max_queue:
             raise Overloaded(
                 f"{self.name} queue is full ({self.pending_rows} of {self.max_queue} items waiting)",
@@ -327,6 +334,39 @@ class DynamicBatcher:
             return await guard.wait(job.future, cancel_on_exit=True)
         finally:
             guard.close()
+
+    async def _wait_for_room(self, n: int) -> None:
+        """In line (first come, first admitted) until `n` rows fit under `max_queue`, or
+        `overload_wait` has passed. Only the requests that fit are woken."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[bool] = loop.create_future()
+        entry = (n, fut)
+        self._room_waiters.append(entry)
+        timer = loop.call_later(self.overload_wait, _resolve, fut, False)
+        try:
+            self._wake_waiters()
+            await fut
+        finally:
+            timer.cancel()
+            with contextlib.suppress(ValueError):
+                self._room_waiters.remove(entry)
+
+    def _wake_waiters(self) -> None:
+        """On the loop: admit waiting requests in order while they fit."""
+        free = self.max_queue - self.pending_rows
+        for n, fut in self._room_waiters:
+            if fut.done():
+                free -= n if fut.result() else 0  # woken, about to take its rows
+                continue
+            if n > free:
+                break
+            fut.set_result(True)
+            free -= n
+
+    def _signal_room(self) -> None:
+        """From the stager: rows left the queue; admit requests waiting for room (on the loop)."""
+        if self._room_waiters:
+            self._post(self._wake_waiters)
 
     # -- the model side (stager thread) ---------------------------------------------
     def _take_batch(self) -> list[_Chunk]:
@@ -370,6 +410,7 @@ class DynamicBatcher:
                 self._inflight[key] = batch
             queued = self._queued_rows
         self._on_queue_depth(queued)
+        self._signal_room()
         return key, batch
 
     def _await_model_or_full_batch(self, running: Future[Any], generation: int) -> None:
@@ -428,6 +469,7 @@ class DynamicBatcher:
             except Exception as exc:
                 with self._cond:
                     self._staged_rows = 0
+                self._signal_room()
                 self._settle(key, batch, exc)
                 continue
             if running is not None:
@@ -436,6 +478,7 @@ class DynamicBatcher:
                 self._staged_rows = 0
                 if self._generation != generation:
                     return
+            self._signal_room()
             if failed:
                 self._post(_fail_some, [(batch[i].job, exc) for i, exc in failed.items()])
             live, payload = _drop_gone(batch, payload, failed.keys())
@@ -563,6 +606,11 @@ def _drop_gone(batch: list[_Chunk], payload: Any, failed: AbstractSet[int]) -> t
     if isinstance(payload, list):
         return live, [payload[r] for r in rows]
     return live, payload[rows]
+
+
+def _resolve(fut: asyncio.Future[bool], value: bool) -> None:
+    if not fut.done():
+        fut.set_result(value)
 
 
 def _withdraw(work: Future[Any], _: object) -> None:

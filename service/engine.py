@@ -172,7 +172,8 @@ class Engine:
         s = self.settings
         return DynamicBatcher(modality, stages, model_executor=self._model_executor,
                               prepare_executor=self._prepare_executor, max_batch_size=s.max_batch_size,
-                              max_wait_ms=s.max_wait_ms, max_queue=s.max_queue, **hooks)
+                              max_wait_ms=s.max_wait_ms, max_queue=s.max_queue,
+                              overload_wait_ms=s.overload_wait_ms, **hooks)
 
     async def start(self) -> None:
         await self.text.start()

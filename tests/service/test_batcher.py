@@ -141,6 +141,33 @@ async def test_full_queue_answers_overloaded(executors) -> None:
     await b.stop()
 
 
+async def test_a_full_queue_is_waited_on_for_room_before_429(executors) -> None:
+    """With overload_wait_ms, a request finding the queue full is admitted as soon as rows
+    leave it (not after a fixed sleep), and one still without room when the wait ends gets 429."""
+    gate = threading.Event()
+    calls: list[int] = []
+
+    def infer(x):
+        gate.wait(5)
+        return fake_model(calls)(x)
+
+    b = await _started(infer, executors, max_batch_size=4, max_queue=4, overload_wait_ms=300)
+    running = asyncio.ensure_future(b.submit(_items(0, 4), timeout=10))
+    await asyncio.sleep(0.05)  # in the model: the queue is empty
+    queued = asyncio.ensure_future(b.submit(_items(10, 4), timeout=10))  # fills the queue
+    await asyncio.sleep(0.05)
+    t0 = time.monotonic()
+    with pytest.raises(Overloaded):
+        await b.submit(_items(20, 1), timeout=10)  # no room within 300 ms: the model is held
+    assert 0.25 < time.monotonic() - t0 < 1.0
+    waiter = asyncio.ensure_future(b.submit(_items(30, 2), timeout=10))
+    await asyncio.sleep(0.1)
+    gate.set()  # the first batch ends; `queued` goes to the model, and its rows leave the queue
+    np.testing.assert_array_equal((await waiter)[:, 0], [30, 31])
+    assert (await running).shape == (4, 2) and (await queued).shape == (4, 2)
+    await b.stop()
+
+
 async def test_timeout_resolves_and_skips_the_rows(executors) -> None:
     gate = threading.Event()
     calls: list[int] = []
