@@ -219,6 +219,7 @@ class DynamicBatcher:
         max_wait_ms: float = 0.0,
         max_queue: int = 1024,
         overload_wait_ms: float = 0.0,
+        prepare_window: int = 1,
         watch_after_s: float = 0.25,
         on_batch: Callable[[int], None] | None = None,
         on_queue_depth: Callable[[int], None] | None = None,
@@ -233,6 +234,7 @@ class DynamicBatcher:
         self.max_wait = max_wait_ms / 1000.0
         self.max_queue = max_queue
         self.overload_wait = overload_wait_ms / 1000.0
+        self.prepare_window = max(1, prepare_window)  # items of one request in the prepare pool at once
         self.watch_after = watch_after_s
         self._on_batch = on_batch or (lambda n: None)
         self._on_queue_depth = on_queue_depth or (lambda n: None)
@@ -318,9 +320,7 @@ class DynamicBatcher:
         try:
             try:
                 if prepare is not None and not self.stages.prepare_in_batch(items):
-                    prepared = asyncio.ensure_future(loop.run_in_executor(
-                        self._prepare_executor, prepare, items, field, 0))
-                    job.prepared = await guard.wait(prepared, cancel_on_exit=False)
+                    job.prepared = await self._prepare(prepare, items, field, guard)
             finally:
                 self._reserved_rows -= n
             with self._cond:
@@ -334,6 +334,25 @@ class DynamicBatcher:
             return await guard.wait(job.future, cancel_on_exit=True)
         finally:
             guard.close()
+
+    async def _prepare(self, prepare: Callable[[Sequence[Any], str, int], Any], items: Sequence[Any], field: str,
+                       guard: _Guard) -> Any:
+        """A request's items through the prepare pool, `prepare_window` at a time, one item
+        each: requests take turns in the pool (one with many large images cannot hold it for
+        the others), and a request that ends (client gone, deadline) stops after the items
+        under way."""
+        loop = asyncio.get_running_loop()
+        window = self.prepare_window
+        if len(items) <= window:
+            calls = [loop.run_in_executor(self._prepare_executor, prepare, items[i : i + 1], field, i)
+                     for i in range(len(items))]
+            return concat_rows(list(await guard.wait(asyncio.gather(*calls), cancel_on_exit=False)))
+        parts: list[Any] = []
+        for start in range(0, len(items), window):
+            calls = [loop.run_in_executor(self._prepare_executor, prepare, items[i : i + 1], field, i)
+                     for i in range(start, min(start + window, len(items)))]
+            parts.extend(await guard.wait(asyncio.gather(*calls), cancel_on_exit=False))
+        return concat_rows(parts)
 
     async def _wait_for_room(self, n: int) -> None:
         """In line (first come, first admitted) until `n` rows fit under `max_queue`, or

@@ -173,7 +173,9 @@ class Engine:
         return DynamicBatcher(modality, stages, model_executor=self._model_executor,
                               prepare_executor=self._prepare_executor, max_batch_size=s.max_batch_size,
                               max_wait_ms=s.max_wait_ms, max_queue=s.max_queue,
-                              overload_wait_ms=s.overload_wait_ms, **hooks)
+                              overload_wait_ms=s.overload_wait_ms,
+                              # a quarter of the pool per request: several requests decode side by side
+                              prepare_window=max(1, s.preprocess_workers // 4), **hooks)
 
     async def start(self) -> None:
         await self.text.start()

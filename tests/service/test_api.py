@@ -555,3 +555,16 @@ def test_cpu_searches_waiting_together_are_one_index_call() -> None:
     thread.close()
     assert calls == [1, 4, 2]
     assert [int(r["id"][0, 0]) for r in rows] == list(range(7))
+
+
+async def test_requests_of_huge_images_cannot_hold_the_decoders(make_client, tiny_model) -> None:
+    """Two requests of 8 flat 3000x3000 PNGs each (small files, many pixels) do not keep a
+    one-image request waiting until they are decoded: requests take turns image by image."""
+    huge = base64.b64encode(image_bytes(Image.new("RGB", (3000, 3000), "white"), "PNG")).decode()
+    small = encode_image(make_image(5))
+    async with make_client(tiny_model, preprocess_workers=1, warmup=False) as client:
+        heavy = [asyncio.ensure_future(client.post("/embed", json={"images": [huge] * 8})) for _ in range(2)]
+        await asyncio.sleep(0.3)
+        r = await client.post("/embed", json={"images": [small]})
+        assert r.status_code == 200 and not any(h.done() for h in heavy)
+        assert [h.status_code for h in await asyncio.gather(*heavy)] == [200, 200]

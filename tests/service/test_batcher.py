@@ -404,7 +404,7 @@ async def test_collate_can_fail_one_request_and_not_its_batch_mates(executors) -
     await blocker
     with pytest.raises(InvalidInput) as err:
         await bad
-    assert err.value.field == "request 1"
+    assert err.value.message.startswith("negative row -1")  # its own error, not a batch-mate's
     np.testing.assert_array_equal((await good)[:, 0], [2, 3])
     np.testing.assert_array_equal((await also_good)[:, 0], [5])
     assert [e for e in events if e.startswith("model start")] == ["model start 1", "model start 3"], events
@@ -449,3 +449,41 @@ async def test_while_the_model_runs_requests_gather_into_one_batch(executors) ->
     await asyncio.gather(first, *rest)
     assert [e for e in events if e.startswith("collate")] == ["collate 1", "collate 4"], events
     await b.stop()
+
+
+async def test_prepare_is_fair_between_requests_and_stops_when_a_request_ends(executors) -> None:
+    """A request of many slow items cannot hold the prepare pool: a later one-item request
+    is prepared between its items; and once a request ends (client gone), its remaining
+    items are never prepared."""
+    prepared: list[float] = []
+
+    def slow(items, field, start):
+        time.sleep(0.05)
+        prepared.extend(float(x) for x in items)
+        return np.asarray(items, dtype=np.float32)
+
+    model, _ = executors
+    one_thread = ThreadPoolExecutor(1)
+    try:
+        stages = Stages(forward=fake_model([]), prepare=slow)
+        b = DynamicBatcher("test", stages, model_executor=model, prepare_executor=one_thread, watch_after_s=0.0)
+        await b.start()
+        big = asyncio.ensure_future(b.submit(_items(100, 20), timeout=10))
+        await asyncio.sleep(0.12)
+        small = await b.submit(_items(7, 1), timeout=10)
+        assert small[0, 0] == 7 and not big.done()  # answered while the big request was still preparing
+        assert prepared.index(7.0) < 6
+        np.testing.assert_array_equal((await big)[:, 0], np.arange(100, 120))
+
+        prepared.clear()
+        gone = asyncio.Event()
+        leaver = asyncio.ensure_future(b.submit(_items(200, 20), timeout=10, disconnected=gone.wait))
+        await asyncio.sleep(0.12)
+        gone.set()
+        with pytest.raises(ClientGone):
+            await leaver
+        await asyncio.sleep(0.3)
+        assert 1 <= len(prepared) <= 4, prepared  # the items under way, then nothing more
+        await b.stop()
+    finally:
+        one_thread.shutdown(wait=False, cancel_futures=True)
