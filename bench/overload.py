@@ -38,8 +38,8 @@ def rss_mb(pid: int) -> float:
 
 
 def run_wrk(url: str, bodies_file: str, connections: int, duration: int, threads: int) -> dict:
-    env = {**os.environ, "WRK_BODY_FILE": bodies_file}
-    script = str(ROOT / "bench/wrk_status.lua")
+    env = {**os.environ, "WRK_BODY_FILE": bodies_file, "WRK_COUNT_STATUSES": "1"}
+    script = str(ROOT / "bench/wrk.lua")
     out = subprocess.run(["wrk", "-t", str(threads), "-c", str(connections), "-d", f"{duration}s", "--timeout", "30s",
                           "-s", script, url], env=env, capture_output=True, text=True, timeout=duration + 60,
                          check=False)

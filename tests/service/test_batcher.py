@@ -28,6 +28,27 @@ def fake_model(calls: list[int], delay: float = 0.0, fail_when=None):
     return infer
 
 
+async def _client_leaves(b: DynamicBatcher, items, *, after: float) -> None:
+    """Submit `items` from a client that goes away `after` seconds later: it gets ClientGone."""
+    gone = asyncio.Event()
+    leaver = asyncio.ensure_future(b.submit(items, timeout=10, disconnected=gone.wait))
+    await asyncio.sleep(after)
+    gone.set()
+    with pytest.raises(ClientGone):
+        await leaver
+
+
+def held_model(gate: threading.Event, calls: list[int]):
+    """`fake_model` that waits for `gate` (5 s at most) before each batch."""
+    model = fake_model(calls)
+
+    def infer(x):
+        gate.wait(5)
+        return model(x)
+
+    return infer
+
+
 @pytest.fixture
 def executors():
     model, prep = ThreadPoolExecutor(1), ThreadPoolExecutor(4)
@@ -123,10 +144,7 @@ async def test_prepare_error_fails_only_that_request(executors) -> None:
 async def test_full_queue_answers_overloaded(executors) -> None:
     gate = threading.Event()
     calls: list[int] = []
-
-    def infer(x):
-        gate.wait(5)
-        return fake_model(calls)(x)
+    infer = held_model(gate, calls)
 
     b = await _started(infer, executors, max_batch_size=4, max_queue=6)
     running = asyncio.ensure_future(b.submit(_items(0, 4), timeout=10))
@@ -146,10 +164,7 @@ async def test_a_full_queue_is_waited_on_for_room_before_429(executors) -> None:
     leave it (not after a fixed sleep), and one still without room when the wait ends gets 429."""
     gate = threading.Event()
     calls: list[int] = []
-
-    def infer(x):
-        gate.wait(5)
-        return fake_model(calls)(x)
+    infer = held_model(gate, calls)
 
     b = await _started(infer, executors, max_batch_size=4, max_queue=4, overload_wait_ms=300)
     running = asyncio.ensure_future(b.submit(_items(0, 4), timeout=10))
@@ -171,10 +186,7 @@ async def test_a_full_queue_is_waited_on_for_room_before_429(executors) -> None:
 async def test_timeout_resolves_and_skips_the_rows(executors) -> None:
     gate = threading.Event()
     calls: list[int] = []
-
-    def infer(x):
-        gate.wait(5)
-        return fake_model(calls)(x)
+    infer = held_model(gate, calls)
 
     b = await _started(infer, executors, max_batch_size=8)
     blocker = asyncio.ensure_future(b.submit(_items(0, 1), timeout=10))
@@ -193,20 +205,12 @@ async def test_timeout_resolves_and_skips_the_rows(executors) -> None:
 async def test_disconnected_client_is_dropped_before_the_model(executors) -> None:
     gate = threading.Event()
     calls: list[int] = []
-
-    def infer(x):
-        gate.wait(5)
-        return fake_model(calls)(x)
+    infer = held_model(gate, calls)
 
     b = await _started(infer, executors)
     blocker = asyncio.ensure_future(b.submit(_items(0, 1), timeout=10))
     await asyncio.sleep(0.05)
-    gone = asyncio.Event()
-    waiter = asyncio.ensure_future(b.submit(_items(5, 2), timeout=10, disconnected=gone.wait))
-    await asyncio.sleep(0.05)
-    gone.set()
-    with pytest.raises(ClientGone):
-        await waiter
+    await _client_leaves(b, _items(5, 2), after=0.05)
     gate.set()
     await blocker
     await b.submit(_items(9, 1), timeout=5)
@@ -476,12 +480,7 @@ async def test_prepare_is_fair_between_requests_and_stops_when_a_request_ends(ex
         np.testing.assert_array_equal((await big)[:, 0], np.arange(100, 120))
 
         prepared.clear()
-        gone = asyncio.Event()
-        leaver = asyncio.ensure_future(b.submit(_items(200, 20), timeout=10, disconnected=gone.wait))
-        await asyncio.sleep(0.12)
-        gone.set()
-        with pytest.raises(ClientGone):
-            await leaver
+        await _client_leaves(b, _items(200, 20), after=0.12)
         await asyncio.sleep(0.3)
         assert 1 <= len(prepared) <= 4, prepared  # the items under way, then nothing more
         await b.stop()
