@@ -342,16 +342,15 @@ class DynamicBatcher:
         the others), and a request that ends (client gone, deadline) stops after the items
         under way."""
         loop = asyncio.get_running_loop()
-        window = self.prepare_window
-        if len(items) <= window:
-            calls = [loop.run_in_executor(self._prepare_executor, prepare, items[i : i + 1], field, i)
-                     for i in range(len(items))]
-            return concat_rows(list(await guard.wait(asyncio.gather(*calls), cancel_on_exit=False)))
         parts: list[Any] = []
-        for start in range(0, len(items), window):
+        for start in range(0, len(items), self.prepare_window):
             calls = [loop.run_in_executor(self._prepare_executor, prepare, items[i : i + 1], field, i)
-                     for i in range(start, min(start + window, len(items)))]
-            parts.extend(await guard.wait(asyncio.gather(*calls), cancel_on_exit=False))
+                     for i in range(start, min(start + self.prepare_window, len(items)))]
+            done = await guard.wait(asyncio.gather(*calls, return_exceptions=True), cancel_on_exit=False)
+            for part in done:
+                if isinstance(part, BaseException):
+                    raise part  # the first bad item, in order
+                parts.append(part)
         return concat_rows(parts)
 
     async def _wait_for_room(self, n: int) -> None:
@@ -375,7 +374,7 @@ class DynamicBatcher:
         free = self.max_queue - self.pending_rows
         for n, fut in self._room_waiters:
             if fut.done():
-                free -= n if fut.result() else 0  # woken, about to take its rows
+                free -= n if not fut.cancelled() and fut.result() else 0  # woken, about to take its rows
                 continue
             if n > free:
                 break

@@ -18,6 +18,11 @@ from PIL import ExifTags, Image, UnidentifiedImageError
 
 from clipsearch.core.errors import InvalidBase64, InvalidImage, PayloadTooLarge
 
+# Set once, for the whole process (catch_warnings is not thread-safe): PIL's warnings about a
+# client's bytes (corrupt EXIF, odd sizes, huge images, which our own limit checks first) are
+# nothing an operator can act on.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+warnings.filterwarnings("ignore", module=r"PIL\.")
 _DATA_URI = re.compile(r"^data:[\w.+/-]*(;[\w=.+-]+)*;base64,", re.IGNORECASE)
 _URLSAFE = bytes.maketrans(b"-_", b"+/")
 _WHITESPACE = b" \t\n\r\x0b\x0c"
@@ -92,10 +97,7 @@ def _decode_lenient(raw: bytes, field: str) -> bytes:
 def _image_errors(field: str) -> Iterator[None]:
     """Map PIL's many failure modes to 400/413 errors that name `field`."""
     try:
-        with warnings.catch_warnings():
-            # PIL warns (and later raises) on huge images; our own limit applies first.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            yield
+        yield
     except (PayloadTooLarge, InvalidImage):
         raise
     except UnidentifiedImageError:
