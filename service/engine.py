@@ -123,9 +123,9 @@ class SearchThread:
 def item_name(field: str, i: int) -> str:
     """How errors name an item: `texts[3]` in a list field, plain `image` in a single-item one.
 
-    List fields of the API are plural (texts, images, labels); single ones are not.
+    List fields of the API are plural (texts, images, labels), or OpenAI's `input`.
     """
-    return f"{field}[{i}]" if field.endswith("s") else field
+    return f"{field}[{i}]" if field.endswith("s") or field == "input" else field  # input: OpenAI's list
 
 
 class Engine:

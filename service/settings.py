@@ -28,6 +28,8 @@ class Settings(BaseSettings):
     pretrained: str | None = Field(
         None, description="for built-in names: a pretrained tag, a checkpoint path, or none (random weights)"
     )
+    served_model_name: str | None = Field(
+        None, description="the model's name on the OpenAI-compatible routes [the model spec]")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where the model runs")
     dtype: Literal["auto", "fp32", "fp16", "bf16"] = Field("auto", description="auto: fp32 on CPU, fp16 on GPU")
 
@@ -128,6 +130,11 @@ class Settings(BaseSettings):
             raise ValueError("with several workers, index_poll_s must be above 0: POST /admin/reload reaches only "
                              "the worker that answers it, and the others learn of a new index by polling")
         return self
+
+    @property
+    def served_name(self) -> str:
+        """The model's name on the OpenAI-compatible routes."""
+        return self.served_model_name or self.model
 
     @property
     def body_limit(self) -> int:

@@ -103,6 +103,12 @@ class IndexRefused(ClipsearchError):
     code = "index_refused"
 
 
+class NotFound(ClipsearchError):
+    """Something the request names is not served here (a model name, say)."""
+
+    code = "not_found"
+
+
 class Unauthorized(ClipsearchError):
     code = "unauthorized"
 

@@ -166,6 +166,10 @@ class ClipModel:
             return self._fast_tokenizer(texts)
         return self.tokenizer(list(texts))
 
+    def count_tokens(self, texts: Sequence[str]) -> int:
+        """How many tokens the texts take (start and end tokens included, padding not)."""
+        return int((self.tokenize(texts) != 0).sum())
+
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         """open_clip's own inference transform: (3, H, W) float32 on the CPU."""
         return self.preprocess_transform(image)

@@ -16,6 +16,7 @@ from clipsearch.core.model import ClipModel
 from service.http import protocol
 from service.http.errors import install_error_handlers
 from service.http.middleware import BodyLimitMiddleware, MetricsMiddleware
+from service.http.openai import router as openai_router
 from service.http.routes import router
 from service.http.schemas import apply_limits
 from service.metrics import Metrics
@@ -80,6 +81,7 @@ def create_app(settings: Settings, *, state: ServiceState | None = None, model: 
     )
     install_error_handlers(app)
     app.include_router(router)
+    app.include_router(openai_router)
     generate = app.openapi
 
     def openapi() -> dict[str, Any]:  # the generated document, with this deployment's limits in it

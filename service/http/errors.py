@@ -22,6 +22,7 @@ from clipsearch.core.errors import (
     IndexRefused,
     InferenceError,
     InvalidInput,
+    NotFound,
     NotReady,
     OutOfRange,
     Overloaded,
@@ -43,15 +44,24 @@ STATUS_BY_ERROR: tuple[tuple[type[ClipsearchError], int], ...] = (
     (NotReady, 503),
     (IndexLoadError, 503),
     (IndexRefused, 409),
+    (NotFound, 404),
     (Unauthorized, 401),
     (Forbidden, 403),
     (InferenceError, 500),
 )
 
 
+OPENAI_PREFIX = "/v1/"  # routes that answer in OpenAI's shapes, errors included
+
+
 def error_response(status: int, type_: str, message: str, field: str | None = None,
-                   headers: dict[str, str] | None = None) -> Response:
-    body = {"error": {"type": type_, "message": message, "field": field}}
+                   headers: dict[str, str] | None = None, *, openai: bool = False) -> Response:
+    """The one error body: `{"error": {"type", "message", "field"}}`, or on the OpenAI-compatible
+    routes OpenAI's `{"error": {"message", "type", "param", "code"}}`."""
+    if openai:
+        body: dict[str, Any] = {"error": {"message": message, "type": type_, "param": field, "code": type_}}
+    else:
+        body = {"error": {"type": type_, "message": message, "field": field}}
     return Response(orjson.dumps(body), status_code=status, media_type="application/json", headers=headers)
 
 
@@ -72,8 +82,9 @@ async def _domain_error(request: Request, exc: Exception) -> Response:
     if status == 500:
         # Internal: the client gets the kind of failure, never its internals. (503/504
         # messages are ours: not ready, shutting down, timed out.)
-        return error_response(status, exc.code, "internal error while encoding; see the service log")
-    return error_response(status, exc.code, exc.message, exc.field, headers)
+        return error_response(status, exc.code, "internal error while encoding; see the service log",
+                              openai=_openai(request))
+    return error_response(status, exc.code, exc.message, exc.field, headers, openai=_openai(request))
 
 
 def _field(loc: tuple[Any, ...]) -> str:
@@ -90,13 +101,14 @@ async def _validation_error(request: Request, exc: Exception) -> Response:
     errors = exc.errors()
     if errors and errors[0].get("type") == "json_invalid":  # the body is not JSON at all
         reason = errors[0].get("ctx", {}).get("error", "")
-        return error_response(422, "validation_error", f"body: not valid JSON: {reason}", "body")
+        return error_response(422, "validation_error", f"body: not valid JSON: {reason}", "body",
+                              openai=_openai(request))
     first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
     field = _field(tuple(first.get("loc", ())))
     message = "; ".join(
         f"{_field(tuple(e.get('loc', ()))) or 'body'}: {e.get('msg', 'invalid')}" for e in errors[:5]
     )
-    return error_response(422, "validation_error", message, field or None)
+    return error_response(422, "validation_error", message, field or None, openai=_openai(request))
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
@@ -105,12 +117,17 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     names = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large", 401: "unauthorized",
              403: "forbidden"}
     return error_response(exc.status_code, names.get(exc.status_code, "http_error"), str(exc.detail),
-                          headers=getattr(exc, "headers", None))
+                          headers=getattr(exc, "headers", None), openai=_openai(request))
 
 
 async def _internal_error(request: Request, exc: Exception) -> Response:
     log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-    return error_response(500, "internal_error", "internal server error; see the service log")
+    return error_response(500, "internal_error", "internal server error; see the service log",
+                          openai=_openai(request))
+
+
+def _openai(request: Request) -> bool:
+    return request.url.path.startswith(OPENAI_PREFIX)
 
 
 def install_error_handlers(app: FastAPI) -> None:

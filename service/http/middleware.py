@@ -11,7 +11,7 @@ import time
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.http.errors import error_response
+from service.http.errors import OPENAI_PREFIX, error_response
 from service.metrics import Metrics
 
 
@@ -44,7 +44,8 @@ class BodyLimitMiddleware:
                 message = await asyncio.wait_for(receive(), deadline - asyncio.get_running_loop().time())
             except asyncio.TimeoutError:
                 await error_response(408, "request_timeout", f"request body not received within {self.timeout_s:g} s",
-                                     headers={"connection": "close"})(scope, receive, send)
+                                     headers={"connection": "close"},
+                                     openai=scope["path"].startswith(OPENAI_PREFIX))(scope, receive, send)
                 return
             if message["type"] == "http.disconnect":
                 return
@@ -69,7 +70,8 @@ class BodyLimitMiddleware:
 
     async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
         limit = f"request body is larger than the limit of {self.max_bytes} bytes"
-        await error_response(413, "payload_too_large", limit)(scope, receive, send)
+        await error_response(413, "payload_too_large", limit, openai=scope["path"].startswith(OPENAI_PREFIX))(
+            scope, receive, send)
 
 
 class MetricsMiddleware:

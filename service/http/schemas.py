@@ -110,6 +110,16 @@ def apply_limits(node: Any, settings: Any) -> None:
     if not isinstance(node, dict):
         return
     for name, prop in (node.get("properties") or {}).items():
+        if node.get("title") == "EmbeddingsRequest" and name in ("model", "input"):
+            if name == "model":
+                prop["enum"] = [settings.served_name]
+            else:
+                for form in prop.get("anyOf", []):
+                    form.update({"maxItems": settings.max_items_per_request} if form.get("type") == "array"
+                                else {"maxLength": image_chars})
+                    if form.get("type") == "array":
+                        form.setdefault("items", {})["maxLength"] = image_chars
+            continue
         if name == "k":
             prop["maximum"] = settings.max_k
         elif name in ("texts", "images", "labels"):
