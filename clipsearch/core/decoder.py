@@ -148,10 +148,11 @@ class ImageDecoder:
         per_batch = torch_path is not None and device.type == "cuda"
         return cls(transform, mode, image_size, max_pixels, torch_path, exif, device, per_batch)
 
-    def prepares_cheaply(self, images: Sequence[str]) -> bool:
-        """Whether `prepare` of these base64 images is only a header check (JPEGs for a batch
-        decode): cheaper than a hop through a thread pool."""
-        return self.jpegs_per_batch and all(map(base64_looks_like_jpeg, images))
+    def prepares_cheaply(self, images: Sequence[str | bytes]) -> bool:
+        """Whether `prepare` of these images (base64, or bytes) is only a header check (JPEGs
+        for a batch decode): cheaper than a hop through a thread pool."""
+        return self.jpegs_per_batch and all(
+            is_jpeg(image) if isinstance(image, bytes) else base64_looks_like_jpeg(image) for image in images)
 
     def prepare(self, raws: list[bytes], names: list[str]) -> list[torch.Tensor | Jpeg]:
         """Per request: each image checked (format, pixel limits; errors name the item) and

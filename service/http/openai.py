@@ -16,8 +16,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from clipsearch.core.errors import InvalidInput, NotFound
+from service.http.bodies import body_schema, read_body
 from service.http.deps import State, client_gone, service_state
-from service.http.routes import _ERRORS, body_schema, json_response, read_body
+from service.http.routes import _ERRORS, json_response
 
 router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"])
 
@@ -55,8 +56,8 @@ def served_name(state: Any) -> str:
 @router.post("/embeddings", responses=_OPENAI_ERRORS, openapi_extra=body_schema(EmbeddingsRequest))
 async def embeddings(request: Request) -> Response:
     """Embeddings in the OpenAI API's shape, with real token counts for texts."""
-    body = await read_body(request, EmbeddingsRequest)
     state, disconnected = service_state(request), client_gone(request)
+    body = await read_body(request, EmbeddingsRequest, state.settings)
     engine, name = state.engine, served_name(state)
     if body.model != name:
         raise NotFound(f"model {body.model!r} is not served here; this server serves {name!r}", field="model")

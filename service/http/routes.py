@@ -5,14 +5,12 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import Awaitable
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import orjson
 from fastapi import APIRouter
-from fastapi.exceptions import RequestValidationError
 from prometheus_client import CONTENT_TYPE_LATEST
-from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
@@ -20,6 +18,7 @@ from starlette.responses import Response
 from clipsearch.core import zeroshot
 from clipsearch.core.errors import OutOfRange
 from clipsearch.core.search import Hit, IndexSet, SearchParams
+from service.http.bodies import body_schema, read_body
 from service.http.deps import AdminAuth, State, client_gone, service_state
 from service.http.schemas import (
     ClassifyRequest,
@@ -34,24 +33,6 @@ from service.http.schemas import (
     TextSearchRequest,
 )
 from service.state import ServiceState
-
-Body = TypeVar("Body", bound=BaseModel)
-
-
-async def read_body(request: Request, model: type[Body]) -> Body:
-    """The JSON body validated as `model` in one pass of pydantic-core (parsing and validation
-    together; NaN and Infinity refused). Errors are the same 422 as a body parameter's. Such
-    a route declares its body with `openapi_extra=body_schema(model)`."""
-    try:
-        return model.model_validate_json(await request.body())
-    except ValidationError as exc:
-        raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]) from None
-
-
-def body_schema(model: type[BaseModel]) -> dict[str, Any]:
-    """The OpenAPI request body of a route that reads its body with `read_body`."""
-    return {"requestBody": {"required": True, "content": {"application/json": {"schema": model.model_json_schema()}}}}
-
 
 router = APIRouter()
 
@@ -78,11 +59,13 @@ async def _gather_or_cancel(*aws: Awaitable[np.ndarray]) -> list[np.ndarray]:
         raise
 
 
-@router.post("/embed", response_model=EmbedResponse, responses=_ERRORS, openapi_extra=body_schema(EmbedRequest))
+@router.post("/embed", response_model=EmbedResponse, responses=_ERRORS,
+             openapi_extra=body_schema(EmbedRequest, form=True))
 async def embed(request: Request) -> Response:
-    """Embed texts and/or base64 images; L2-normalized vectors in input order."""
-    body = await read_body(request, EmbedRequest)
-    state, disconnected = service_state(request), client_gone(request)
+    """Embed texts and/or images; L2-normalized vectors in input order."""
+    state = service_state(request)
+    body = await read_body(request, EmbedRequest, state.settings)
+    disconnected = client_gone(request)
     engine = state.engine
     engine.check_count(len(body.texts) + len(body.images))
     empty = np.zeros((0, engine.dim), np.float32)
@@ -120,8 +103,8 @@ def _search_response(hits: list[Hit], current: IndexSet) -> Response:
              openapi_extra=body_schema(TextSearchRequest))
 async def search_text(request: Request) -> Response:
     """Text -> images: the query text's vector searched in the image index."""
-    body = await read_body(request, TextSearchRequest)
     state = service_state(request)
+    body = await read_body(request, TextSearchRequest, state.settings)
     _check_k(body.k, state)
     current, index = state.index_for("image")
     hits = await state.engine.search_text(index, body.text, body.k, _params(body), disconnected=client_gone(request))
@@ -129,11 +112,11 @@ async def search_text(request: Request) -> Response:
 
 
 @router.post("/search/image", response_model=SearchResponse, responses=_ERRORS,
-             openapi_extra=body_schema(ImageSearchRequest))
+             openapi_extra=body_schema(ImageSearchRequest, form=True))
 async def search_image(request: Request) -> Response:
     """Image -> texts: the query image's vector searched in the text index."""
-    body = await read_body(request, ImageSearchRequest)
     state = service_state(request)
+    body = await read_body(request, ImageSearchRequest, state.settings)
     _check_k(body.k, state)
     current, index = state.index_for("text")
     hits = await state.engine.search_image(index, body.image, body.k, _params(body),
@@ -142,11 +125,12 @@ async def search_image(request: Request) -> Response:
 
 
 @router.post("/classify", response_model=ClassifyResponse, responses=_ERRORS,
-             openapi_extra=body_schema(ClassifyRequest))
+             openapi_extra=body_schema(ClassifyRequest, form=True))
 async def classify(request: Request) -> Response:
     """Zero-shot classification: labels sorted by softmax(logit_scale x cosine) of image and prompts."""
-    body = await read_body(request, ClassifyRequest)
-    state, disconnected = service_state(request), client_gone(request)
+    state = service_state(request)
+    body = await read_body(request, ClassifyRequest, state.settings)
+    disconnected = client_gone(request)
     engine = state.engine
     engine.check_count(len(body.labels) + 1)
     texts = zeroshot.prompts(body.labels, body.template)
@@ -159,11 +143,12 @@ async def classify(request: Request) -> Response:
 
 
 @router.post("/similarity", response_model=SimilarityResponse, responses=_ERRORS,
-             openapi_extra=body_schema(SimilarityRequest))
+             openapi_extra=body_schema(SimilarityRequest, form=True))
 async def similarity(request: Request) -> Response:
     """Cosine matrix (images x texts) and per-image softmax probabilities over the texts."""
-    body = await read_body(request, SimilarityRequest)
-    state, disconnected = service_state(request), client_gone(request)
+    state = service_state(request)
+    body = await read_body(request, SimilarityRequest, state.settings)
+    disconnected = client_gone(request)
     engine = state.engine
     engine.check_count(len(body.texts) + len(body.images))
     engine.check_texts(body.texts)

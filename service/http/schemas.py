@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainValidator, WithJsonSchema
 
 
 def _integer(value: Any) -> Any:
@@ -16,7 +16,16 @@ def _integer(value: Any) -> Any:
 
 Integer = Annotated[int, BeforeValidator(_integer)]
 Probes = Annotated[int, Field(ge=1, le=65536), BeforeValidator(_integer)]
-Image = Annotated[str, Field(min_length=1, description="base64 image (standard or urlsafe, data: URIs ok)")]
+def _image(value: Any) -> Any:
+    """A base64 string, a data: URI or an image URL (JSON), or an uploaded file's bytes (multipart)."""
+    if isinstance(value, bytes) or (isinstance(value, str) and value):  # an empty file is an invalid image: 400
+        return value
+    raise ValueError("must be a non-empty string: base64, a data: URI or an image URL")
+
+
+IMAGE_DESCRIPTION = "an image: base64 (standard or urlsafe), a data: URI, or an http(s) URL where the server allows"
+Image = Annotated[str | bytes, PlainValidator(_image),
+                  WithJsonSchema({"type": "string", "minLength": 1, "description": IMAGE_DESCRIPTION})]
 
 
 class _Request(BaseModel):
@@ -26,7 +35,7 @@ class _Request(BaseModel):
 
 class EmbedRequest(_Request):
     texts: list[str] = Field(default_factory=list, description="texts to embed")
-    images: list[Image] = Field(default_factory=list, description="base64 images (standard or urlsafe, data: URIs ok)")
+    images: list[Image] = Field(default_factory=list, description="images to embed")
 
 
 class EmbedResponse(BaseModel):
@@ -47,7 +56,7 @@ class TextSearchRequest(_SearchRequest):
 
 
 class ImageSearchRequest(_SearchRequest):
-    image: Image = Field(description="base64 query image, searched in the text index")
+    image: Image = Field(description="query image, searched in the text index")
 
 
 class SearchHit(BaseModel):
@@ -73,7 +82,7 @@ class ErrorResponse(BaseModel):
 
 
 class ClassifyRequest(_Request):
-    image: Image = Field(description="base64 image to classify")
+    image: Image = Field(description="image to classify")
     labels: list[str] = Field(min_length=1, description="candidate labels")
     template: str = Field("a photo of a {}", description="prompt template; {} is replaced by each label")
 
@@ -90,7 +99,7 @@ class ClassifyResponse(BaseModel):
 
 class SimilarityRequest(_Request):
     texts: list[str] = Field(min_length=1)
-    images: list[Image] = Field(min_length=1, description="base64 images")
+    images: list[Image] = Field(min_length=1)
 
 
 class SimilarityResponse(BaseModel):
