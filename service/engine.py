@@ -21,11 +21,12 @@ import torch
 
 from clipsearch.core.cuda_wait import to_numpy
 from clipsearch.core.decoder import ImageDecoder, Jpeg
-from clipsearch.core.errors import InvalidInput, PayloadTooLarge, ShuttingDown
+from clipsearch.core.errors import InvalidImage, InvalidInput, PayloadTooLarge, ShuttingDown
 from clipsearch.core.images import decode_base64
 from clipsearch.core.model import ClipModel
 from clipsearch.core.search import Hit, LoadedIndex, SearchParams
 from service.batcher import Collated, DynamicBatcher, Stages
+from service.fetch import ImageFetcher
 from service.metrics import Metrics
 from service.settings import Settings
 
@@ -143,6 +144,8 @@ class Engine:
         # fighting over it (and over CPU cores when there is no GPU).
         self._model_executor = ThreadPoolExecutor(1, thread_name_prefix="clip-model")
         self._prepare_executor = ThreadPoolExecutor(settings.preprocess_workers, thread_name_prefix="clip-prep")
+        self.fetcher = ImageFetcher(settings.image_urls, settings.image_url_networks,
+                                    max_bytes=settings.max_image_bytes, timeout_s=settings.image_url_timeout_s)
         # FAISS on the CPU searches in a thread of its own, so a search never holds up an encode.
         self._searches = SearchThread(settings.max_batch_size)
         self.text = self._batcher("text", Stages(
@@ -187,6 +190,7 @@ class Engine:
         self._prepare_executor.shutdown(wait=False, cancel_futures=True)
         self._model_executor.shutdown(wait=True, cancel_futures=True)
         self._searches.close()
+        await self.fetcher.aclose()
 
     @property
     def dim(self) -> int:
@@ -196,14 +200,15 @@ class Engine:
     def _tokenize(self, texts: list[list[str]]) -> torch.Tensor:
         return self.model.tokenize([text for chunk in texts for text in chunk])
 
-    def _prepare_images(self, images: Sequence[str], field: str, start: int) -> list[torch.Tensor | Jpeg]:
+    def _prepare_images(self, images: Sequence[str | bytes], field: str, start: int) -> list[torch.Tensor | Jpeg]:
         names = [item_name(field, start + i) for i in range(len(images))]
         limit = self.settings.max_image_bytes
-        raws = [decode_base64(data, field=name, max_bytes=limit) for data, name in zip(images, names, strict=True)]
+        raws = [_image_bytes(data, name, limit) for data, name in zip(images, names, strict=True)]
         return self.decoder.prepare(raws, names)
 
-    def prepare_images(self, images: Sequence[str], field: str = "images") -> torch.Tensor:
-        """What the image pipeline makes of base64 images before the model: the pixels (N, 3, H, W)."""
+    def prepare_images(self, images: Sequence[str | bytes], field: str = "images") -> torch.Tensor:
+        """What the image pipeline makes of images (base64 or bytes) before the model: the
+        pixels (N, 3, H, W)."""
         payload = self._collate_images([self._prepare_images(images, field, 0)])
         if isinstance(payload, Collated):
             raise next(iter(payload.failed.values()))
@@ -269,10 +274,14 @@ class Engine:
         return await self.text.submit(texts, field=field, timeout=self.settings.request_timeout_s,
                                       disconnected=disconnected)
 
+    async def _fetched(self, images: Sequence[str | bytes], field: str) -> Sequence[str | bytes]:
+        return await self.fetcher.resolve(images, lambda i: item_name(field, i))
+
     async def embed_images(
-        self, images: Sequence[str], *, field: str = "images", disconnected: Disconnected | None = None
+        self, images: Sequence[str | bytes], *, field: str = "images", disconnected: Disconnected | None = None
     ) -> np.ndarray:
-        """base64 images -> L2-normalized float32 vectors, in input order."""
+        """Images (base64, data: URIs, allowed URLs, or bytes) -> L2-normalized float32 vectors, in input order."""
+        images = await self._fetched(images, field)
         return await self.image.submit(images, field=field, timeout=self.settings.request_timeout_s,
                                        disconnected=disconnected)
 
@@ -287,13 +296,24 @@ class Engine:
         return _hits(index, rows, k)
 
     async def search_image(
-        self, index: LoadedIndex, image: str, k: int, params: SearchParams,
+        self, index: LoadedIndex, image: str | bytes, k: int, params: SearchParams,
         *, field: str = "image", disconnected: Disconnected | None = None,
     ) -> list[Hit]:
-        """Top-k hits for a base64 image, batched with concurrent image requests."""
-        rows = await self.image.submit([image], field=field, post=SearchJob(index, k, params),
+        """Top-k hits for an image, batched with concurrent image requests."""
+        images = await self._fetched([image], field)
+        rows = await self.image.submit(images, field=field, post=SearchJob(index, k, params),
                                        timeout=self.settings.request_timeout_s, disconnected=disconnected)
         return _hits(index, rows, k)
+
+
+def _image_bytes(data: str | bytes, name: str, limit: int) -> bytes:
+    if isinstance(data, str):
+        return decode_base64(data, field=name, max_bytes=limit)
+    if not data:
+        raise InvalidImage(f"{name}: the uploaded file is empty", field=name)
+    if len(data) > limit:
+        raise PayloadTooLarge(f"{name}: image is larger than the limit of {limit} bytes", field=name)
+    return data
 
 
 def _take(vectors: torch.Tensor, rows: list[int], total: int) -> torch.Tensor:

@@ -41,6 +41,12 @@ class InvalidImage(InvalidInput):
     code = "invalid_image"
 
 
+class ImageFetchFailed(InvalidInput):
+    """An image URL that is not allowed, or that could not be fetched (status, timeout, size)."""
+
+    code = "image_fetch_failed"
+
+
 class PayloadTooLarge(ClipsearchError):
     """Too many items, a too-long text, too many image bytes or pixels."""
 
