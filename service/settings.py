@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, JsonValue, SecretStr, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, JsonValue, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_BODY_CAP = 32 << 20  # bodies are held in memory until parsed: a hard cap unless set explicitly
+Listed = Annotated[list[str], NoDecode]  # comma-separated in the environment and on the command line
 TUNING: dict[str, JsonValue] = {"group": "tuning"}  # rarely changed: a table of their own in the docs
 
 
@@ -51,6 +52,11 @@ class Settings(BaseSettings):
     )
     log_level: str = Field("info", description="Python log level")
     access_log: bool = Field(False, description="log every request (metrics count them anyway)")
+    api_keys: SecretStr | None = Field(
+        None, description="comma-separated API keys: when set (or with api_keys_file), every route but /healthz "
+        "and /readyz needs `Authorization: Bearer <key>`")
+    api_keys_file: Path | None = Field(
+        None, description="a file of API keys, one per line (# comments), read again when it changes")
     admin_token: SecretStr | None = Field(None, description="token for /admin routes; unset disables them")
     expose_internals: bool = Field(
         True, description="GET / shows the index path on disk, the checkpoint's fingerprint, pid and runtime "
@@ -93,6 +99,16 @@ class Settings(BaseSettings):
         "build the index with the same setting",
     )
 
+    # image URLs
+    image_urls: Listed = Field(
+        [], description="comma-separated hosts (`img.example.com`, `*.example.com`) or URL "
+        "prefixes (`https://cdn.example.com/public/`) that images may be fetched from by URL; empty: image "
+        "URLs are refused")
+    image_url_networks: Listed = Field(
+        [], description="comma-separated networks (`10.0.0.0/8`) that allowed image URLs may "
+        "resolve to although private, loopback or link-local; any other such address is refused")
+    image_url_timeout_s: float = Field(10.0, gt=0, description="an image URL not fetched in this time is refused")
+
     # tuning
     max_batch_size: int = Field(64, ge=1, le=8192, description="most items per model call",
                                 json_schema_extra=TUNING)
@@ -122,6 +138,11 @@ class Settings(BaseSettings):
         json_schema_extra=TUNING,
     )
 
+    @field_validator("image_urls", "image_url_networks", mode="before")
+    @classmethod
+    def _split(cls, value: Any) -> Any:
+        return [part.strip() for part in value.split(",") if part.strip()] if isinstance(value, str) else value
+
     @model_validator(mode="after")
     def _check(self) -> Settings:
         if self.max_items_per_request > self.max_queue:
@@ -129,6 +150,15 @@ class Settings(BaseSettings):
         if self.workers > 1 and self.index_dir is not None and self.index_poll_s == 0:
             raise ValueError("with several workers, index_poll_s must be above 0: POST /admin/reload reaches only "
                              "the worker that answers it, and the others learn of a new index by polling")
+        if self.api_keys_file is not None:
+            try:
+                if not read_key_file(self.api_keys_file):
+                    raise ValueError(f"api_keys_file {self.api_keys_file} holds no key")
+            except OSError as exc:
+                raise ValueError(f"api_keys_file {self.api_keys_file}: {exc.strerror}") from None
+        from service.fetch import ImageFetcher  # checks the entries: a bad one stops the service at start
+
+        ImageFetcher(self.image_urls, self.image_url_networks, max_bytes=1, timeout_s=1)
         return self
 
     @property
@@ -146,7 +176,13 @@ class Settings(BaseSettings):
         return min(self.max_items_per_request * per_item + 64 * 1024, DEFAULT_BODY_CAP)
 
 
-CLI_ONLY_ENV = frozenset({"admin_token"})  # secrets: environment only, never a flag (it would show in `ps`)
+def read_key_file(path: Path) -> list[str]:
+    """The API keys in a file: one per line; blank lines and `#` comments skipped."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+
+
+CLI_ONLY_ENV = frozenset({"admin_token", "api_keys"})  # secrets: environment only, never a flag (it would show in `ps`)
 
 
 def is_tuning(name: str) -> bool:

@@ -9,7 +9,7 @@ from clipsearch.cli import serve
 from service.settings import Settings, configuration_doc
 
 ROOT = Path(__file__).resolve().parents[1]
-ENV_ONLY = {"admin_token"}  # secrets do not belong on a command line
+ENV_ONLY = {"admin_token", "api_keys"}  # secrets do not belong on a command line
 
 
 def test_the_configuration_page_is_generated_from_the_settings() -> None:

@@ -14,6 +14,7 @@ from fastapi import FastAPI
 
 from clipsearch.core.model import ClipModel
 from service.http import protocol
+from service.http.auth import ApiKeyMiddleware, ApiKeys
 from service.http.errors import install_error_handlers
 from service.http.middleware import BodyLimitMiddleware, MetricsMiddleware
 from service.http.openai import router as openai_router
@@ -91,6 +92,9 @@ def create_app(settings: Settings, *, state: ServiceState | None = None, model: 
 
     app.openapi = openapi  # type: ignore[method-assign]
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.body_limit, timeout_s=settings.body_timeout_s)
+    keys = ApiKeys.from_settings(settings)
+    if keys is not None:  # outside the body limit: a request without a key is refused before its body is read
+        app.add_middleware(ApiKeyMiddleware, keys=keys)
     protocol.configure(settings.max_connections or protocol.default_max_connections(), settings.header_timeout_s,
                        metrics.connections_refused.inc)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
