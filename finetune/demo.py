@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 import shutil
 import time
 from pathlib import Path
@@ -11,6 +12,17 @@ import typer
 DEMO_MODEL = "clipsearch-demo"  # clipsearch/core/model_configs/clipsearch-demo.json
 QUERIES = {"en": ["a red circle", "two blue squares", "a large yellow star on a black background"],
            "zh": ["红色圆形", "两个蓝色正方形", "黑色背景上的黄色星形"]}
+
+
+def _write_query_image(tsv: Path, folder: Path) -> Path:
+    """The first validation image as a file, for the curl lines to upload."""
+    from clipsearch.core.images import decode_base64
+
+    first = tsv.read_text(encoding="utf-8").split("\n", 1)[0]
+    data = decode_base64(first.split("\t")[-1], field="image", max_bytes=1 << 26)
+    path = folder / ("query.jpg" if data[:3] == b"\xff\xd8\xff" else "query.png")
+    path.write_bytes(data)
+    return path
 
 
 def run_demo(*, workdir: Path, port: int, host: str, n_train: int, epochs: int, lang: str, serve: bool) -> dict:
@@ -59,14 +71,13 @@ def run_demo(*, workdir: Path, port: int, host: str, n_train: int, epochs: int, 
     say(f"[5/5] done in {elapsed:.0f} s. Try it:")
     base = f"http://{host}:{port}"
     q = QUERIES[lang][0]
+    photo = _write_query_image(data / "valid.tsv", data)
+    image, images = (shlex.quote(f"{name}=@{photo}") for name in ("image", "images"))
     say(f"""
   curl -s {base}/search/text -H 'content-type: application/json' -d '{{"text": "{q}", "k": 3}}'
-  curl -s {base}/embed -H 'content-type: application/json' -d '{{"texts": ["{q}"]}}'
-  curl -s {base}/search/image -H 'content-type: application/json' \\
-       -d "{{\\"image\\": \\"$(head -1 {data / 'valid.tsv'} | cut -f2)\\", \\"k\\": 3}}"
-  curl -s {base}/classify -H 'content-type: application/json' \\
-       -d "{{\\"image\\": \\"$(head -1 {data / 'valid.tsv'} | cut -f2)\\", \\
-\\"labels\\": [\\"circle\\", \\"square\\", \\"triangle\\", \\"star\\"]}}"
+  curl -s {base}/embed -F texts='{q}' -F {images}
+  curl -s {base}/search/image -F {image} -F k=3
+  curl -s {base}/classify -F {image} -F labels=circle -F labels=square -F labels=triangle -F labels=star
   curl -s {base}/readyz
 """)
     info = {"recall": res, "build": summary.render(), "model": spec, "index": str(index), "seconds": elapsed}

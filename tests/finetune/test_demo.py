@@ -1,7 +1,9 @@
-"""The README's first command, shortened: every stage of the demo runs and reports."""
+"""The README's first command, shortened: every stage of the demo runs and reports, and the
+curl lines it prints work against the service it built."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -17,3 +19,18 @@ def test_demo_runs_end_to_end(tmp_path) -> None:
         assert stage in r.stdout, stage
     assert (tmp_path / "train-output" / "best" / "open_clip_config.json").is_file()
     assert (tmp_path / "index" / "CURRENT").is_file()
+
+    from service.http.app import create_app
+    from service.settings import Settings
+    from tests.conftest import live_server
+
+    lines = [line.strip() for line in r.stdout.splitlines() if line.strip().startswith("curl -s")]
+    assert len(lines) == 5 and sum("=@" in line for line in lines) == 3
+    settings = Settings(model=f"local-dir:{tmp_path / 'train-output' / 'best'}", index_dir=tmp_path / "index",
+                        device="cpu", warmup=False)
+    with live_server(create_app(settings)) as port:
+        for line in lines:
+            line = re.sub(r"http://[\w.]+:\d+", f"http://127.0.0.1:{port}", line)
+            done = subprocess.run(["bash", "-c", f"{line} -o /dev/null -w '%{{http_code}}'"], capture_output=True,
+                                  text=True, timeout=60)
+            assert done.stdout == "200", (line, done.stdout, done.stderr)
