@@ -84,6 +84,7 @@ class BuildOptions:
     exif_orientation: bool = False  # turn images upright by their EXIF orientation, as CLIPSEARCH_EXIF_ORIENTATION
     progress: bool = True
     hash_inputs: bool = True
+    thumbnails: bool = True  # a small WebP per image item, for the search page
 
 
 @dataclass
@@ -128,6 +129,7 @@ def job_key(opts: BuildOptions, inputs: list[dict[str, Any]], fingerprint: str) 
         "shard_size": opts.shard_size, "shards": "spans", "limits": [opts.max_image_bytes, opts.max_image_pixels],
         **({"image_decode": opts.image_decode} if opts.image_decode != "exact" else {}),  # old keys stay valid
         **({"exif_orientation": True} if opts.exif_orientation else {}),
+        **({"thumbnails": True} if opts.thumbnails else {}),
     }
     return hashlib.sha256(orjson.dumps(desc, option=orjson.OPT_SORT_KEYS)).hexdigest()[:16]
 
@@ -166,7 +168,8 @@ def run_build(opts: BuildOptions, model: ClipModel | None = None) -> BuildSummar
 
     encoder = Encoder(model, workers=opts.workers if opts.processes == 1 else 0, batch_size=opts.batch_size,
                       max_image_bytes=opts.max_image_bytes, max_image_pixels=opts.max_image_pixels,
-                      image_decode=opts.image_decode, exif_orientation=opts.exif_orientation)
+                      image_decode=opts.image_decode, exif_orientation=opts.exif_orientation,
+                      thumbnails=opts.thumbnails)
     bar = tqdm(total=sum(s.count for s in spans), initial=sum(spans[i].count for i in shards), unit="line",
                desc="encoding", disable=not opts.progress, dynamic_ncols=True, smoothing=0.1)
     encoded_now = 0
@@ -258,6 +261,7 @@ def run_build(opts: BuildOptions, model: ClipModel | None = None) -> BuildSummar
             },
             version=name,
             build=build_info,
+            thumbnails=[t for shard in ordered for t in shard.thumbnails] if opts.thumbnails and image_items else None,
         )
         version_dir = publish_version(opts.output, staged, name, keep=opts.keep)
     except BaseException:
@@ -346,7 +350,7 @@ def _encode_span(index: int, span: Span) -> None:
                              f"the job has {fingerprint}")
         encoder = Encoder(model, workers=0, batch_size=opts.batch_size, max_image_bytes=opts.max_image_bytes,
                           max_image_pixels=opts.max_image_pixels, image_decode=opts.image_decode,
-                          exif_orientation=opts.exif_orientation)
+                          exif_orientation=opts.exif_orientation, thumbnails=opts.thumbnails)
         _SPAN_WORKER = (opts, work_dir, fingerprint, encoder)
     shard = encoder.encode(read_span(opts.inputs, span, opts.fmt, opts.schema))
     write_shard(shard_path(work_dir, index), shard)

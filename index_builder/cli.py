@@ -65,6 +65,8 @@ def build(
     exif_orientation: Annotated[bool, typer.Option(
         help="turn images upright by their EXIF orientation first, as the service's --exif-orientation (recorded "
         "in the manifest)")] = False,
+    thumbnails: Annotated[bool, typer.Option(
+        help="store a small WebP of every image (longest side 256 px) for the search page")] = True,
     progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
     quiet: Annotated[bool, typer.Option(help="only warnings and the summary")] = False,
 ) -> None:
@@ -90,7 +92,7 @@ def build(
             shard_size=shard_size, max_errors=max_errors, max_error_fraction=max_error_fraction, keep=keep,
             recall_target=recall_target,
             memory_budget=parse_bytes(memory_budget), flat_max=flat_max, progress=progress and not quiet,
-            image_decode=image_decode, exif_orientation=exif_orientation,
+            image_decode=image_decode, exif_orientation=exif_orientation, thumbnails=thumbnails,
         )
         summary = run_build(opts)
     except (BuildError, InputError, ClipsearchError, ValueError) as exc:

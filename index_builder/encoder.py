@@ -25,16 +25,17 @@ import torch
 
 from clipsearch.core.decoder import ImageDecoder, Jpeg
 from clipsearch.core.errors import ClipsearchError, InvalidImage
-from clipsearch.core.images import decode_base64
+from clipsearch.core.images import decode_base64, make_thumbnail
 from clipsearch.core.model import ClipModel
 from index_builder.readers import Record
 
 _DECODER: ImageDecoder | None = None
 _MAX_BYTES = 0
 _DEFER_JPEGS = False
+_THUMBNAILS = True
 _CPU = torch.device("cpu")
 
-Decoded = tuple[np.ndarray | Jpeg | None, str | None]
+Decoded = tuple[np.ndarray | Jpeg | None, str | None, bytes]  # pixels, why not, thumbnail (b"" if none)
 
 
 def exit_with_parent() -> None:
@@ -51,15 +52,15 @@ def exit_with_parent() -> None:
     threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
-def _init_worker_process(decoder: ImageDecoder, max_bytes: int, defer_jpegs: bool) -> None:
+def _init_worker_process(decoder: ImageDecoder, max_bytes: int, defer_jpegs: bool, thumbnails: bool) -> None:
     exit_with_parent()
-    _init_worker(decoder, max_bytes, defer_jpegs)
+    _init_worker(decoder, max_bytes, defer_jpegs, thumbnails)
 
 
-def _init_worker(decoder: ImageDecoder, max_bytes: int, defer_jpegs: bool) -> None:
-    global _DECODER, _MAX_BYTES, _DEFER_JPEGS
+def _init_worker(decoder: ImageDecoder, max_bytes: int, defer_jpegs: bool, thumbnails: bool) -> None:
+    global _DECODER, _MAX_BYTES, _DEFER_JPEGS, _THUMBNAILS
     torch.set_num_threads(1)
-    _DECODER, _MAX_BYTES, _DEFER_JPEGS = decoder, max_bytes, defer_jpegs
+    _DECODER, _MAX_BYTES, _DEFER_JPEGS, _THUMBNAILS = decoder, max_bytes, defer_jpegs, thumbnails
 
 
 def _reason(exc: ClipsearchError) -> str:
@@ -67,32 +68,34 @@ def _reason(exc: ClipsearchError) -> str:
 
 
 def _decode_one(image_b64: str | None, image_path: str | None) -> Decoded:
-    """One image -> (C,H,W) float32 array (or a checked `Jpeg` left for the device), or
-    (None, reason). Runs in a worker."""
+    """One image -> (C,H,W) float32 array (or a checked `Jpeg` left for the device) and its
+    thumbnail, or (None, reason, b""). Runs in a worker."""
     max_bytes, decoder = _MAX_BYTES, _DECODER
     if decoder is None:
-        return None, "decoder not initialised"
+        return None, "decoder not initialised", b""
     try:
         if image_path is not None:
             try:
                 with open(image_path, "rb") as f:
                     data = f.read(max_bytes + 1)
             except OSError as exc:
-                return None, f"cannot read image file ({exc.strerror or exc})"
+                return None, f"cannot read image file ({exc.strerror or exc})", b""
             if len(data) > max_bytes:
-                return None, f"image file is larger than {max_bytes} bytes"
+                return None, f"image file is larger than {max_bytes} bytes", b""
         elif image_b64 is not None:
             data = decode_base64(image_b64, field="image", max_bytes=max_bytes)
         else:
-            return None, "no image"
+            return None, "no image", b""
         if _DEFER_JPEGS:
             item = decoder.split([data], ["image"])[0]
-            return (item if isinstance(item, Jpeg) else item.numpy()), None
-        return decoder.pixels([data], ["image"], _CPU)[0].numpy(), None
+            pixels = item if isinstance(item, Jpeg) else item.numpy()
+        else:
+            pixels = decoder.pixels([data], ["image"], _CPU)[0].numpy()
+        return pixels, None, make_thumbnail(data, max_pixels=decoder.max_pixels) if _THUMBNAILS else b""
     except ClipsearchError as exc:
-        return None, _reason(exc)
+        return None, _reason(exc), b""
     except Exception as exc:  # a decoder or transform failure on one file must not stop the job
-        return None, f"cannot preprocess image ({type(exc).__name__}: {exc})"
+        return None, f"cannot preprocess image ({type(exc).__name__}: {exc})", b""
 
 
 def _decode_many(jobs: Sequence[tuple[str | None, str | None]]) -> list[Decoded]:
@@ -114,6 +117,7 @@ class ShardResult:
     text_items: list[dict[str, Any]]
     errors: list[ItemError] = field(default_factory=list)
     records: int = 0
+    thumbnails: list[bytes] = field(default_factory=list)  # one per image item (b"": none), or empty: off
 
 
 class PendingChunk:
@@ -129,7 +133,7 @@ class PendingChunk:
 class Encoder:
     def __init__(self, model: ClipModel, *, workers: int = 0, batch_size: int = 256,
                  max_image_bytes: int = 20 * 1024 * 1024, max_image_pixels: int = 100_000_000,
-                 image_decode: str = "exact", exif_orientation: bool = False) -> None:
+                 image_decode: str = "exact", exif_orientation: bool = False, thumbnails: bool = True) -> None:
         """When the decoder takes JPEGs a batch at a time (torch decoding on a GPU), they
         decode in this process, a model batch per decoder call on the model's device, and
         the workers only check them; otherwise each decodes fully in a worker."""
@@ -140,16 +144,17 @@ class Encoder:
                                       exif=exif_orientation, device=model.device)
         self.jpegs_per_batch = decoder.jpegs_per_batch
         self._decoder = decoder
+        self.thumbnails = thumbnails
         self._pool: Executor
         if workers > 0 and not self.jpegs_per_batch:
             # spawn, not fork: forking a process that already runs torch's thread pools can hang.
             ctx = multiprocessing.get_context("spawn")
             self._pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker_process,
-                                             initargs=(decoder, max_image_bytes, self.jpegs_per_batch))
+                                             initargs=(decoder, max_image_bytes, self.jpegs_per_batch, thumbnails))
         else:
             # JPEGs decoded on the device leave only base64 and a header check per image, less
             # than shipping the image to a process and back costs: threads here do it.
-            _init_worker(decoder, max_image_bytes, self.jpegs_per_batch)
+            _init_worker(decoder, max_image_bytes, self.jpegs_per_batch, thumbnails)
             self._pool = ThreadPoolExecutor(2)
 
     def close(self) -> None:
@@ -196,18 +201,19 @@ class Encoder:
 
         image_vectors: list[np.ndarray] = []
         image_items: list[dict[str, Any]] = []
-        batch: list[tuple[Record, np.ndarray | Jpeg]] = []
+        thumbnails: list[bytes] = []
+        batch: list[tuple[Record, np.ndarray | Jpeg, bytes]] = []
         decoded = (res for fut in pending.futures for res in fut.result())
-        for rec, (pixels, reason) in zip(pending.image_records, decoded, strict=True):
+        for rec, (pixels, reason, thumb) in zip(pending.image_records, decoded, strict=True):
             if pixels is None:
                 errors.append(ItemError(rec.source, "image", reason or "bad image"))
                 continue
-            batch.append((rec, pixels))
+            batch.append((rec, pixels, thumb))
             if len(batch) == self.batch_size:
-                self._encode_images(batch, image_vectors, image_items, errors)
+                self._encode_images(batch, image_vectors, image_items, thumbnails, errors)
                 batch = []
         if batch:
-            self._encode_images(batch, image_vectors, image_items, errors)
+            self._encode_images(batch, image_vectors, image_items, thumbnails, errors)
         dim = self.model.dim
         return ShardResult(
             image_vectors=np.concatenate(image_vectors) if image_vectors else np.zeros((0, dim), np.float32),
@@ -216,21 +222,23 @@ class Encoder:
             text_items=text_items,
             errors=errors,
             records=len(pending.records),
+            thumbnails=thumbnails if self.thumbnails else [],
         )
 
-    def _encode_images(self, batch: list[tuple[Record, np.ndarray | Jpeg]], vectors: list[np.ndarray],
-                       items: list[dict[str, Any]], errors: list[ItemError]) -> None:
+    def _encode_images(self, batch: list[tuple[Record, np.ndarray | Jpeg, bytes]], vectors: list[np.ndarray],
+                       items: list[dict[str, Any]], thumbnails: list[bytes], errors: list[ItemError]) -> None:
         """One model call; the batch's JPEGs (if left for the device) decode first, in one call."""
         device = self.model.device
-        pending = [p if isinstance(p, Jpeg) else torch.from_numpy(p) for _, p in batch]
+        pending = [p if isinstance(p, Jpeg) else torch.from_numpy(p) for _, p, _ in batch]
         on = device if any(isinstance(p, Jpeg) for p in pending) else _CPU  # CPU rows only: copied once, pinned
         rows = []
-        for (rec, _), row in zip(batch, self._decoder.resolve(pending, device), strict=True):
+        for (rec, _, thumb), row in zip(batch, self._decoder.resolve(pending, device), strict=True):
             if isinstance(row, InvalidImage):
                 errors.append(ItemError(rec.source, "image", _reason(row)))
                 continue
             rows.append(row.to(on))
             items.append(_item(rec, with_text=rec.text is not None and bool(rec.text.strip())))
+            thumbnails.append(thumb)
         if rows:
             vectors.append(self.model.encode_pixels(torch.stack(rows)))
 
@@ -249,6 +257,7 @@ def _merge(parts: list[ShardResult], dim: int) -> ShardResult:
         text_items=[i for p in parts for i in p.text_items],
         errors=[e for p in parts for e in p.errors],
         records=sum(p.records for p in parts),
+        thumbnails=[t for p in parts for t in p.thumbnails],
     )
 
 

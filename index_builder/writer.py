@@ -59,15 +59,22 @@ def write_shard(path: Path, shard: ShardResult) -> None:
         "image_items": shard.image_items, "text_items": shard.text_items, "records": shard.records,
         "errors": [e.__dict__ for e in shard.errors],
     }
+    sizes = np.fromiter((len(t) for t in shard.thumbnails), np.int64, len(shard.thumbnails))
     np.savez(buf, image=shard.image_vectors, text=shard.text_vectors,
-             meta=np.frombuffer(orjson.dumps(meta), dtype=np.uint8))
+             meta=np.frombuffer(orjson.dumps(meta), dtype=np.uint8),
+             thumbs=np.frombuffer(b"".join(shard.thumbnails), dtype=np.uint8), thumb_sizes=sizes)
     atomic_write_bytes(path, buf.getvalue())
 
 
 def read_shard(path: Path) -> ShardResult:
     with np.load(path) as z:
         meta = orjson.loads(z["meta"].tobytes())
+        thumbnails: list[bytes] = []
+        if "thumbs" in z.files:
+            blob, ends = z["thumbs"].tobytes(), np.cumsum(z["thumb_sizes"]).tolist()
+            thumbnails = [blob[a:b] for a, b in zip([0, *ends[:-1]], ends, strict=True)]
         return ShardResult(
             image_vectors=z["image"], image_items=meta["image_items"], text_vectors=z["text"],
             text_items=meta["text_items"], errors=[ItemError(**e) for e in meta["errors"]], records=meta["records"],
+            thumbnails=thumbnails,
         )

@@ -225,3 +225,25 @@ def decode_image(
     """base64 string -> decoded PIL image (mode as stored; the model's transform converts to RGB)."""
     raw = decode_base64(data, field=field, max_bytes=max_bytes)
     return open_image(raw, field=field, max_pixels=max_pixels, draft=draft)
+
+
+THUMBNAIL_SIZE = 256  # longest side, in pixels
+THUMBNAIL_TYPE = "image/webp"
+
+
+def make_thumbnail(data: bytes, *, max_pixels: int, size: int = THUMBNAIL_SIZE) -> bytes:
+    """A small WebP of an image for display: upright by its EXIF orientation, longest side at
+    most `size`, RGB. Empty bytes when the image cannot be read (its vector may still exist)."""
+    from PIL import ImageOps
+
+    try:
+        image = _probe(data, "image", max_pixels)
+        if image.format == "JPEG":
+            image.draft("RGB", (size, size))  # decode at a reduced scale: most of the cost saved
+        image = ImageOps.exif_transpose(image).convert("RGB")
+        image.thumbnail((size, size), Image.Resampling.LANCZOS)
+        out = io.BytesIO()
+        image.save(out, format="WEBP", quality=78, method=4)
+        return out.getvalue()
+    except Exception:  # a thumbnail is a nicety: never the reason an item is skipped
+        return b""

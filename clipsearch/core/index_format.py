@@ -12,6 +12,7 @@ versioned root::
           image.items.jsonl        # line i describes FAISS id i: {"id", "metadata"}
           text.faiss               # text vectors (image -> text search)
           text.items.jsonl         # {"id", "text", "metadata"}
+          image.thumbs             # optional: a small WebP per image item (see `Thumbnails`)
 
 A version is written under a temporary name in ``versions/`` and renamed into place
 only when complete; ``CURRENT`` is then replaced atomically (temp file + rename), so a
@@ -23,6 +24,7 @@ Vectors are float32, L2-normalized, searched by inner product (= cosine).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import secrets
@@ -65,6 +67,8 @@ class IndexEntry(BaseModel):
     items: str = Field(pattern=_FILE_NAME)
     search_params: dict[str, int] = Field(default_factory=dict)  # nprobe / efSearch defaults
     recall_at_10: float | None = None
+    thumbnails: str | None = Field(None, pattern=_FILE_NAME)  # image indexes: the thumbnail file, if built
+    thumbnail_count: int = Field(0, ge=0)  # items that have one (an unreadable image's is left empty)
 
 
 class Manifest(BaseModel):
@@ -221,6 +225,51 @@ def build_faiss_index(vectors: np.ndarray, factory: str = "Flat") -> Any:
     return index
 
 
+class Thumbnails:
+    """One version's thumbnails, in one file: `count + 1` little-endian int64 offsets into the
+    data that follows them, then the data (thumbnail i is bytes offsets[i]:offsets[i+1]; an
+    empty one means none). Read with one `pread` per thumbnail; thread-safe."""
+
+    MEDIA_TYPE = "image/webp"
+
+    def __init__(self, path: Path, count: int) -> None:
+        self._fd = os.open(path, os.O_RDONLY)
+        header = os.pread(self._fd, 8 * (count + 1), 0)
+        if len(header) != 8 * (count + 1):
+            os.close(self._fd)
+            raise IndexLoadError(f"{path}: truncated thumbnail file")
+        self._offsets = np.frombuffer(header, dtype="<i8")
+        self._base = 8 * (count + 1)
+
+    def __len__(self) -> int:
+        return len(self._offsets) - 1
+
+    def size(self, row: int) -> int:
+        return int(self._offsets[row + 1] - self._offsets[row]) if 0 <= row < len(self) else 0
+
+    def get(self, row: int) -> bytes:
+        start, end = int(self._offsets[row]), int(self._offsets[row + 1])
+        return os.pread(self._fd, end - start, self._base + start) if end > start else b""
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+    def __del__(self) -> None:
+        with contextlib.suppress(OSError, AttributeError):
+            os.close(self._fd)
+
+    @staticmethod
+    def write(path: Path, thumbnails: Sequence[bytes]) -> int:
+        """Write the file; returns how many thumbnails are not empty."""
+        sizes = np.fromiter((len(t) for t in thumbnails), np.int64, len(thumbnails))
+        offsets = np.concatenate([[0], np.cumsum(sizes)]).astype("<i8")
+        with open(path, "wb") as f:
+            f.write(offsets.tobytes())
+            for t in thumbnails:
+                f.write(t)
+        return int((sizes > 0).sum())
+
+
 def write_version(
     out_dir: Path,
     *,
@@ -229,12 +278,13 @@ def write_version(
     indexes: Mapping[Modality, tuple[Any, Sequence[Mapping[str, Any]], dict[str, Any]]],
     version: str,
     build: dict[str, Any] | None = None,
+    thumbnails: Sequence[bytes] | None = None,
 ) -> Manifest:
     """Write FAISS indexes, their items and the manifest into `out_dir` (not yet published).
 
     `indexes` maps a modality to (faiss index, items, entry fields) where entry fields
     hold at least `index_type` and `factory`, optionally `search_params` and
-    `recall_at_10`.
+    `recall_at_10`. `thumbnails`, if given, has one per image item.
     """
     faiss = faiss_module()
     entries: dict[Modality, IndexEntry] = {}
@@ -245,6 +295,11 @@ def write_version(
             raise ValueError(f"{modality} index has {index.ntotal} vectors but {len(items)} items")
         faiss.write_index(index, str(out_dir / f"{modality}.faiss"))
         write_items(out_dir / f"{modality}.items.jsonl", items)
+        if modality == "image" and thumbnails is not None:
+            if len(thumbnails) != len(items):
+                raise ValueError(f"{len(thumbnails)} thumbnails for {len(items)} image items")
+            fields = {**fields, "thumbnails": "image.thumbs",
+                      "thumbnail_count": Thumbnails.write(out_dir / "image.thumbs", thumbnails)}
         entries[modality] = IndexEntry(
             count=int(index.ntotal), file=f"{modality}.faiss", items=f"{modality}.items.jsonl", **fields
         )
