@@ -8,6 +8,7 @@ here, before anything is queued, and raise typed errors that name the offending 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 from collections import deque
@@ -295,6 +296,13 @@ class Engine:
                                       timeout=self.settings.request_timeout_s, disconnected=disconnected)
         return _hits(index, rows, k)
 
+    async def search_similar(self, index: LoadedIndex, row: int, k: int, params: SearchParams) -> list[Hit]:
+        """Top-k hits for a stored item's own vector ("more like this"), the item itself left
+        out; searched with concurrent queries, no model call."""
+        job = SearchJob(index, min(k + 1, index.count), params)
+        rows = await asyncio.wrap_future(self._searches.submit([(job, index.vector(row))])[0])
+        return _drop(_hits(index, rows, k + 1), row, k)
+
     async def search_image(
         self, index: LoadedIndex, image: str | bytes, k: int, params: SearchParams,
         *, field: str = "image", disconnected: Disconnected | None = None,
@@ -314,6 +322,10 @@ def _image_bytes(data: str | bytes, name: str, limit: int) -> bytes:
     if len(data) > limit:
         raise PayloadTooLarge(f"{name}: image is larger than the limit of {limit} bytes", field=name)
     return data
+
+
+def _drop(hits: list[Hit], row: int, k: int) -> list[Hit]:
+    return [h for h in hits if h.row != row][:k]
 
 
 def _take(vectors: torch.Tensor, rows: list[int], total: int) -> torch.Tensor:

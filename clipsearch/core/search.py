@@ -27,6 +27,7 @@ from clipsearch.core.index_format import (
     IndexEntry,
     Manifest,
     Modality,
+    Thumbnails,
     current_version_dir,
     faiss_module,
     read_items,
@@ -50,6 +51,7 @@ class Hit:
     score: float
     metadata: dict[str, Any]
     text: str | None = None
+    row: int = -1  # its position in the index (thumbnails, "more like this")
 
 
 class SearchBackend(Protocol):
@@ -211,11 +213,45 @@ def choose_backend(requested: str, device: str) -> str:
 class LoadedIndex:
     """One modality's index with its items; thread-safe for concurrent searches."""
 
-    def __init__(self, modality: Modality, entry: IndexEntry, backend: SearchBackend, items: list[dict[str, Any]]):
+    def __init__(self, modality: Modality, entry: IndexEntry, backend: SearchBackend, items: list[dict[str, Any]],
+                 *, source: Any = None, thumbnails: Thumbnails | None = None):
         self.modality = modality
         self.entry = entry
         self.backend = backend
         self.items = items
+        self.thumbnails = thumbnails
+        self._source = source  # the FAISS index as read (on the CPU): stored vectors come from it
+        self._rows: dict[str, int] | None = None
+        self._lock = threading.Lock()
+
+    def row_of(self, item_id: str) -> int | None:
+        """The row of the item with this id (the first, if ids repeat), or None."""
+        if self._rows is None:
+            rows: dict[str, int] = {}
+            for row, item in enumerate(self.items):
+                rows.setdefault(str(item["id"]), row)
+            self._rows = rows
+        return self._rows.get(item_id)
+
+    def vector(self, row: int) -> np.ndarray:
+        """The stored vector of a row, float32 (1, dim) (decoded from its codes, for PQ)."""
+        if isinstance(self.backend, TorchExactBackend):
+            return self.backend.vectors[row : row + 1].float().cpu().numpy()
+        faiss = _faiss()
+        with self._lock:
+            ivf = faiss.try_extract_index_ivf(self._source)
+            if ivf is not None and ivf.direct_map.type == faiss.DirectMap.NoMap:
+                ivf.make_direct_map()
+            return np.asarray(self._source.reconstruct(int(row)), np.float32).reshape(1, -1)
+
+    def has_thumbnail(self, row: int) -> bool:
+        return self.thumbnails is not None and self.thumbnails.size(row) > 0
+
+    def thumbnail(self, row: int) -> bytes:
+        """The row's thumbnail, or b"" (none built, or its image could not be read)."""
+        if self.thumbnails is None or not 0 <= row < len(self.thumbnails):
+            return b""
+        return self.thumbnails.get(row)
 
     @property
     def count(self) -> int:
@@ -250,7 +286,7 @@ class LoadedIndex:
                     continue
                 item = self.items[int(idx)]
                 hits.append(Hit(id=str(item["id"]), score=float(score), metadata=item.get("metadata") or {},
-                                text=item.get("text")))
+                                text=item.get("text"), row=int(idx)))
             out.append(hits)
         return out
 
@@ -314,7 +350,13 @@ def load_index_set(
         if listed != index.ntotal:  # FAISS files a NaN vector under no list: it could never be found
             raise IndexLoadError(f"{version_dir / entry.file}: {index.ntotal - listed} of {index.ntotal} vectors "
                                  "are in no inverted list (NaN or infinite vectors); rebuild the index")
-        indexes[modality] = LoadedIndex(modality, entry, impl, items)
+        thumbnails = None
+        if entry.thumbnails is not None:
+            try:
+                thumbnails = Thumbnails(version_dir / entry.thumbnails, entry.count)
+            except OSError as exc:
+                raise IndexLoadError(f"{version_dir / entry.thumbnails}: {exc.strerror}") from None
+        indexes[modality] = LoadedIndex(modality, entry, impl, items, source=index, thumbnails=thumbnails)
         log.info("loaded %s index %s: %d vectors via %s", modality, manifest.version, entry.count, impl.name)
     return IndexSet(manifest, version_dir, indexes)
 

@@ -13,11 +13,11 @@ from fastapi import APIRouter
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import RedirectResponse, Response
 
 from clipsearch.core import zeroshot
-from clipsearch.core.errors import OutOfRange
-from clipsearch.core.search import Hit, IndexSet, SearchParams
+from clipsearch.core.errors import NotFound, OutOfRange
+from clipsearch.core.search import Hit, IndexSet, LoadedIndex, SearchParams
 from service.http.bodies import body_schema, read_body
 from service.http.deps import AdminAuth, State, client_gone, service_state
 from service.http.schemas import (
@@ -30,6 +30,7 @@ from service.http.schemas import (
     SearchResponse,
     SimilarityRequest,
     SimilarityResponse,
+    SimilarSearchRequest,
     TextSearchRequest,
 )
 from service.state import ServiceState
@@ -80,8 +81,14 @@ async def embed(request: Request) -> Response:
     return json_response({"model": state.model.info.spec, "dim": engine.dim, "texts": texts, "images": images})
 
 
-def _hits(hits: list[Hit]) -> list[dict[str, Any]]:
-    return [{"id": h.id, "score": h.score, "metadata": h.metadata, "text": h.text} for h in hits]
+def _hits(hits: list[Hit], current: IndexSet, index: LoadedIndex) -> list[dict[str, Any]]:
+    return [{"id": h.id, "score": h.score, "metadata": h.metadata, "text": h.text,
+             "thumbnail": thumbnail_url(current.version, h.row) if index.has_thumbnail(h.row) else None}
+            for h in hits]
+
+
+def thumbnail_url(version: str, row: int) -> str:
+    return f"/thumbnails/{version}/{row}"
 
 
 def _check_k(k: int, state: ServiceState) -> None:
@@ -89,12 +96,12 @@ def _check_k(k: int, state: ServiceState) -> None:
         raise OutOfRange(f"k: {k} is above the limit of {state.settings.max_k}", field="k")
 
 
-def _params(body: TextSearchRequest | ImageSearchRequest) -> SearchParams:
+def _params(body: TextSearchRequest | ImageSearchRequest | SimilarSearchRequest) -> SearchParams:
     return SearchParams(nprobe=body.nprobe, ef_search=body.ef_search)
 
 
-def _search_response(hits: list[Hit], current: IndexSet) -> Response:
-    return json_response({"results": _hits(hits), "index_version": current.version})
+def _search_response(hits: list[Hit], current: IndexSet, index: LoadedIndex) -> Response:
+    return json_response({"results": _hits(hits, current, index), "index_version": current.version})
 
 
 # The index is taken before encoding: a missing one answers 503 at once, and a hot reload
@@ -102,26 +109,45 @@ def _search_response(hits: list[Hit], current: IndexSet) -> Response:
 @router.post("/search/text", response_model=SearchResponse, responses=_ERRORS,
              openapi_extra=body_schema(TextSearchRequest))
 async def search_text(request: Request) -> Response:
-    """Text -> images: the query text's vector searched in the image index."""
+    """Text -> images: the query text's vector searched in the image index (or, with
+    `target: text`, in the text index)."""
     state = service_state(request)
     body = await read_body(request, TextSearchRequest, state.settings)
     _check_k(body.k, state)
-    current, index = state.index_for("image")
+    current, index = state.index_for(body.target)
     hits = await state.engine.search_text(index, body.text, body.k, _params(body), disconnected=client_gone(request))
-    return _search_response(hits, current)
+    return _search_response(hits, current, index)
 
 
 @router.post("/search/image", response_model=SearchResponse, responses=_ERRORS,
              openapi_extra=body_schema(ImageSearchRequest, form=True))
 async def search_image(request: Request) -> Response:
-    """Image -> texts: the query image's vector searched in the text index."""
+    """Image -> texts: the query image's vector searched in the text index (or, with
+    `target: image`, in the image index)."""
     state = service_state(request)
     body = await read_body(request, ImageSearchRequest, state.settings)
     _check_k(body.k, state)
-    current, index = state.index_for("text")
+    current, index = state.index_for(body.target)
     hits = await state.engine.search_image(index, body.image, body.k, _params(body),
                                            disconnected=client_gone(request))
-    return _search_response(hits, current)
+    return _search_response(hits, current, index)
+
+
+@router.post("/search/similar", response_model=SearchResponse, responses={**_ERRORS, 404: {"model": ErrorResponse}},
+             openapi_extra=body_schema(SimilarSearchRequest))
+async def search_similar(request: Request) -> Response:
+    """More like this: a stored item's own vector searched in its index (no model call); the
+    item itself is left out."""
+    state = service_state(request)
+    body = await read_body(request, SimilarSearchRequest, state.settings)
+    _check_k(body.k, state)
+    current, index = state.index_for(body.modality)
+    row = index.row_of(body.id)
+    if row is None:
+        raise NotFound(f"id: no item {body.id!r} in the {body.modality} index (version {current.version})",
+                       field="id")
+    hits = await state.engine.search_similar(index, row, body.k, _params(body))
+    return _search_response(hits, current, index)
 
 
 @router.post("/classify", response_model=ClassifyResponse, responses=_ERRORS,
@@ -202,9 +228,12 @@ async def metrics(state: State) -> Response:
 
 
 @router.get("/")
-async def info(state: State) -> Response:
+async def info(state: State, request: Request) -> Response:
     """What is served: model, dimension, device, index version and sizes, and how this
-    worker runs it (CUDA graphs fall back to eager with only a log line: this says which)."""
+    worker runs it (CUDA graphs fall back to eager with only a log line: this says which).
+    A browser (which asks for HTML first) is sent to the search page instead."""
+    if request.headers.get("accept", "").startswith("text/html"):
+        return RedirectResponse("/ui", status_code=307)
     current = state.indexes.current
     settings = state.settings
     if not settings.expose_internals:  # what a client needs, without paths, pids or the runtime

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainValidator, WithJsonSchema
 
@@ -52,11 +52,18 @@ class _SearchRequest(_Request):
 
 
 class TextSearchRequest(_SearchRequest):
-    text: str = Field(min_length=1, description="query text, searched in the image index")
+    text: str = Field(min_length=1, description="query text")
+    target: Literal["image", "text"] = Field("image", description="the index searched: images, or texts")
 
 
 class ImageSearchRequest(_SearchRequest):
-    image: Image = Field(description="query image, searched in the text index")
+    image: Image = Field(description="query image")
+    target: Literal["text", "image"] = Field("text", description="the index searched: texts, or images")
+
+
+class SimilarSearchRequest(_SearchRequest):
+    id: str = Field(min_length=1, description="a stored item's id: its own vector is the query")
+    modality: Literal["image", "text"] = Field("image", description="the index that holds the item, and is searched")
 
 
 class SearchHit(BaseModel):
@@ -64,6 +71,7 @@ class SearchHit(BaseModel):
     score: float
     metadata: dict[str, Any] = Field(default_factory=dict)
     text: str | None = None
+    thumbnail: str | None = Field(None, description="URL of the item's thumbnail (image index, when built)")
 
 
 class SearchResponse(BaseModel):
