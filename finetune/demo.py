@@ -74,6 +74,8 @@ def run_demo(*, workdir: Path, port: int, host: str, n_train: int, epochs: int, 
     photo = _write_query_image(data / "valid.tsv", data)
     image, images = (shlex.quote(f"{name}=@{photo}") for name in ("image", "images"))
     say(f"""
+  Open {base}/ui in a browser to search by text or by image, or:
+
   curl -s {base}/search/text -H 'content-type: application/json' -d '{{"text": "{q}", "k": 3}}'
   curl -s {base}/embed -F texts='{q}' -F {images}
   curl -s {base}/search/image -F {image} -F k=3
@@ -90,6 +92,6 @@ def run_demo(*, workdir: Path, port: int, host: str, n_train: int, epochs: int, 
 
         settings = Settings(model=spec, index_dir=index, host=host, port=port, log_level="warning")
         state = ServiceState.build(settings, model=model)
-        say(f"serving on {base} (Ctrl-C to stop)")
+        say(f"serving on {base}: the search page is {base}/ui (Ctrl-C to stop)")
         uvicorn.run(create_app(settings, state=state), host=host, port=port, log_level="warning")
     return info

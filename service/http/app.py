@@ -11,6 +11,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
+from fastapi_offline import FastAPIOffline
 
 from clipsearch.core.model import ClipModel
 from service.http import protocol
@@ -20,6 +21,7 @@ from service.http.middleware import BodyLimitMiddleware, MetricsMiddleware
 from service.http.openai import router as openai_router
 from service.http.routes import router
 from service.http.schemas import apply_limits
+from service.http.ui import router as ui_router
 from service.metrics import Metrics
 from service.settings import Settings
 from service.state import ServiceState
@@ -74,7 +76,7 @@ def create_app(settings: Settings, *, state: ServiceState | None = None, model: 
             await svc.engine.stop()
             svc.metrics.process_exit()
 
-    app = FastAPI(
+    app = FastAPIOffline(  # /docs and /redoc from assets in a package: they work with no network
         title="clipsearch",
         summary="CLIP embeddings and text<->image search",
         version="0.1.0",
@@ -83,6 +85,7 @@ def create_app(settings: Settings, *, state: ServiceState | None = None, model: 
     install_error_handlers(app)
     app.include_router(router)
     app.include_router(openai_router)
+    app.include_router(ui_router)
     generate = app.openapi
 
     def openapi() -> dict[str, Any]:  # the generated document, with this deployment's limits in it

@@ -1,5 +1,6 @@
 """API keys: with `CLIPSEARCH_API_KEYS` or `CLIPSEARCH_API_KEYS_FILE` set, every request but the
-health probes needs `Authorization: Bearer <key>` (what the OpenAI SDK sends for `api_key`).
+health probes and the search page's static files needs `Authorization: Bearer <key>` (what the
+OpenAI SDK sends for `api_key`).
 
 A pure ASGI middleware in front of the routes, so that a new route is covered without saying
 so, and an unauthenticated body is refused before it is read. /admin routes check their own
@@ -24,6 +25,7 @@ from service.settings import Settings, read_key_file
 log = logging.getLogger(__name__)
 
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz"})  # probes: a kubelet sends no key
+PAGE_PREFIX = "/ui"  # the search page's static files (no data: the page asks for a key, then sends it)
 ADMIN_PREFIX = "/admin/"  # their own token (CLIPSEARCH_ADMIN_TOKEN)
 
 
@@ -95,7 +97,8 @@ class ApiKeyMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "")
-        if scope["type"] != "http" or path in PUBLIC_PATHS or path.startswith(ADMIN_PREFIX):
+        if scope["type"] != "http" or path in PUBLIC_PATHS or path.startswith(ADMIN_PREFIX) or \
+                path == PAGE_PREFIX or path.startswith(PAGE_PREFIX + "/"):
             await self.app(scope, receive, send)
             return
         header = next((v for k, v in scope.get("headers", ()) if k == b"authorization"), b"")

@@ -12,7 +12,7 @@ import time
 import openai
 import pydantic
 import pytest
-from starlette.routing import Route
+from starlette.routing import Mount, Route
 
 from service.http.app import create_app
 from service.settings import Settings
@@ -20,7 +20,7 @@ from service.state import ServiceState
 from tests.conftest import live_server
 
 KEYS = "key-one-8f2c, key-two-77ad"
-PUBLIC = {"/healthz", "/readyz"}
+PUBLIC = {"/healthz", "/readyz", "/ui", "/ui/{name}"}  # probes, and the page's static files
 
 
 def _routes(routes, prefix: str = "") -> list[tuple[str, str]]:
@@ -29,6 +29,9 @@ def _routes(routes, prefix: str = "") -> list[tuple[str, str]]:
     for route in routes:
         if hasattr(route, "original_router"):
             out += _routes(route.original_router.routes, prefix + route.include_context.prefix)
+            continue
+        if isinstance(route, Mount):  # static files: one of them stands for all
+            out.append(("GET", prefix + route.path + "/swagger-ui.css"))
             continue
         assert isinstance(route, Route), f"{route!r}: a kind of route this test does not walk"
         out += [(method, prefix + route.path) for method in sorted(route.methods or ()) if method != "HEAD"]
@@ -39,11 +42,12 @@ async def test_every_route_but_health_needs_a_key(make_client, tiny_model, caplo
     caplog.set_level(logging.DEBUG)
     async with make_client(tiny_model, api_keys=KEYS, admin_token="admin-secret-1") as client:
         routes = _routes(client.app.routes)
-        assert {"/embed", "/search/text", "/v1/embeddings", "/metrics", "/docs", "/openapi.json", "/"} <= \
-            {path for _, path in routes}
+        assert {"/embed", "/search/text", "/v1/embeddings", "/metrics", "/docs", "/openapi.json", "/",
+                "/thumbnails/{version}/{row}", "/static-offline-docs/swagger-ui.css"} <= {path for _, path in routes}
         for method, path in routes:
             for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": "key-one-8f2c"}):
-                r = await client.request(method, path, headers=headers, json={})
+                r = await client.request(method, path.replace("{version}", "v1").replace("{row}", "0")
+                                         .replace("{name}", "app.js"), headers=headers, json={})
                 if path in PUBLIC:
                     assert r.status_code in (200, 503), (method, path, r.status_code)
                     continue
