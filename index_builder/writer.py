@@ -70,7 +70,7 @@ def read_shard(path: Path) -> ShardResult:
     with np.load(path) as z:
         meta = orjson.loads(z["meta"].tobytes())
         thumbnails: list[bytes] = []
-        if "thumbs" in z.files:
+        if "thumbs" in z.files and len(z["thumb_sizes"]):
             blob, ends = z["thumbs"].tobytes(), np.cumsum(z["thumb_sizes"]).tolist()
             thumbnails = [blob[a:b] for a, b in zip([0, *ends[:-1]], ends, strict=True)]
         return ShardResult(

@@ -181,6 +181,8 @@ def test_interrupted_build_resumes_to_the_same_index(tmp_path, tiny_model, monke
         b, bi = load_vectors(resumed.version_dir, modality)
         assert ai == bi
         np.testing.assert_array_equal(a, b)
+    thumbs = (clean.version_dir / "image.thumbs").read_bytes()  # thumbnails come back from the shards too
+    assert thumbs == (resumed.version_dir / "image.thumbs").read_bytes() and len(thumbs) > 50 * 100
     assert list((o.output / ".work").iterdir()) == []  # the work area is gone after publishing
 
 
