@@ -60,6 +60,8 @@ def main() -> None:
     ap.add_argument("--shard-size", type=int, default=512, help="lines per shard, the unit of work of a process")
     ap.add_argument("--image-decode", default="exact", choices=["exact", "draft", "torch"],
                     help="as `index build --image-decode` (torch on a GPU: a batch of JPEGs per nvJPEG call)")
+    ap.add_argument("--thumbnails", action=argparse.BooleanOptionalAction, default=True,
+                    help="as `index build --thumbnails` (on by default there too)")
     args = ap.parse_args()
 
     import torch
@@ -76,7 +78,7 @@ def main() -> None:
         opts = BuildOptions(inputs=[corpus], output=Path(tmp) / "index", model=args.model, pretrained=args.pretrained,
                             device=args.device, batch_size=args.batch_size, workers=args.workers, progress=False,
                             processes=args.processes, shard_size=args.shard_size,
-                            index_type="flat", image_decode=args.image_decode)
+                            index_type="flat", image_decode=args.image_decode, thumbnails=args.thumbnails)
         t0 = time.perf_counter()
         summary = run_build(opts, model=model)
         wall = time.perf_counter() - t0
@@ -110,7 +112,7 @@ def main() -> None:
     pairs = args.n / wall
     print(f"index builder benchmark: model={args.model} device={args.device} n={args.n} pairs "
           f"image={w}x{h} JPEG decode={args.image_decode} workers={args.workers} "
-          f"processes={args.processes} shard={args.shard_size} batch={args.batch_size} "
+          f"processes={args.processes} shard={args.shard_size} batch={args.batch_size} thumbnails={args.thumbnails} "
           f"cpus={os.cpu_count()}")
     print("| quantity | builder end to end | bare model | ratio |")
     print("|---|---:|---:|---:|")

@@ -84,7 +84,7 @@ class BuildOptions:
     exif_orientation: bool = False  # turn images upright by their EXIF orientation, as CLIPSEARCH_EXIF_ORIENTATION
     progress: bool = True
     hash_inputs: bool = True
-    thumbnails: bool = True  # a small WebP per image item, for the search page
+    thumbnails: bool = True  # a small JPEG per image item, for the search page
 
 
 @dataclass

@@ -66,7 +66,7 @@ def build(
         help="turn images upright by their EXIF orientation first, as the service's --exif-orientation (recorded "
         "in the manifest)")] = False,
     thumbnails: Annotated[bool, typer.Option(
-        help="store a small WebP of every image (longest side 256 px) for the search page")] = True,
+        help="store a small JPEG of every image (longest side 256 px) for the search page")] = True,
     progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
     quiet: Annotated[bool, typer.Option(help="only warnings and the summary")] = False,
 ) -> None:

@@ -25,7 +25,7 @@ import torch
 
 from clipsearch.core.decoder import ImageDecoder, Jpeg
 from clipsearch.core.errors import ClipsearchError, InvalidImage
-from clipsearch.core.images import decode_base64, make_thumbnail
+from clipsearch.core.images import decode_base64
 from clipsearch.core.model import ClipModel
 from index_builder.readers import Record
 
@@ -86,12 +86,14 @@ def _decode_one(image_b64: str | None, image_path: str | None) -> Decoded:
             data = decode_base64(image_b64, field="image", max_bytes=max_bytes)
         else:
             return None, "no image", b""
-        if _DEFER_JPEGS:
-            item = decoder.split([data], ["image"])[0]
-            pixels = item if isinstance(item, Jpeg) else item.numpy()
+        thumbnail = b""
+        if _THUMBNAILS:  # from the same decode where the image decodes here
+            item, thumbnail = decoder.pixels_and_thumbnail(data, "image")
         else:
-            pixels = decoder.pixels([data], ["image"], _CPU)[0].numpy()
-        return pixels, None, make_thumbnail(data, max_pixels=decoder.max_pixels) if _THUMBNAILS else b""
+            item = decoder.split([data], ["image"])[0]
+        if isinstance(item, Jpeg) and not _DEFER_JPEGS:
+            item = ImageDecoder._raise(decoder.resolve([item], _CPU)[0])
+        return (item if isinstance(item, Jpeg) else item.numpy()), None, thumbnail
     except ClipsearchError as exc:
         return None, _reason(exc), b""
     except Exception as exc:  # a decoder or transform failure on one file must not stop the job

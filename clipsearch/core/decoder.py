@@ -31,7 +31,7 @@ except ImportError:  # pragma: no cover - depends on the torchvision release
     HAVE_TORCH_DECODE = False
 
 from clipsearch.core.errors import InvalidImage
-from clipsearch.core.images import base64_looks_like_jpeg, open_image, probe_image
+from clipsearch.core.images import base64_looks_like_jpeg, make_thumbnail, open_image, probe_image, thumbnail_of
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 
@@ -192,12 +192,26 @@ class ImageDecoder:
 
     def _pil(self, raw: bytes, name: str) -> torch.Tensor:
         """open_clip's own transform on a PIL decode (at a reduced scale in draft mode)."""
+        return self._transform(self._open(raw, name), name)
+
+    def _open(self, raw: bytes, name: str) -> Any:
         draft = self.image_size if self.mode == "draft" else None
-        image = open_image(raw, field=name, max_pixels=self.max_pixels, draft=draft, exif=self.exif)
+        return open_image(raw, field=name, max_pixels=self.max_pixels, draft=draft, exif=self.exif)
+
+    def _transform(self, image: Any, name: str) -> torch.Tensor:
         try:
             return self.transform(image)
         except Exception as exc:  # an odd mode or palette PIL decodes but cannot convert
             raise InvalidImage(f"{name}: cannot convert image ({type(exc).__name__})", field=name) from None
+
+    def pixels_and_thumbnail(self, raw: bytes, name: str) -> tuple[torch.Tensor | Jpeg, bytes]:
+        """`split` of one image, and its thumbnail (`images.thumbnail_of`): from the same decode
+        on the PIL path; from a decode of its own, at a reduced scale, for a JPEG left to the
+        torch path."""
+        if self.torch_path is not None and is_jpeg(raw):
+            return self.split([raw], [name])[0], make_thumbnail(raw, max_pixels=self.max_pixels)
+        image = self._open(raw, name)
+        return self._transform(image, name), thumbnail_of(image)
 
     def split(self, raws: list[bytes], names: list[str]) -> list[torch.Tensor | Jpeg]:
         """Per item: the model input on the CPU (PIL path), or a `Jpeg` left for `decode_jpegs`

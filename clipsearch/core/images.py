@@ -228,22 +228,30 @@ def decode_image(
 
 
 THUMBNAIL_SIZE = 256  # longest side, in pixels
-THUMBNAIL_TYPE = "image/webp"
 
 
-def make_thumbnail(data: bytes, *, max_pixels: int, size: int = THUMBNAIL_SIZE) -> bytes:
-    """A small WebP of an image for display: upright by its EXIF orientation, longest side at
-    most `size`, RGB. Empty bytes when the image cannot be read (its vector may still exist)."""
+def thumbnail_of(image: Image.Image, size: int = THUMBNAIL_SIZE) -> bytes:
+    """A small JPEG of a decoded image for display: upright by its EXIF orientation, longest
+    side at most `size`, RGB. `image` is left as it is. Empty bytes if it cannot be made."""
     from PIL import ImageOps
 
     try:
-        image = _probe(data, "image", max_pixels)
-        if image.format == "JPEG":
-            image.draft("RGB", (size, size))  # decode at a reduced scale: most of the cost saved
-        image = ImageOps.exif_transpose(image).convert("RGB")
-        image.thumbnail((size, size), Image.Resampling.LANCZOS)
+        small = ImageOps.exif_transpose(image).convert("RGB")  # a copy: the caller's image stays
+        small.thumbnail((size, size), Image.Resampling.BILINEAR, reducing_gap=2.0)
         out = io.BytesIO()
-        image.save(out, format="WEBP", quality=78, method=4)
+        small.save(out, format="JPEG", quality=82)
         return out.getvalue()
     except Exception:  # a thumbnail is a nicety: never the reason an item is skipped
+        return b""
+
+
+def make_thumbnail(data: bytes, *, max_pixels: int, size: int = THUMBNAIL_SIZE) -> bytes:
+    """`thumbnail_of` image bytes, decoded at a reduced scale where the format allows (JPEG).
+    Empty bytes when the image cannot be read (its vector may still exist)."""
+    try:
+        image = _probe(data, "image", max_pixels)
+        if image.format == "JPEG":
+            image.draft("RGB", (size, size))
+        return thumbnail_of(image, size)
+    except Exception:
         return b""

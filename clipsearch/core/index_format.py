@@ -12,7 +12,7 @@ versioned root::
           image.items.jsonl        # line i describes FAISS id i: {"id", "metadata"}
           text.faiss               # text vectors (image -> text search)
           text.items.jsonl         # {"id", "text", "metadata"}
-          image.thumbs             # optional: a small WebP per image item (see `Thumbnails`)
+          image.thumbs             # optional: a small JPEG per image item (see `Thumbnails`)
 
 A version is written under a temporary name in ``versions/`` and renamed into place
 only when complete; ``CURRENT`` is then replaced atomically (temp file + rename), so a
@@ -230,7 +230,7 @@ class Thumbnails:
     data that follows them, then the data (thumbnail i is bytes offsets[i]:offsets[i+1]; an
     empty one means none). Read with one `pread` per thumbnail; thread-safe."""
 
-    MEDIA_TYPE = "image/webp"
+    MEDIA_TYPE = "image/jpeg"
 
     def __init__(self, path: Path, count: int) -> None:
         self._fd = os.open(path, os.O_RDONLY)
