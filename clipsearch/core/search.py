@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -21,6 +22,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from clipsearch.core.errors import IndexLoadError
+from clipsearch.core.filters import Columns, Filter
 from clipsearch.core.index_format import (
     MODALITIES,
     VERSIONS_DIR,
@@ -45,6 +47,26 @@ class SearchParams:
     ef_search: int | None = None
 
 
+EXACT_SELECTION = 20_000  # a filter selecting at most this many rows is searched exactly over them
+_CACHED_FLOATS = 1 << 22  # the selected rows' vectors are kept with their selection up to this size
+
+
+class Selection:
+    """The rows of one index that a filter selects, as sorted ids and as a FAISS bitmap."""
+
+    def __init__(self, mask: np.ndarray, key: str) -> None:
+        self.key = key
+        self.mask = mask
+        self.rows = np.flatnonzero(mask).astype(np.int64)
+        self.bitmap = np.packbits(mask, bitorder="little")
+        self.vectors: np.ndarray | None = None  # filled by exact searches of small selections
+        self.device_masks: dict[Any, Any] = {}
+
+    @property
+    def count(self) -> int:
+        return len(self.rows)
+
+
 @dataclass(frozen=True)
 class Hit:
     id: str
@@ -52,6 +74,7 @@ class Hit:
     metadata: dict[str, Any]
     text: str | None = None
     row: int = -1  # its position in the index (thumbnails, "more like this")
+    vector: list[float] | None = None  # the stored vector, when asked for
 
 
 class SearchBackend(Protocol):
@@ -94,15 +117,30 @@ class FaissBackend:
         self.index = index
         self.ntotal = int(index.ntotal)
 
-    def search(self, queries: np.ndarray, k: int, params: SearchParams) -> tuple[np.ndarray, np.ndarray]:
+    @property
+    def selects(self) -> bool:
+        """Whether `search` takes a selection (FAISS on the GPU does not, for most indexes)."""
+        return self.name == "faiss-cpu"
+
+    def search(self, queries: np.ndarray, k: int, params: SearchParams,
+               selection: Selection | None = None) -> tuple[np.ndarray, np.ndarray]:
         faiss = self._faiss
+        extra: dict[str, Any] = {}
+        selector = None
+        if selection is not None:
+            selector = faiss.IDSelectorBitmap(len(selection.mask), faiss.swig_ptr(selection.bitmap))
+            extra["sel"] = selector
         sp = None
-        if self._ivf is not None and params.nprobe:
-            sp = faiss.SearchParametersIVF(nprobe=int(params.nprobe))
-        elif self._hnsw and params.ef_search:
-            sp = faiss.SearchParametersHNSW(efSearch=int(params.ef_search))
+        if self._ivf is not None and (params.nprobe or extra):
+            sp = faiss.SearchParametersIVF(**({"nprobe": int(params.nprobe)} if params.nprobe else {}), **extra)
+        elif self._hnsw and (params.ef_search or extra):
+            sp = faiss.SearchParametersHNSW(**({"efSearch": int(params.ef_search)} if params.ef_search else {}),
+                                            **extra)
+        elif extra:
+            sp = faiss.SearchParameters(**extra)
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         scores, ids = self.index.search(queries, k, params=sp)
+        del selector  # kept alive until the search returned
         return scores, ids
 
 
@@ -126,21 +164,37 @@ class TorchExactBackend:
         self.name = f"torch-{self.device.type}"
         self.tensor_device = self.device
 
-    def search(self, queries: Any, k: int, params: SearchParams) -> tuple[np.ndarray, np.ndarray]:
+    selects = True
+
+    def search(self, queries: Any, k: int, params: SearchParams,
+               selection: Selection | None = None) -> tuple[np.ndarray, np.ndarray]:
         torch = self._torch
         with torch.inference_mode():
             if not isinstance(queries, torch.Tensor):
                 queries = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32))
             q = queries.to(self.device, self.vectors.dtype)
             scores = (q @ self.vectors.T).float()
+            if selection is not None:
+                keep = selection.device_masks.get(self.device)
+                if keep is None:
+                    keep = selection.device_masks[self.device] = torch.from_numpy(selection.mask).to(self.device)
+                scores.masked_fill_(~keep, -torch.inf)
             kk = min(k, self.ntotal)
             top = torch.topk(scores, kk, dim=1)
             s, i = self._to_numpy_all(top.values, top.indices)  # one wait for the GPU
             i = i.astype(np.int64)
+            i[np.isneginf(s)] = -1  # rows the selection left out
         if kk < k:  # pad like FAISS does, so callers see one convention
             s = np.pad(s, ((0, 0), (0, k - kk)), constant_values=-np.inf)
             i = np.pad(i, ((0, 0), (0, k - kk)), constant_values=-1)
         return s, i
+
+
+def _host(queries: Any) -> np.ndarray:
+    """Query rows as float32 on the host (from a device tensor, if need be)."""
+    if hasattr(queries, "detach"):
+        queries = queries.detach().float().cpu().numpy()
+    return np.ascontiguousarray(queries, dtype=np.float32)
 
 
 def _read_faiss(path: Path) -> Any:
@@ -223,6 +277,8 @@ class LoadedIndex:
         self._source = source  # the FAISS index as read (on the CPU): stored vectors come from it
         self._rows: dict[str, int] | None = None
         self._lock = threading.Lock()
+        self._selections: OrderedDict[str, Selection] = OrderedDict()
+        self._column_store: Columns | None = None
 
     def row_of(self, item_id: str) -> int | None:
         """The row of the item with this id (the first, if ids repeat), or None."""
@@ -235,14 +291,7 @@ class LoadedIndex:
 
     def vector(self, row: int) -> np.ndarray:
         """The stored vector of a row, float32 (1, dim) (decoded from its codes, for PQ)."""
-        if isinstance(self.backend, TorchExactBackend):
-            return self.backend.vectors[row : row + 1].float().cpu().numpy()
-        faiss = _faiss()
-        with self._lock:
-            ivf = faiss.try_extract_index_ivf(self._source)
-            if ivf is not None and ivf.direct_map.type == faiss.DirectMap.NoMap:
-                ivf.make_direct_map()
-            return np.asarray(self._source.reconstruct(int(row)), np.float32).reshape(1, -1)
+        return self.vectors_of(np.asarray([row], np.int64))
 
     def has_thumbnail(self, row: int) -> bool:
         return self.thumbnails is not None and self.thumbnails.size(row) > 0
@@ -257,6 +306,10 @@ class LoadedIndex:
     def count(self) -> int:
         return self.backend.ntotal
 
+    @property
+    def entry_dim(self) -> int:
+        return int(self._source.d) if self._source is not None else int(self.backend.vectors.shape[1])  # type: ignore[attr-defined]
+
     def searches_on(self, device: Any) -> bool:
         """Whether this index takes query tensors on `device` as they are (torch search there)."""
         return self.backend.tensor_device == device  # None for FAISS: never equal
@@ -265,17 +318,82 @@ class LoadedIndex:
         return self.to_hits(*self.raw_search(queries, k, params))
 
     def raw_search(
-        self, queries: Any, k: int, params: SearchParams | None = None
+        self, queries: Any, k: int, params: SearchParams | None = None, selection: Selection | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
         """(scores, ids) of the top `k` (at most the index size), with this index's default
-        search parameters filling in what `params` leaves unset."""
+        search parameters filling in what `params` leaves unset; with a `selection`, of its
+        rows only, and `min(k, selected)` of them whenever that many are selected: a small
+        selection is searched exactly, a large one inside the index (FAISS's IDSelector), and a
+        query the index answers with too few (an approximate index) exactly after all."""
         defaults = self.entry.search_params
         params = params or SearchParams()
         params = SearchParams(
             nprobe=params.nprobe or defaults.get("nprobe"),
             ef_search=params.ef_search or defaults.get("efSearch"),
         )
-        return self.backend.search(queries, max(1, min(k, self.count)), params)
+        k = max(1, min(k, self.count))
+        if selection is None:
+            return self.backend.search(queries, k, params)
+        if selection.count <= EXACT_SELECTION or not getattr(self.backend, "selects", False):
+            return self._exact(queries, k, selection)
+        scores, ids = self.backend.search(queries, k, params, selection)  # type: ignore[call-arg]
+        short = (ids >= 0).sum(axis=1) < min(k, selection.count)
+        if short.any():
+            rows = np.flatnonzero(short)
+            scores[rows], ids[rows] = self._exact(_host(queries)[rows], k, selection)
+        return scores, ids
+
+    def _exact(self, queries: Any, k: int, selection: Selection) -> tuple[np.ndarray, np.ndarray]:
+        """Exact top-k over the selected rows' stored vectors."""
+        queries = _host(queries)
+        scores = np.full((len(queries), k), -np.inf, np.float32)
+        ids = np.full((len(queries), k), -1, np.int64)
+        if selection.count == 0:
+            return scores, ids
+        vectors = selection.vectors if selection.vectors is not None else self.vectors_of(selection.rows)
+        if selection.vectors is None and vectors.size <= _CACHED_FLOATS:
+            selection.vectors = vectors
+        sims = queries @ vectors.T
+        kk = min(k, selection.count)
+        top = np.argpartition(-sims, kk - 1, axis=1)[:, :kk]
+        for r in range(len(queries)):
+            order = top[r][np.lexsort((selection.rows[top[r]], -sims[r, top[r]]))]  # ties: lower id first
+            scores[r, :kk] = sims[r, order]
+            ids[r, :kk] = selection.rows[order]
+        return scores, ids
+
+    def vectors_of(self, rows: np.ndarray) -> np.ndarray:
+        """The stored vectors of `rows`, float32 (len(rows), dim)."""
+        if len(rows) == 0:
+            return np.zeros((0, self.entry_dim), np.float32)
+        if isinstance(self.backend, TorchExactBackend):
+            import torch
+
+            return self.backend.vectors[torch.from_numpy(rows).to(self.backend.device)].float().cpu().numpy()
+        with self._lock:
+            ivf = _faiss().try_extract_index_ivf(self._source)
+            if ivf is not None and ivf.direct_map.type == _faiss().DirectMap.NoMap:
+                ivf.make_direct_map()
+        return np.asarray(self._source.reconstruct_batch(rows), np.float32).reshape(len(rows), -1)
+
+    def select(self, flt: Filter) -> Selection:
+        """The rows `flt` selects, cached per filter (the last 64)."""
+        with self._lock:
+            hit = self._selections.get(flt.key)
+            if hit is not None:
+                self._selections.move_to_end(flt.key)
+                return hit
+        selection = Selection(flt.mask(self._columns()), flt.key)
+        with self._lock:
+            self._selections[flt.key] = selection
+            while len(self._selections) > 64:
+                self._selections.popitem(last=False)
+        return selection
+
+    def _columns(self) -> Columns:
+        if self._column_store is None:
+            self._column_store = Columns(self.items)
+        return self._column_store
 
     def to_hits(self, scores: np.ndarray, ids: np.ndarray) -> list[list[Hit]]:
         out: list[list[Hit]] = []
