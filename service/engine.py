@@ -14,7 +14,7 @@ import threading
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -25,7 +25,7 @@ from clipsearch.core.decoder import ImageDecoder, Jpeg
 from clipsearch.core.errors import InvalidImage, InvalidInput, PayloadTooLarge, ShuttingDown
 from clipsearch.core.images import decode_base64
 from clipsearch.core.model import ClipModel
-from clipsearch.core.search import Hit, LoadedIndex, SearchParams
+from clipsearch.core.search import Hit, LoadedIndex, SearchParams, Selection
 from service.batcher import Collated, DynamicBatcher, Stages
 from service.fetch import ImageFetcher
 from service.metrics import Metrics
@@ -44,6 +44,7 @@ class SearchJob:
     index: LoadedIndex
     k: int
     params: SearchParams
+    selection: Selection | None = None  # a filter's rows; None: all
 
 
 _HIT = np.dtype([("id", np.int64), ("score", np.float32)])
@@ -54,13 +55,13 @@ def search_rows(jobs: Sequence[SearchJob], queries: np.ndarray | torch.Tensor) -
     says: one backend call per (index, params)."""
     out = np.zeros((len(jobs), max(job.k for job in jobs)), _HIT)
     out["id"] = -1
-    groups: dict[tuple[int, SearchParams], list[int]] = {}
+    groups: dict[tuple[int, SearchParams, int], list[int]] = {}
     for row, job in enumerate(jobs):
-        groups.setdefault((id(job.index), job.params), []).append(row)
+        groups.setdefault((id(job.index), job.params, id(job.selection)), []).append(row)
     for rows in groups.values():
-        index, params = jobs[rows[0]].index, jobs[rows[0]].params
+        index, params, selection = jobs[rows[0]].index, jobs[rows[0]].params, jobs[rows[0]].selection
         group = queries if len(rows) == len(jobs) else queries[rows]  # the usual case: one group, no gather
-        scores, ids = index.raw_search(group, max(jobs[r].k for r in rows), params)
+        scores, ids = index.raw_search(group, max(jobs[r].k for r in rows), params, selection)
         out["id"][rows, : ids.shape[1]] = ids
         out["score"][rows, : ids.shape[1]] = scores
     return out
@@ -287,31 +288,32 @@ class Engine:
                                        disconnected=disconnected)
 
     async def search_text(
-        self, index: LoadedIndex, text: str, k: int, params: SearchParams,
-        *, field: str = "text", disconnected: Disconnected | None = None,
+        self, job: SearchJob, text: str, *, field: str = "text", disconnected: Disconnected | None = None,
     ) -> list[Hit]:
         """Top-k hits for a text, batched with concurrent text requests."""
         self.check_texts([text], field)
-        rows = await self.text.submit([text], field=field, post=SearchJob(index, k, params),
-                                      timeout=self.settings.request_timeout_s, disconnected=disconnected)
-        return _hits(index, rows, k)
+        rows = await self.text.submit([text], field=field, post=job, timeout=self.settings.request_timeout_s,
+                                      disconnected=disconnected)
+        return _hits(job.index, rows, job.k)
 
-    async def search_similar(self, index: LoadedIndex, row: int, k: int, params: SearchParams) -> list[Hit]:
-        """Top-k hits for a stored item's own vector ("more like this"), the item itself left
-        out; searched with concurrent queries, no model call."""
-        job = SearchJob(index, min(k + 1, index.count), params)
-        rows = await asyncio.wrap_future(self._searches.submit([(job, index.vector(row))])[0])
-        return _drop(_hits(index, rows, k + 1), row, k)
+    async def search_vector(self, job: SearchJob, vector: np.ndarray) -> list[Hit]:
+        """Top-k hits for a given (1, dim) vector, searched with concurrent queries; no model call."""
+        rows = await asyncio.wrap_future(self._searches.submit([(job, np.ascontiguousarray(vector, np.float32))])[0])
+        return _hits(job.index, rows, job.k)
+
+    async def search_similar(self, job: SearchJob, row: int) -> list[Hit]:
+        """Top-k hits for a stored item's own vector ("more like this"), the item itself left out."""
+        wider = replace(job, k=min(job.k + 1, job.index.count))
+        return _drop(await self.search_vector(wider, job.index.vector(row)), row, job.k)
 
     async def search_image(
-        self, index: LoadedIndex, image: str | bytes, k: int, params: SearchParams,
-        *, field: str = "image", disconnected: Disconnected | None = None,
+        self, job: SearchJob, image: str | bytes, *, field: str = "image", disconnected: Disconnected | None = None,
     ) -> list[Hit]:
         """Top-k hits for an image, batched with concurrent image requests."""
         images = await self._fetched([image], field)
-        rows = await self.image.submit(images, field=field, post=SearchJob(index, k, params),
-                                       timeout=self.settings.request_timeout_s, disconnected=disconnected)
-        return _hits(index, rows, k)
+        rows = await self.image.submit(images, field=field, post=job, timeout=self.settings.request_timeout_s,
+                                       disconnected=disconnected)
+        return _hits(job.index, rows, job.k)
 
 
 def _image_bytes(data: str | bytes, name: str, limit: int) -> bytes:

@@ -3,8 +3,8 @@ model per route, with the same limits and the same errors either way.
 
 In a form, a field of the model is one part (or, for a list field, one part per item, in
 order); an image is an uploaded file or a text part holding what JSON would (base64, a data:
-URI or a URL). Integers come as text and are read as JSON integers are; an empty one or
-`null` is left out.
+URI or a URL). Integers, booleans and filters (JSON) come as text and are read as JSON's
+are; an empty one or `null` is left out.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import types
 import typing
 from typing import Any, TypeVar
 
+import orjson
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
@@ -24,7 +25,8 @@ from service.settings import Settings
 
 Body = TypeVar("Body", bound=BaseModel)
 
-_INTEGER = re.compile(r"^-?[0-9]{1,19}$")
+_INTEGER = re.compile(r"^-?[0-9]{1,4000}$")  # Python reads up to 4300 digits
+_ABSENT = object()
 _IMAGE_FIELDS = frozenset({"image", "images"})
 FORM_TYPES = ("multipart/form-data",)
 
@@ -59,14 +61,35 @@ def _is_list(model: type[BaseModel], name: str) -> bool:
     return field is not None and typing.get_origin(field.annotation) is list
 
 
-def _takes_integer(model: type[BaseModel], name: str) -> bool:
+def _kinds(model: type[BaseModel], name: str) -> set[Any]:
+    """The plain types a field takes: {int}, {int, NoneType}, {dict}, ..."""
     field = model.model_fields.get(name)
     if field is None:
-        return False
+        return set()
     annotation = field.annotation
     options = typing.get_args(annotation) if isinstance(annotation, types.UnionType) or \
         typing.get_origin(annotation) is typing.Union else (annotation,)
-    return any((typing.get_args(o)[0] if typing.get_origin(o) is typing.Annotated else o) is int for o in options)
+    plain = (typing.get_args(o)[0] if typing.get_origin(o) is typing.Annotated else o for o in options)
+    return {typing.get_origin(o) or o for o in plain}
+
+
+def _text_value(model: type[BaseModel], name: str, value: str) -> Any:
+    """A form's text part as the field's JSON value: an integer, a boolean, a JSON object (a
+    filter), or the text itself."""
+    kinds = _kinds(model, name)
+    text = value.strip()
+    if int in kinds and _INTEGER.match(text):
+        return int(text)
+    if (int in kinds or dict in kinds) and text in ("", "null"):
+        return _ABSENT  # how a form leaves out an optional value: the default applies
+    if bool in kinds and text.lower() in ("true", "false", "1", "0", "on", "off"):
+        return text.lower() in ("true", "1", "on")
+    if dict in kinds:
+        try:
+            return orjson.loads(text)
+        except orjson.JSONDecodeError:
+            raise _refuse(name, "expected a JSON object") from None
+    return value
 
 
 def _largest_text_part(settings: Settings) -> int:
@@ -91,12 +114,10 @@ async def _read_form(request: Request, model: type[BaseModel], settings: Setting
                     raise PayloadTooLarge(f"{item}: image is larger than the limit of {settings.max_image_bytes} "
                                           "bytes", field=item)
                 parsed: Any = await value.read()
-            elif _takes_integer(model, name) and _INTEGER.match(value.strip()):
-                parsed = int(value)
-            elif _takes_integer(model, name) and value.strip() in ("", "null"):
-                parsed = None  # how a form leaves out an optional number
             else:
-                parsed = value
+                parsed = _text_value(model, name, value)
+                if parsed is _ABSENT:
+                    continue
             if listed:
                 data.setdefault(name, []).append(parsed)
             else:

@@ -16,8 +16,10 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 
 from clipsearch.core import zeroshot
-from clipsearch.core.errors import NotFound, OutOfRange
+from clipsearch.core.errors import InvalidInput, NotFound, OutOfRange
+from clipsearch.core.filters import compile_filter
 from clipsearch.core.search import Hit, IndexSet, LoadedIndex, SearchParams
+from service.engine import SearchJob
 from service.http.bodies import body_schema, read_body
 from service.http.deps import AdminAuth, State, client_gone, service_state
 from service.http.schemas import (
@@ -32,6 +34,7 @@ from service.http.schemas import (
     SimilarityResponse,
     SimilarSearchRequest,
     TextSearchRequest,
+    VectorSearchRequest,
 )
 from service.state import ServiceState
 
@@ -81,27 +84,42 @@ async def embed(request: Request) -> Response:
     return json_response({"model": state.model.info.spec, "dim": engine.dim, "texts": texts, "images": images})
 
 
-def _hits(hits: list[Hit], current: IndexSet, index: LoadedIndex) -> list[dict[str, Any]]:
+def _hits(hits: list[Hit], current: IndexSet, index: LoadedIndex, vectors: bool) -> list[dict[str, Any]]:
+    stored = index.vectors_of(np.asarray([h.row for h in hits], np.int64)) if vectors and hits else None
     return [{"id": h.id, "score": h.score, "metadata": h.metadata, "text": h.text,
-             "thumbnail": thumbnail_url(current.version, h.row) if index.has_thumbnail(h.row) else None}
-            for h in hits]
+             "thumbnail": thumbnail_url(current.version, h.row) if index.has_thumbnail(h.row) else None,
+             **({"vector": stored[i]} if stored is not None else {})}
+            for i, h in enumerate(hits)]
 
 
 def thumbnail_url(version: str, row: int) -> str:
     return f"/thumbnails/{version}/{row}"
 
 
-def _check_k(k: int, state: ServiceState) -> None:
-    if k > state.settings.max_k:
-        raise OutOfRange(f"k: {k} is above the limit of {state.settings.max_k}", field="k")
+Searching = TextSearchRequest | ImageSearchRequest | SimilarSearchRequest | VectorSearchRequest
 
 
-def _params(body: TextSearchRequest | ImageSearchRequest | SimilarSearchRequest) -> SearchParams:
-    return SearchParams(nprobe=body.nprobe, ef_search=body.ef_search)
+async def _job(body: Searching, state: ServiceState, index: LoadedIndex) -> SearchJob:
+    """What the request searches: offset + k results (at most max_k), of the filter's rows.
+    A filter's rows are found once per index version (in a thread: the first time walks the items)."""
+    total = body.offset + body.k
+    limit = state.settings.max_k
+    if total > limit:  # k alone is in the schema (422); the sum of two fields is not (400)
+        if body.offset == 0:
+            raise OutOfRange(f"k: {total} is above the limit of {limit}", field="k")
+        raise InvalidInput(f"offset: offset + k = {total} is above the limit of {limit}", field="offset")
+    selection = None
+    if body.filter is not None:
+        flt = compile_filter(body.filter)
+        selection = await run_in_threadpool(index.select, flt)
+    return SearchJob(index, min(total, index.count), SearchParams(nprobe=body.nprobe, ef_search=body.ef_search),
+                     selection)
 
 
-def _search_response(hits: list[Hit], current: IndexSet, index: LoadedIndex) -> Response:
-    return json_response({"results": _hits(hits, current, index), "index_version": current.version})
+def _search_response(hits: list[Hit], body: Searching, current: IndexSet, index: LoadedIndex) -> Response:
+    page = hits[body.offset : body.offset + body.k]
+    return json_response({"results": _hits(page, current, index, body.return_vectors),
+                          "index_version": current.version})
 
 
 # The index is taken before encoding: a missing one answers 503 at once, and a hot reload
@@ -113,10 +131,10 @@ async def search_text(request: Request) -> Response:
     `target: text`, in the text index)."""
     state = service_state(request)
     body = await read_body(request, TextSearchRequest, state.settings)
-    _check_k(body.k, state)
     current, index = state.index_for(body.target)
-    hits = await state.engine.search_text(index, body.text, body.k, _params(body), disconnected=client_gone(request))
-    return _search_response(hits, current, index)
+    job = await _job(body, state, index)
+    hits = await state.engine.search_text(job, body.text, disconnected=client_gone(request))
+    return _search_response(hits, body, current, index)
 
 
 @router.post("/search/image", response_model=SearchResponse, responses=_ERRORS,
@@ -126,11 +144,10 @@ async def search_image(request: Request) -> Response:
     `target: image`, in the image index)."""
     state = service_state(request)
     body = await read_body(request, ImageSearchRequest, state.settings)
-    _check_k(body.k, state)
     current, index = state.index_for(body.target)
-    hits = await state.engine.search_image(index, body.image, body.k, _params(body),
-                                           disconnected=client_gone(request))
-    return _search_response(hits, current, index)
+    job = await _job(body, state, index)
+    hits = await state.engine.search_image(job, body.image, disconnected=client_gone(request))
+    return _search_response(hits, body, current, index)
 
 
 @router.post("/search/similar", response_model=SearchResponse, responses={**_ERRORS, 404: {"model": ErrorResponse}},
@@ -140,14 +157,33 @@ async def search_similar(request: Request) -> Response:
     item itself is left out."""
     state = service_state(request)
     body = await read_body(request, SimilarSearchRequest, state.settings)
-    _check_k(body.k, state)
     current, index = state.index_for(body.modality)
+    job = await _job(body, state, index)
     row = index.row_of(body.id)
     if row is None:
         raise NotFound(f"id: no item {body.id!r} in the {body.modality} index (version {current.version})",
                        field="id")
-    hits = await state.engine.search_similar(index, row, body.k, _params(body))
-    return _search_response(hits, current, index)
+    hits = await state.engine.search_similar(job, row)
+    return _search_response(hits, body, current, index)
+
+
+@router.post("/search/vector", response_model=SearchResponse, responses=_ERRORS,
+             openapi_extra=body_schema(VectorSearchRequest))
+async def search_vector(request: Request) -> Response:
+    """A given vector searched in the image (or text) index; it is L2-normalized first."""
+    state = service_state(request)
+    body = await read_body(request, VectorSearchRequest, state.settings)
+    current, index = state.index_for(body.target)
+    dim = state.engine.dim
+    if len(body.vector) != dim:
+        raise InvalidInput(f"vector: {len(body.vector)} numbers, the model's dimension is {dim}", field="vector")
+    vector = np.asarray(body.vector, np.float64)
+    norm = float(np.linalg.norm(vector))
+    if not np.isfinite(norm) or norm == 0:
+        raise InvalidInput("vector: must be finite and not all zeros", field="vector")
+    job = await _job(body, state, index)
+    hits = await state.engine.search_vector(job, (vector / norm).astype(np.float32)[None])
+    return _search_response(hits, body, current, index)
 
 
 @router.post("/classify", response_model=ClassifyResponse, responses=_ERRORS,

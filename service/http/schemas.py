@@ -4,7 +4,16 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainValidator, WithJsonSchema
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    StrictBool,
+    StrictFloat,
+    WithJsonSchema,
+)
 
 
 def _integer(value: Any) -> Any:
@@ -46,7 +55,12 @@ class EmbedResponse(BaseModel):
 
 
 class _SearchRequest(_Request):
-    k: Integer = Field(10, ge=1, description="number of results (at most the max_k setting)")
+    k: Integer = Field(10, ge=1, description="number of results (offset + k at most the max_k setting)")
+    offset: Integer = Field(0, ge=0, description="results to skip: pages of one index version are stable")
+    filter: dict[str, Any] | None = Field(
+        None, description='metadata filter: {"colour": "red", "year": {"$gte": 2000}}, with $eq $ne $in $nin $gt '
+        "$gte $lt $lte $exists $and $or (docs/api.md)")
+    return_vectors: StrictBool = Field(False, description="include each hit's stored vector")
     nprobe: Probes | None = Field(None, description="IVF lists to visit (default: the manifest's)")
     ef_search: Probes | None = Field(None, description="HNSW efSearch (default: the manifest's)")
 
@@ -66,12 +80,19 @@ class SimilarSearchRequest(_SearchRequest):
     modality: Literal["image", "text"] = Field("image", description="the index that holds the item, and is searched")
 
 
+class VectorSearchRequest(_SearchRequest):
+    vector: list[StrictFloat] = Field(
+        min_length=1, description="a query vector of the model's dimension (L2-normalized here: cosine ranks)")
+    target: Literal["image", "text"] = Field("image", description="the index searched")
+
+
 class SearchHit(BaseModel):
     id: str
     score: float
     metadata: dict[str, Any] = Field(default_factory=dict)
     text: str | None = None
     thumbnail: str | None = Field(None, description="URL of the item's thumbnail (image index, when built)")
+    vector: list[float] | None = Field(None, description="the stored vector, with return_vectors")
 
 
 class SearchResponse(BaseModel):

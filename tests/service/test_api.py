@@ -17,6 +17,7 @@ from PIL import Image
 from clipsearch.core.errors import ClientGone
 from clipsearch.core.index_format import ModelRef, write_index_from_vectors
 from clipsearch.core.model import ClipModel
+from service.engine import SearchJob
 from tests.conftest import encode_image, gate_model_call, image_bytes, make_image
 
 TEXTS = ["a red circle", "a photo of a dog", "", "二只小猫", "x" * 300]
@@ -252,7 +253,8 @@ async def test_text_searches_of_two_index_versions_share_a_batch(make_client, ti
         queries = [f"picture {i}" for i in range(12)]
         before = engine.text.stats.batches
         results = await asyncio.gather(*[
-            engine.search_text(served if i % 2 else other, q, 5, SearchParams()) for i, q in enumerate(queries)
+            engine.search_text(SearchJob(served if i % 2 else other, 5, SearchParams()), q)
+            for i, q in enumerate(queries)
         ])
         assert engine.text.stats.batches - before < len(queries)
     for i, (hits, qv) in enumerate(zip(results, ref_text(reference, queries), strict=True)):
@@ -273,11 +275,11 @@ async def test_text_search_whose_client_left_is_dropped_from_its_batch(make_clie
     async with make_client(tiny_model, index_dir=path, search_backend="torch", warmup=False) as client:
         engine, index = client.state.engine, client.state.indexes.current.get("image")
         left = asyncio.Event()
-        blocker = asyncio.ensure_future(engine.search_text(index, "blocker", 3, SearchParams()))
+        blocker = asyncio.ensure_future(engine.search_text(SearchJob(index, 3, SearchParams()), "blocker"))
         await asyncio.sleep(0.2)
-        leaver = asyncio.ensure_future(engine.search_text(index, "leaver", 3, SearchParams(),
+        leaver = asyncio.ensure_future(engine.search_text(SearchJob(index, 3, SearchParams()), "leaver",
                                                           disconnected=left.wait))
-        stayer = asyncio.ensure_future(engine.search_text(index, "number 7", 3, SearchParams()))
+        stayer = asyncio.ensure_future(engine.search_text(SearchJob(index, 3, SearchParams()), "number 7"))
         await asyncio.sleep(0.2)  # both are collated into one batch, waiting for the blocker
         left.set()
         await asyncio.sleep(0.1)
@@ -310,14 +312,15 @@ async def test_cpu_search_whose_client_left_while_queued_for_faiss_is_not_search
 
         index.backend.search = held
         left = asyncio.Event()
-        blocker = asyncio.ensure_future(engine.search_text(index, "blocker", 3, SearchParams()))
+        blocker = asyncio.ensure_future(engine.search_text(SearchJob(index, 3, SearchParams()), "blocker"))
         assert await asyncio.to_thread(started.wait, 10)
-        leaver = asyncio.ensure_future(engine.search_text(index, "leaver", 3, SearchParams(), disconnected=left.wait))
+        leaver = asyncio.ensure_future(engine.search_text(SearchJob(index, 3, SearchParams()), "leaver",
+                                                          disconnected=left.wait))
         await asyncio.sleep(0.4)  # encoded, queued for the FAISS thread, watched for a disconnect
         left.set()
         with pytest.raises(ClientGone):
             await leaver
-        stayer = asyncio.ensure_future(engine.search_text(index, "number 7", 3, SearchParams()))
+        stayer = asyncio.ensure_future(engine.search_text(SearchJob(index, 3, SearchParams()), "number 7"))
         await asyncio.sleep(0.2)
         release.set()
         await blocker
@@ -496,7 +499,8 @@ async def test_healthz_and_info(make_client, tiny_model) -> None:
         bodies = {path: schema["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]
                   for path in ("/embed", "/search/text", "/search/image", "/classify")}
         assert set(bodies["/embed"]["properties"]) == {"texts", "images"}
-        assert set(bodies["/search/text"]["properties"]) == {"text", "k", "nprobe", "ef_search", "target"}
+        assert set(bodies["/search/text"]["properties"]) == {"text", "k", "nprobe", "ef_search", "target", "offset",
+                                                          "filter", "return_vectors"}
         assert "image" in bodies["/search/image"]["properties"]
         assert {"image", "labels"} <= set(bodies["/classify"]["properties"])
     async with make_client(tiny_model, expose_internals=False) as client:
@@ -538,7 +542,7 @@ def test_cpu_searches_waiting_together_are_one_index_call() -> None:
     started, release, calls = threading.Event(), threading.Event(), []
 
     class Index:
-        def raw_search(self, queries, k, params):
+        def raw_search(self, queries, k, params, selection=None):
             calls.append(len(queries))
             started.set()
             release.wait(10)
