@@ -55,6 +55,8 @@ class Hit:
     score: float
     metadata: dict[str, Any]
     text: str | None = None
+    thumbnail: str | None = None  # a URL path on the server, for image hits of an index built with thumbnails
+    vector: np.ndarray | None = None  # with return_vectors=True
 
 
 @dataclass(frozen=True)
@@ -125,8 +127,22 @@ def _chunks(n: int, size: int) -> list[tuple[int, int]]:
 
 
 def _hits(body: dict[str, Any]) -> SearchResults:
-    return SearchResults([Hit(h["id"], h["score"], h.get("metadata") or {}, h.get("text")) for h in body["results"]],
-                         body["index_version"])
+    return SearchResults([Hit(h["id"], h["score"], h.get("metadata") or {}, h.get("text"), h.get("thumbnail"),
+                              None if h.get("vector") is None else np.asarray(h["vector"], np.float32))
+                          for h in body["results"]], body["index_version"])
+
+
+def _search(k: int, options: dict[str, Any]) -> dict[str, Any]:
+    """The search fields of a request: k, and what of offset, filter, return_vectors, nprobe,
+    ef_search and target was given."""
+    return {"k": k, **{name: value for name, value in options.items() if value is not None}}
+
+
+def _form_fields(fields: dict[str, Any]) -> dict[str, Any]:
+    """Search fields as form parts: a filter as JSON, booleans as true/false."""
+    import json
+
+    return {name: json.dumps(v) if isinstance(v, (dict, bool)) else v for name, v in fields.items()}
 
 
 def _vectors(rows: list[list[float]], dim: int | None = None) -> np.ndarray:
@@ -204,17 +220,24 @@ class Client(_Base):
                 for start, end in _chunks(len(images), self.batch_size)]
         return _vectors([r for chunk in rows for r in chunk])
 
-    def search_text(self, text: str, k: int = 10, *, nprobe: int | None = None,
-                    ef_search: int | None = None) -> SearchResults:
-        """The k images nearest to a text."""
-        return _hits(self._call("POST", "/search/text", json={"text": text, "k": k, "nprobe": nprobe,
-                                                              "ef_search": ef_search}))
+    def search_text(self, text: str, k: int = 10, **options: Any) -> SearchResults:
+        """The k images nearest to a text. Options: offset, filter ({"colour": "red"}),
+        return_vectors, target ("text": search the texts), nprobe, ef_search."""
+        return _hits(self._call("POST", "/search/text", json={"text": text, **_search(k, options)}))
 
-    def search_image(self, image: ImageInput, k: int = 10, *, nprobe: int | None = None,
-                     ef_search: int | None = None) -> SearchResults:
-        """The k texts nearest to an image."""
-        return _hits(self._call("POST", "/search/image", **_form({"k": k, "nprobe": nprobe, "ef_search": ef_search},
+    def search_image(self, image: ImageInput, k: int = 10, **options: Any) -> SearchResults:
+        """The k texts nearest to an image (target="image": images). Options as `search_text`."""
+        return _hits(self._call("POST", "/search/image", **_form(_form_fields(_search(k, options)),
                                                                  {"image": [image]})))
+
+    def search_vector(self, vector: Sequence[float], k: int = 10, **options: Any) -> SearchResults:
+        """The k images (target="text": texts) nearest to a vector. Options as `search_text`."""
+        return _hits(self._call("POST", "/search/vector",
+                                json={"vector": [float(v) for v in vector], **_search(k, options)}))
+
+    def search_similar(self, item_id: str, k: int = 10, **options: Any) -> SearchResults:
+        """More like a stored item (modality="text" for an item of the text index)."""
+        return _hits(self._call("POST", "/search/similar", json={"id": item_id, **_search(k, options)}))
 
     def classify(self, image: ImageInput, labels: Sequence[str], template: str | None = None) -> list[LabelScore]:
         """Zero-shot labels for an image, most likely first."""
@@ -286,15 +309,19 @@ class AsyncClient(_Base):
                                       for start, end in _chunks(len(images), self.batch_size)))
         return _vectors([r for body in bodies for r in body["images"]])
 
-    async def search_text(self, text: str, k: int = 10, *, nprobe: int | None = None,
-                          ef_search: int | None = None) -> SearchResults:
-        return _hits(await self._call("POST", "/search/text", json={"text": text, "k": k, "nprobe": nprobe,
-                                                                    "ef_search": ef_search}))
+    async def search_text(self, text: str, k: int = 10, **options: Any) -> SearchResults:
+        return _hits(await self._call("POST", "/search/text", json={"text": text, **_search(k, options)}))
 
-    async def search_image(self, image: ImageInput, k: int = 10, *, nprobe: int | None = None,
-                           ef_search: int | None = None) -> SearchResults:
-        return _hits(await self._call("POST", "/search/image", **_form(
-            {"k": k, "nprobe": nprobe, "ef_search": ef_search}, {"image": [image]})))
+    async def search_image(self, image: ImageInput, k: int = 10, **options: Any) -> SearchResults:
+        return _hits(await self._call("POST", "/search/image", **_form(_form_fields(_search(k, options)),
+                                                                       {"image": [image]})))
+
+    async def search_vector(self, vector: Sequence[float], k: int = 10, **options: Any) -> SearchResults:
+        return _hits(await self._call("POST", "/search/vector",
+                                      json={"vector": [float(v) for v in vector], **_search(k, options)}))
+
+    async def search_similar(self, item_id: str, k: int = 10, **options: Any) -> SearchResults:
+        return _hits(await self._call("POST", "/search/similar", json={"id": item_id, **_search(k, options)}))
 
     async def classify(self, image: ImageInput, labels: Sequence[str],
                        template: str | None = None) -> list[LabelScore]:

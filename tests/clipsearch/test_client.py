@@ -25,6 +25,11 @@ from tests.service.test_api import index_dir  # noqa: F401  (a fixture)
 
 ROOT = Path(__file__).resolve().parents[2]
 KEY = "client-test-key-5e1"
+TEXT = "picture number 3 with colour blue"
+
+
+def query_text(model) -> np.ndarray:
+    return model.encode_texts([TEXT])[0]
 
 
 @pytest.fixture
@@ -59,6 +64,15 @@ def test_client_embeds_searches_and_classifies(server, tiny_model, index_dir, tm
         query = same[0]
         assert [h.text for h in results.hits] == [captions[i] for i in np.argsort(-(txt_vecs @ query),
                                                                                   kind="stable")[:4]]
+        window = np.arange(10, 20)  # filters, paging, vectors out and in
+        order = window[np.argsort(-(img_vecs[window] @ query_text(tiny_model)), kind="stable")]
+        got_page = client.search_text(TEXT, k=3, offset=2, filter={"n": {"$gte": 10, "$lt": 20}}, return_vectors=True)
+        assert [h.id for h in got_page.hits] == [f"img-{i}" for i in order[2:5]]
+        np.testing.assert_allclose(got_page.hits[0].vector, img_vecs[order[2]], atol=1e-6)
+        assert [h.id for h in client.search_vector(img_vecs[4], k=1).hits] == ["img-4"]
+        assert "img-4" not in [h.id for h in client.search_similar("img-4", k=5).hits]
+        filtered = client.search_image(png, k=3, target="image", filter={"n": {"$lt": 6}}, return_vectors=True)
+        assert len(filtered.hits) == 3 and all(int(h.id[4:]) < 6 and h.vector is not None for h in filtered.hits)
         labels = client.classify(pictures[1], ["cat", "dog", "car"], template="a {}")
         assert [type(x) for x in labels] == [LabelScore] * 3 and abs(sum(x.probability for x in labels) - 1) < 1e-5
         sim = client.similarity([png, pictures[1]], ["a", "b", "c"])

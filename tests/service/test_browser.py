@@ -6,6 +6,7 @@ screenshot is kept in test-artifacts/."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -70,6 +71,18 @@ def test_search_page_in_chromium(tiny_model, built, tmp_path) -> None:  # noqa: 
         assert page.locator("#images img").count() == len(want)
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / "search-page.png"))
+
+        # a metadata filter (here on ids): the same query, only the items it selects
+        chosen = [h["id"] for h in want[3:6]]
+        page.locator("#filter-box summary").click()
+        page.locator("#filter").fill(json.dumps({"id": {"$in": chosen}}))
+        page.locator("#query").press("Enter")
+        page.wait_for_function("() => document.querySelectorAll('#images li').length === 3")
+        assert page.locator("#images button").evaluate_all("bs => bs.map(b => b.dataset.id)") == chosen
+        page.locator("#filter").fill("")
+        page.locator("#query").press("Enter")
+        page.wait_for_function(f"() => document.querySelectorAll('#images li').length === {len(want)}")
+        wait_for_thumbnails()
 
         # more like this: the first result, from the keyboard
         first = want[0]

@@ -24,6 +24,17 @@ async function api(path, { json, form } = {}) {
 
 function say(text) { $("status").textContent = text; }
 
+// The metadata filter typed in the page, as the API takes it (undefined: none).
+function currentFilter() {
+  const text = $("filter").value.trim();
+  if (!text) return undefined;
+  try {
+    return JSON.parse(text);
+  } catch (error) {
+    throw new Error(`the filter is not JSON (${error.message})`);
+  }
+}
+
 function clear() {
   for (const id of ["images", "texts"]) $(id).replaceChildren();
   $("images-heading").hidden = $("texts-heading").hidden = true;
@@ -108,7 +119,7 @@ function searchText(text) {
   clear();
   $("query-image").hidden = true;
   return run(`“${text}”`, async () => {
-    const data = await api("/search/text", { json: { text, k: K } });
+    const data = await api("/search/text", { json: { text, k: K, filter: currentFilter() } });
     showImages(data.results);
     return data.results.length;
   });
@@ -117,7 +128,7 @@ function searchText(text) {
 function moreLike(id, caption) {
   clear();
   return run(`more like “${caption}”`, async () => {
-    const data = await api("/search/similar", { json: { id, modality: "image", k: K } });
+    const data = await api("/search/similar", { json: { id, modality: "image", k: K, filter: currentFilter() } });
     showImages(data.results);
     window.scrollTo({ top: 0 });
     return data.results.length;
@@ -136,6 +147,8 @@ function searchImage(file) {
       form.append("image", file, file.name || "pasted.png");
       form.append("k", String(K));
       form.append("target", target);
+      const filter = currentFilter();
+      if (filter !== undefined) form.append("filter", JSON.stringify(filter));
       return api("/search/image", { form }).then((d) => d.results, (e) => (e.status === 503 ? [] : Promise.reject(e)));
     };
     const [images, texts] = await Promise.all([ask("image"), ask("text")]);
