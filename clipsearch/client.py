@@ -29,6 +29,8 @@ from typing import Any
 import httpx
 import numpy as np
 
+from clipsearch.core.aio import gather_or_cancel
+
 ImageInput = Any  # a path (str or os.PathLike), an http(s) URL, a data: URI, bytes, or a PIL image
 
 RETRY_STATUSES = frozenset({429, 503})
@@ -284,15 +286,6 @@ class AsyncClient(_Base):
             await asyncio.sleep(wait)
         raise AssertionError("unreachable")  # pragma: no cover
 
-    async def _gather(self, *calls: Any) -> list[Any]:
-        tasks = [asyncio.ensure_future(c) for c in calls]
-        try:
-            return list(await asyncio.gather(*tasks))
-        except BaseException:
-            for t in tasks:
-                t.cancel()
-            raise
-
     async def info(self) -> dict[str, Any]:
         return await self._call("GET", "/")
 
@@ -300,13 +293,14 @@ class AsyncClient(_Base):
         return (await self._http.get("/readyz")).status_code == 200
 
     async def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
-        bodies = await self._gather(*(self._call("POST", "/embed", start, json={"texts": list(texts[start:end])})
+        bodies = await gather_or_cancel(*(self._call("POST", "/embed", start, json={"texts": list(texts[start:end])})
                                       for start, end in _chunks(len(texts), self.batch_size)))
         return _vectors([r for body in bodies for r in body["texts"]])
 
     async def embed_images(self, images: Sequence[ImageInput]) -> np.ndarray:
-        bodies = await self._gather(*(self._call("POST", "/embed", start, **_form({}, {"images": images[start:end]}))
-                                      for start, end in _chunks(len(images), self.batch_size)))
+        bodies = await gather_or_cancel(*(
+            self._call("POST", "/embed", start, **_form({}, {"images": images[start:end]}))
+            for start, end in _chunks(len(images), self.batch_size)))
         return _vectors([r for body in bodies for r in body["images"]])
 
     async def search_text(self, text: str, k: int = 10, **options: Any) -> SearchResults:

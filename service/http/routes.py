@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
-from collections.abc import Awaitable
 from typing import Any
 
 import numpy as np
@@ -16,6 +14,7 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 
 from clipsearch.core import zeroshot
+from clipsearch.core.aio import gather_or_cancel
 from clipsearch.core.errors import InvalidInput, NotFound, OutOfRange
 from clipsearch.core.filters import compile_filter
 from clipsearch.core.search import Hit, IndexSet, LoadedIndex, SearchParams
@@ -50,19 +49,6 @@ def json_response(content: Any, status_code: int = 200) -> Response:
                     media_type="application/json")
 
 
-async def _gather_or_cancel(*aws: Awaitable[np.ndarray]) -> list[np.ndarray]:
-    """Like gather, but the first failure cancels the others (no orphaned work)."""
-    if len(aws) == 1:  # the common case: no extra tasks
-        return [await aws[0]]
-    tasks = [asyncio.ensure_future(a) for a in aws]
-    try:
-        return list(await asyncio.gather(*tasks))
-    except BaseException:
-        for t in tasks:
-            t.cancel()
-        raise
-
-
 @router.post("/embed", response_model=EmbedResponse, responses=_ERRORS,
              openapi_extra=body_schema(EmbedRequest, form=True))
 async def embed(request: Request) -> Response:
@@ -78,7 +64,7 @@ async def embed(request: Request) -> Response:
         jobs.append(engine.embed_texts(body.texts, disconnected=disconnected))
     if body.images:
         jobs.append(engine.embed_images(body.images, disconnected=disconnected))
-    results = await _gather_or_cancel(*jobs)
+    results = await gather_or_cancel(*jobs)
     texts = results.pop(0) if body.texts else empty
     images = results.pop(0) if body.images else empty
     return json_response({"model": state.model.info.spec, "dim": engine.dim, "texts": texts, "images": images})
@@ -197,7 +183,7 @@ async def classify(request: Request) -> Response:
     engine.check_count(len(body.labels) + 1)
     texts = zeroshot.prompts(body.labels, body.template)
     engine.check_texts(texts, field="labels")
-    image, labels = await _gather_or_cancel(
+    image, labels = await gather_or_cancel(
         engine.embed_images([body.image], field="image", disconnected=disconnected),
         engine.embed_texts(texts, field="labels", disconnected=disconnected),
     )
@@ -214,7 +200,7 @@ async def similarity(request: Request) -> Response:
     engine = state.engine
     engine.check_count(len(body.texts) + len(body.images))
     engine.check_texts(body.texts)
-    images, texts = await _gather_or_cancel(
+    images, texts = await gather_or_cancel(
         engine.embed_images(body.images, disconnected=disconnected),
         engine.embed_texts(body.texts, disconnected=disconnected),
     )
