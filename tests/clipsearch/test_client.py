@@ -154,3 +154,12 @@ def test_the_readmes_client_example_runs(tiny_model, index_dir, tmp_path, monkey
         exec(compile(example.replace("localhost:8000", f"127.0.0.1:{port}"), "README.md", "exec"), {})
     printed = capsys.readouterr().out.splitlines()
     assert len(printed) == 6 and printed[0].startswith("img-") and printed[-1] in ("cat", "dog")
+
+
+def test_the_client_imports_neither_torch_nor_fastapi() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys, clipsearch.client; print(sorted({'torch', 'fastapi', 'faiss'} & set(sys.modules)))"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert r.stdout.strip() == "[]", r.stdout + r.stderr
