@@ -46,6 +46,7 @@ from clipsearch.core.index_format import (
 )
 from clipsearch.core.model import ClipModel, load_model
 from index_builder.encoder import Encoder, ItemError, ShardResult, concat_vectors, exit_with_parent
+from index_builder.incremental import Part, dedup, load_base, merge, read_ids
 from index_builder.indexing import BuiltIndex, build_and_tune
 from index_builder.readers import Span, describe_inputs, plan_spans, read_span
 from index_builder.writer import ShardStore, shard_path, write_shard
@@ -85,6 +86,9 @@ class BuildOptions:
     progress: bool = True
     hash_inputs: bool = True
     thumbnails: bool = True  # a small JPEG per image item, for the search page
+    base: bool = False  # extend the published version: reuse its vectors, encode only the inputs
+    delete: Path | None = None  # with base: a file of ids to leave out of the new version
+    dedup: bool = False  # leave out exact duplicate images (same bytes) and texts after their first
 
 
 @dataclass
@@ -123,13 +127,15 @@ class BuildSummary:
         return "\n".join(lines)
 
 
-def job_key(opts: BuildOptions, inputs: list[dict[str, Any]], fingerprint: str) -> str:
+def job_key(opts: BuildOptions, inputs: list[dict[str, Any]], fingerprint: str,
+            base_version: str | None = None) -> str:
     desc = {
         "inputs": inputs, "format": opts.fmt, "schema": opts.schema, "model": fingerprint,
         "shard_size": opts.shard_size, "shards": "spans", "limits": [opts.max_image_bytes, opts.max_image_pixels],
         **({"image_decode": opts.image_decode} if opts.image_decode != "exact" else {}),  # old keys stay valid
         **({"exif_orientation": True} if opts.exif_orientation else {}),
         **({"thumbnails": True} if opts.thumbnails else {}),
+        **({"base": base_version} if base_version else {}),
     }
     return hashlib.sha256(orjson.dumps(desc, option=orjson.OPT_SORT_KEYS)).hexdigest()[:16]
 
@@ -149,7 +155,13 @@ def run_build(opts: BuildOptions, model: ClipModel | None = None) -> BuildSummar
     if opts.processes > 1 and model.info.fingerprint == "in-training":
         raise BuildError("--processes > 1 needs a model the encoder processes can load by its spec")
     inputs_desc = describe_inputs(opts.inputs)
-    key = job_key(opts, inputs_desc, model.info.fingerprint)
+    base = load_base(opts.output, model.info.fingerprint, model.dim) if opts.base else None
+    deleted = read_ids(opts.delete) if opts.delete is not None else set()
+    if opts.delete is not None and base is None:
+        raise BuildError("--delete needs --base: ids are deleted from the published version")
+    if not opts.inputs and base is None:
+        raise BuildError("no --input given")
+    key = job_key(opts, inputs_desc, model.info.fingerprint, base.version if base else None)
     opts.output.mkdir(parents=True, exist_ok=True)
     store = ShardStore(opts.output, key)
     shards = store.complete()
@@ -190,7 +202,7 @@ def run_build(opts: BuildOptions, model: ClipModel | None = None) -> BuildSummar
             _encode_in_processes(opts, spans, todo, store.dir, model.info.fingerprint, finished, store.read)
         else:
             for i in todo:
-                shard = encoder.encode(read_span(opts.inputs, spans[i], opts.fmt, opts.schema))
+                shard = encoder.encode(read_span(opts.inputs, spans[i], opts.fmt, opts.schema, opts.base))
                 store.write(i, shard)
                 finished(i, shard)
     except BaseException:
@@ -205,6 +217,19 @@ def run_build(opts: BuildOptions, model: ClipModel | None = None) -> BuildSummar
     text_vecs = concat_vectors([s.text_vectors for s in ordered], model.dim)
     image_items = [i for s in ordered for i in s.image_items]
     text_items = [i for s in ordered for i in s.text_items]
+    thumbs: list[bytes] | None = [t for s in ordered for t in s.thumbnails] if opts.thumbnails else None
+    changes: dict[str, dict[str, int]] = {}
+    if base is not None:
+        image, changes["image"] = merge(base.parts.get("image"), Part(image_vecs, image_items, thumbs), deleted)
+        text, changes["text"] = merge(base.parts.get("text"), Part(text_vecs, text_items), deleted)
+        image_vecs, image_items, thumbs = image.vectors, image.items, image.thumbnails
+        text_vecs, text_items = text.vectors, text.items
+    dropped: dict[str, int] = {}
+    if opts.dedup:
+        image, dropped["image"] = dedup(Part(image_vecs, image_items, thumbs), "image")
+        text, dropped["text"] = dedup(Part(text_vecs, text_items), "text")
+        image_vecs, image_items, thumbs = image.vectors, image.items, image.thumbnails
+        text_vecs, text_items = text.vectors, text.items
     records = sum(s.records for s in ordered)
     first = f"; first: {errors[0].source}: {errors[0].reason}" if errors else ""
     if not image_items and not text_items:
@@ -245,6 +270,8 @@ def run_build(opts: BuildOptions, model: ClipModel | None = None) -> BuildSummar
         "processes": opts.processes,
         "resumed_shards": done,
         "job_key": key,
+        **({"base": base.version, "changes": changes, "deleted_ids": len(deleted)} if base is not None else {}),
+        **({"duplicates_dropped": dropped} if opts.dedup else {}),
     }
     name = new_version_name()
     staged = staging_dir(opts.output)
@@ -261,7 +288,7 @@ def run_build(opts: BuildOptions, model: ClipModel | None = None) -> BuildSummar
             },
             version=name,
             build=build_info,
-            thumbnails=[t for shard in ordered for t in shard.thumbnails] if opts.thumbnails and image_items else None,
+            thumbnails=thumbs if thumbs is not None and image_items else None,
         )
         version_dir = publish_version(opts.output, staged, name, keep=opts.keep)
     except BaseException:
@@ -352,5 +379,5 @@ def _encode_span(index: int, span: Span) -> None:
                           max_image_pixels=opts.max_image_pixels, image_decode=opts.image_decode,
                           exif_orientation=opts.exif_orientation, thumbnails=opts.thumbnails)
         _SPAN_WORKER = (opts, work_dir, fingerprint, encoder)
-    shard = encoder.encode(read_span(opts.inputs, span, opts.fmt, opts.schema))
+    shard = encoder.encode(read_span(opts.inputs, span, opts.fmt, opts.schema, opts.base))
     write_shard(shard_path(work_dir, index), shard)

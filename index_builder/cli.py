@@ -32,8 +32,9 @@ _BUILD_HELP = (
 
 @app.command(help=_BUILD_HELP)
 def build(
-    input: Annotated[list[Path], typer.Option("--input", "-i", help="TSV/JSONL file or image directory; repeatable")],
     output: Annotated[Path, typer.Option("--output", "-o", help="index directory DIR (versions/ + CURRENT)")],
+    input: Annotated[list[Path] | None, typer.Option(
+        "--input", "-i", help="TSV/JSONL file or image directory; repeatable")] = None,
     model: Annotated[str, typer.Option(help="open_clip spec, as for `serve`")] = "clipsearch-tiny",
     pretrained: Annotated[str | None, typer.Option(help="pretrained tag, checkpoint path, or none")] = None,
     index_type: Annotated[str, typer.Option(help="auto | flat | hnsw | ivf | ivfpq")] = "auto",
@@ -65,6 +66,14 @@ def build(
     exif_orientation: Annotated[bool, typer.Option(
         help="turn images upright by their EXIF orientation first, as the service's --exif-orientation (recorded "
         "in the manifest)")] = False,
+    base: Annotated[bool, typer.Option(
+        help="extend the published version of DIR: reuse its vectors and encode only --input; an id already "
+        "there is replaced, and new line ids carry their file's name (new:17)")] = False,
+    delete: Annotated[Path | None, typer.Option(
+        help="with --base: a file of ids (one per line) to leave out of the new version")] = None,
+    dedup: Annotated[bool, typer.Option(
+        help="leave out exact duplicates after their first occurrence: images with the same bytes, equal texts")]
+    = False,
     thumbnails: Annotated[bool, typer.Option(
         help="store a small JPEG of every image (longest side 256 px) for the search page")] = True,
     progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
@@ -79,6 +88,7 @@ def build(
         typer.echo(f"clipsearch index build: {exc.message}", err=True)
         raise typer.Exit(1) from None
     from index_builder.build import BuildError, BuildOptions, run_build
+    from index_builder.incremental import BaseError
     from index_builder.indexing import parse_bytes
     from index_builder.readers import InputError
 
@@ -86,16 +96,17 @@ def build(
     logging.getLogger("index_builder").setLevel(logging.WARNING if quiet else logging.INFO)
     try:
         opts = BuildOptions(
-            inputs=input, output=output, model=model, pretrained=pretrained, device=device, dtype=dtype,
+            inputs=input or [], output=output, model=model, pretrained=pretrained, device=device, dtype=dtype,
             index_type=index_type, fmt=format, schema=input_schema, batch_size=batch_size, workers=workers,
             processes=processes,
             shard_size=shard_size, max_errors=max_errors, max_error_fraction=max_error_fraction, keep=keep,
             recall_target=recall_target,
             memory_budget=parse_bytes(memory_budget), flat_max=flat_max, progress=progress and not quiet,
             image_decode=image_decode, exif_orientation=exif_orientation, thumbnails=thumbnails,
+            base=base, delete=delete, dedup=dedup,
         )
         summary = run_build(opts)
-    except (BuildError, InputError, ClipsearchError, ValueError) as exc:
+    except (BuildError, BaseError, InputError, ClipsearchError, ValueError, OSError) as exc:
         message = exc.message if isinstance(exc, ClipsearchError) else str(exc)
         typer.echo(f"clipsearch index build: {message}", err=True)
         raise typer.Exit(1) from None

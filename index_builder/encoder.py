@@ -11,6 +11,7 @@ are not fatal: each one comes back as an `ItemError` with its source.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import multiprocessing
 import os
@@ -35,7 +36,7 @@ _DEFER_JPEGS = False
 _THUMBNAILS = True
 _CPU = torch.device("cpu")
 
-Decoded = tuple[np.ndarray | Jpeg | None, str | None, bytes]  # pixels, why not, thumbnail (b"" if none)
+Decoded = tuple[np.ndarray | Jpeg | None, str | None, bytes, str]  # pixels, why not, thumbnail, sha256
 
 
 def exit_with_parent() -> None:
@@ -72,20 +73,20 @@ def _decode_one(image_b64: str | None, image_path: str | None) -> Decoded:
     thumbnail, or (None, reason, b""). Runs in a worker."""
     max_bytes, decoder = _MAX_BYTES, _DECODER
     if decoder is None:
-        return None, "decoder not initialised", b""
+        return None, "decoder not initialised", b"", ""
     try:
         if image_path is not None:
             try:
                 with open(image_path, "rb") as f:
                     data = f.read(max_bytes + 1)
             except OSError as exc:
-                return None, f"cannot read image file ({exc.strerror or exc})", b""
+                return None, f"cannot read image file ({exc.strerror or exc})", b"", ""
             if len(data) > max_bytes:
-                return None, f"image file is larger than {max_bytes} bytes", b""
+                return None, f"image file is larger than {max_bytes} bytes", b"", ""
         elif image_b64 is not None:
             data = decode_base64(image_b64, field="image", max_bytes=max_bytes)
         else:
-            return None, "no image", b""
+            return None, "no image", b"", ""
         thumbnail = b""
         if _THUMBNAILS:  # from the same decode where the image decodes here
             item, thumbnail = decoder.pixels_and_thumbnail(data, "image")
@@ -93,11 +94,12 @@ def _decode_one(image_b64: str | None, image_path: str | None) -> Decoded:
             item = decoder.split([data], ["image"])[0]
         if isinstance(item, Jpeg) and not _DEFER_JPEGS:
             item = ImageDecoder._raise(decoder.resolve([item], _CPU)[0])
-        return (item if isinstance(item, Jpeg) else item.numpy()), None, thumbnail
+        digest = hashlib.sha256(data).hexdigest()  # for --dedup: the same bytes are the same image
+        return (item if isinstance(item, Jpeg) else item.numpy()), None, thumbnail, digest
     except ClipsearchError as exc:
-        return None, _reason(exc), b""
+        return None, _reason(exc), b"", ""
     except Exception as exc:  # a decoder or transform failure on one file must not stop the job
-        return None, f"cannot preprocess image ({type(exc).__name__}: {exc})", b""
+        return None, f"cannot preprocess image ({type(exc).__name__}: {exc})", b"", ""
 
 
 def _decode_many(jobs: Sequence[tuple[str | None, str | None]]) -> list[Decoded]:
@@ -204,13 +206,13 @@ class Encoder:
         image_vectors: list[np.ndarray] = []
         image_items: list[dict[str, Any]] = []
         thumbnails: list[bytes] = []
-        batch: list[tuple[Record, np.ndarray | Jpeg, bytes]] = []
+        batch: list[tuple[Record, np.ndarray | Jpeg, bytes, str]] = []
         decoded = (res for fut in pending.futures for res in fut.result())
-        for rec, (pixels, reason, thumb) in zip(pending.image_records, decoded, strict=True):
+        for rec, (pixels, reason, thumb, digest) in zip(pending.image_records, decoded, strict=True):
             if pixels is None:
                 errors.append(ItemError(rec.source, "image", reason or "bad image"))
                 continue
-            batch.append((rec, pixels, thumb))
+            batch.append((rec, pixels, thumb, digest))
             if len(batch) == self.batch_size:
                 self._encode_images(batch, image_vectors, image_items, thumbnails, errors)
                 batch = []
@@ -227,19 +229,19 @@ class Encoder:
             thumbnails=thumbnails if self.thumbnails else [],
         )
 
-    def _encode_images(self, batch: list[tuple[Record, np.ndarray | Jpeg, bytes]], vectors: list[np.ndarray],
+    def _encode_images(self, batch: list[tuple[Record, np.ndarray | Jpeg, bytes, str]], vectors: list[np.ndarray],
                        items: list[dict[str, Any]], thumbnails: list[bytes], errors: list[ItemError]) -> None:
         """One model call; the batch's JPEGs (if left for the device) decode first, in one call."""
         device = self.model.device
-        pending = [p if isinstance(p, Jpeg) else torch.from_numpy(p) for _, p, _ in batch]
+        pending = [p if isinstance(p, Jpeg) else torch.from_numpy(p) for _, p, _, _ in batch]
         on = device if any(isinstance(p, Jpeg) for p in pending) else _CPU  # CPU rows only: copied once, pinned
         rows = []
-        for (rec, _, thumb), row in zip(batch, self._decoder.resolve(pending, device), strict=True):
+        for (rec, _, thumb, digest), row in zip(batch, self._decoder.resolve(pending, device), strict=True):
             if isinstance(row, InvalidImage):
                 errors.append(ItemError(rec.source, "image", _reason(row)))
                 continue
             rows.append(row.to(on))
-            items.append(_item(rec, with_text=rec.text is not None and bool(rec.text.strip())))
+            items.append({**_item(rec, with_text=rec.text is not None and bool(rec.text.strip())), "sha256": digest})
             thumbnails.append(thumb)
         if rows:
             vectors.append(self.model.encode_pixels(torch.stack(rows)))

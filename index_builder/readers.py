@@ -248,16 +248,19 @@ def read_inputs(inputs: list[Path], fmt: str = "auto", schema: str | None = None
         yield from _read(inputs, i, None, fmt, schema)
 
 
-def read_span(inputs: list[Path], span: Span, fmt: str = "auto", schema: str | None = None) -> Iterator[Record]:
-    """The records of one span of `plan_spans(inputs, fmt, ...)`."""
-    return _read(inputs, span.input, span, fmt, schema)
+def read_span(inputs: list[Path], span: Span, fmt: str = "auto", schema: str | None = None,
+              prefix_ids: bool = False) -> Iterator[Record]:
+    """The records of one span of `plan_spans(inputs, fmt, ...)`. Line ids carry their file's
+    stem (`corpus:17`) with several inputs, or with `prefix_ids` (an incremental build)."""
+    return _read(inputs, span.input, span, fmt, schema, prefix_ids)
 
 
-def _read(inputs: list[Path], i: int, span: Span | None, fmt: str, schema: str | None) -> Iterator[Record]:
+def _read(inputs: list[Path], i: int, span: Span | None, fmt: str, schema: str | None,
+          prefix_ids: bool = False) -> Iterator[Record]:
     path = inputs[i]
     kind = input_kind(path, fmt)
     columns = parse_schema(schema) if schema else None
-    prefix = f"{path.stem}:" if len(inputs) > 1 else ""
+    prefix = f"{path.stem}:" if len(inputs) > 1 or prefix_ids else ""
     if kind == "dir":
         return read_dir(path, span)
     if kind == "jsonl":
