@@ -187,6 +187,18 @@ def _field(name: str, ops: dict[str, Any], where: str) -> Check:
     return _all(checks)
 
 
+def _key(value: Any) -> Any:
+    """A hashable key under which JSON-equal values meet (1 and 1.0; not true and 1)."""
+    if isinstance(value, bool):
+        return ("bool", value)
+    if isinstance(value, (int, float)):
+        return ("number", float(value))
+    if isinstance(value, (str, type(None))):
+        return ("scalar", value)
+    return ("other", id(value))  # lists and objects in metadata equal no filter value
+
+
 def _membership(values: np.ndarray, targets: list[Any], negate: bool) -> np.ndarray:
-    found = np.logical_or.reduce([_equal(values, t) for t in targets])
+    keys = {_key(t) for t in targets}  # one set lookup per item, however long the list
+    found = np.fromiter((v is not MISSING and _key(v) in keys for v in values), bool, len(values))
     return (values != MISSING) & ~found if negate else found
