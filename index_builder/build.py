@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from clipsearch.core.fsutil import sha256_file
+from clipsearch.core.fsutil import read_list_file, sha256_file
 from clipsearch.core.index_format import (
     Manifest,
     Modality,
@@ -46,7 +46,7 @@ from clipsearch.core.index_format import (
 )
 from clipsearch.core.model import ClipModel, load_model
 from index_builder.encoder import Encoder, ItemError, ShardResult, concat_vectors, exit_with_parent
-from index_builder.incremental import Part, dedup, load_base, merge, read_ids
+from index_builder.incremental import Part, dedup, load_base, merge
 from index_builder.indexing import BuiltIndex, build_and_tune
 from index_builder.readers import Span, describe_inputs, plan_spans, read_span
 from index_builder.writer import ShardStore, shard_path, write_shard
@@ -156,7 +156,7 @@ def run_build(opts: BuildOptions, model: ClipModel | None = None) -> BuildSummar
         raise BuildError("--processes > 1 needs a model the encoder processes can load by its spec")
     inputs_desc = describe_inputs(opts.inputs)
     base = load_base(opts.output, model.info.fingerprint, model.dim) if opts.base else None
-    deleted = read_ids(opts.delete) if opts.delete is not None else set()
+    deleted = set(read_list_file(opts.delete)) if opts.delete is not None else set()
     if opts.delete is not None and base is None:
         raise BuildError("--delete needs --base: ids are deleted from the published version")
     if not opts.inputs and base is None:

@@ -24,6 +24,7 @@ from clipsearch.core.index_format import (
     read_items,
     read_manifest,
 )
+from clipsearch.core.search import reconstruct_all
 
 
 class BaseError(RuntimeError):
@@ -62,10 +63,7 @@ def load_base(output: Path, fingerprint: str, dim: int) -> Base:
         if entry is None:
             continue
         index = faiss.read_index(str(version_dir / entry.file))
-        ivf = faiss.try_extract_index_ivf(index)
-        if ivf is not None:
-            ivf.make_direct_map()
-        vectors = index.reconstruct_n(0, index.ntotal) if index.ntotal else np.zeros((0, dim), np.float32)
+        vectors = reconstruct_all(index) if index.ntotal else np.zeros((0, dim), np.float32)
         thumbnails = None
         if entry.thumbnails is not None:
             store = Thumbnails(version_dir / entry.thumbnails, entry.count)
@@ -74,12 +72,6 @@ def load_base(output: Path, fingerprint: str, dim: int) -> Base:
         base.parts[modality] = Part(np.asarray(vectors, np.float32), read_items(version_dir / entry.items, entry.count),
                                     thumbnails)
     return base
-
-
-def read_ids(path: Path) -> set[str]:
-    """Ids to delete: one per line; blank lines and `#` comments skipped."""
-    lines = path.read_text(encoding="utf-8").splitlines()
-    return {line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")}
 
 
 def merge(base: Part | None, new: Part, deleted: set[str]) -> tuple[Part, dict[str, int]]:

@@ -22,8 +22,8 @@ import torch
 
 from clipsearch.core.cuda_wait import to_numpy
 from clipsearch.core.decoder import ImageDecoder, Jpeg
-from clipsearch.core.errors import InvalidImage, InvalidInput, PayloadTooLarge, ShuttingDown
-from clipsearch.core.images import decode_base64
+from clipsearch.core.errors import InvalidInput, PayloadTooLarge, ShuttingDown
+from clipsearch.core.images import image_input_bytes
 from clipsearch.core.model import ClipModel
 from clipsearch.core.search import Hit, LoadedIndex, SearchParams, Selection
 from service.batcher import Collated, DynamicBatcher, Stages
@@ -205,7 +205,7 @@ class Engine:
     def _prepare_images(self, images: Sequence[str | bytes], field: str, start: int) -> list[torch.Tensor | Jpeg]:
         names = [item_name(field, start + i) for i in range(len(images))]
         limit = self.settings.max_image_bytes
-        raws = [_image_bytes(data, name, limit) for data, name in zip(images, names, strict=True)]
+        raws = [image_input_bytes(data, field=name, max_bytes=limit) for data, name in zip(images, names, strict=True)]
         return self.decoder.prepare(raws, names)
 
     def prepare_images(self, images: Sequence[str | bytes], field: str = "images") -> torch.Tensor:
@@ -314,16 +314,6 @@ class Engine:
         rows = await self.image.submit(images, field=field, post=job, timeout=self.settings.request_timeout_s,
                                        disconnected=disconnected)
         return _hits(job.index, rows, job.k)
-
-
-def _image_bytes(data: str | bytes, name: str, limit: int) -> bytes:
-    if isinstance(data, str):
-        return decode_base64(data, field=name, max_bytes=limit)
-    if not data:
-        raise InvalidImage(f"{name}: the uploaded file is empty", field=name)
-    if len(data) > limit:
-        raise PayloadTooLarge(f"{name}: image is larger than the limit of {limit} bytes", field=name)
-    return data
 
 
 def _drop(hits: list[Hit], row: int, k: int) -> list[Hit]:

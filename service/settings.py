@@ -11,6 +11,8 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, JsonValue, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from clipsearch.core.fsutil import read_list_file
+
 DEFAULT_BODY_CAP = 32 << 20  # bodies are held in memory until parsed: a hard cap unless set explicitly
 Listed = Annotated[list[str], NoDecode]  # comma-separated in the environment and on the command line
 TUNING: dict[str, JsonValue] = {"group": "tuning"}  # rarely changed: a table of their own in the docs
@@ -152,7 +154,7 @@ class Settings(BaseSettings):
                              "the worker that answers it, and the others learn of a new index by polling")
         if self.api_keys_file is not None:
             try:
-                if not read_key_file(self.api_keys_file):
+                if not read_list_file(self.api_keys_file):
                     raise ValueError(f"api_keys_file {self.api_keys_file} holds no key")
             except OSError as exc:
                 raise ValueError(f"api_keys_file {self.api_keys_file}: {exc.strerror}") from None
@@ -174,12 +176,6 @@ class Settings(BaseSettings):
             return self.max_body_bytes
         per_item = max(self.max_image_bytes * 4 // 3 + 64, self.max_text_chars * 6 + 16)
         return min(self.max_items_per_request * per_item + 64 * 1024, DEFAULT_BODY_CAP)
-
-
-def read_key_file(path: Path) -> list[str]:
-    """The API keys in a file: one per line; blank lines and `#` comments skipped."""
-    lines = path.read_text(encoding="utf-8").splitlines()
-    return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
 
 
 CLI_ONLY_ENV = frozenset({"admin_token", "api_keys"})  # secrets: environment only, never a flag (it would show in `ps`)

@@ -103,3 +103,9 @@ def _fsync_dir(directory: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def read_list_file(path: str | os.PathLike[str]) -> list[str]:
+    """A file of entries (API keys, ids), one per line; blank lines and `#` comments skipped."""
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]

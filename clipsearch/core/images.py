@@ -67,6 +67,18 @@ def decode_base64(data: str, *, field: str, max_bytes: int) -> bytes:
     return out
 
 
+def image_input_bytes(data: str | bytes, *, field: str, max_bytes: int) -> bytes:
+    """A client's image as bytes: base64 (a str) decoded, or uploaded bytes as they are; empty
+    or oversize input refused naming `field`."""
+    if isinstance(data, str):
+        return decode_base64(data, field=field, max_bytes=max_bytes)
+    if not data:
+        raise InvalidImage(f"{field}: the uploaded file is empty", field=field)
+    if len(data) > max_bytes:
+        raise PayloadTooLarge(f"{field}: image is larger than the limit of {max_bytes} bytes", field=field)
+    return data
+
+
 def _decode_urlsafe(padded: bytes) -> bytes | None:
     """The urlsafe alphabet alone in one pybase64 pass, else None. Input that mixes in '+'
     or '/' is left to the lenient path: pybase64 still accepts it here but warns that it

@@ -249,7 +249,8 @@ def _stored_vectors(index: Any) -> list[np.ndarray]:
     return out
 
 
-def _reconstruct_all(index: Any) -> np.ndarray:
+def reconstruct_all(index: Any) -> np.ndarray:
+    """Every stored vector of a FAISS index (decoded from its codes, for PQ), float32."""
     faiss = _faiss()
     ivf = faiss.try_extract_index_ivf(index)
     if ivf is not None:
@@ -310,9 +311,6 @@ class LoadedIndex:
     def count(self) -> int:
         return self.backend.ntotal
 
-    @property
-    def entry_dim(self) -> int:
-        return int(self._source.d) if self._source is not None else int(self.backend.vectors.shape[1])  # type: ignore[attr-defined]
 
     def searches_on(self, device: Any) -> bool:
         """Whether this index takes query tensors on `device` as they are (torch search there)."""
@@ -369,7 +367,7 @@ class LoadedIndex:
     def vectors_of(self, rows: np.ndarray) -> np.ndarray:
         """The stored vectors of `rows`, float32 (len(rows), dim)."""
         if len(rows) == 0:
-            return np.zeros((0, self.entry_dim), np.float32)
+            return np.zeros((0, int(self._source.d)), np.float32)
         if isinstance(self.backend, TorchExactBackend):
             import torch
 
@@ -457,7 +455,7 @@ def load_index_set(
         items = read_items(version_dir / entry.items, entry.count)
         impl: SearchBackend
         if backend == "torch":
-            vectors = _reconstruct_all(index)
+            vectors = reconstruct_all(index)
             _check_finite(vectors, version_dir / entry.file)
             impl = TorchExactBackend(vectors, device=device)
         elif backend == "faiss-gpu":

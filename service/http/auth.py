@@ -19,8 +19,9 @@ from pathlib import Path
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from clipsearch.core.fsutil import read_list_file
 from service.http.errors import OPENAI_PREFIX, error_response
-from service.settings import Settings, read_key_file
+from service.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,7 @@ class ApiKeys:
             stamp = (st.st_mtime_ns, st.st_size)
             if stamp == self._stamp:
                 return
-            keys = read_key_file(self._path)
+            keys = read_list_file(self._path)
         except OSError as exc:
             log.error("API key file %s unreadable (%s); keeping the keys read before", self._path, exc.strerror)
             return

@@ -27,7 +27,6 @@ Body = TypeVar("Body", bound=BaseModel)
 
 _INTEGER = re.compile(r"^-?[0-9]{1,4000}$")  # Python reads up to 4300 digits
 _ABSENT = object()
-_IMAGE_FIELDS = frozenset({"image", "images"})
 FORM_TYPES = ("multipart/form-data",)
 
 
@@ -61,16 +60,26 @@ def _is_list(model: type[BaseModel], name: str) -> bool:
     return field is not None and typing.get_origin(field.annotation) is list
 
 
-def _kinds(model: type[BaseModel], name: str) -> set[Any]:
-    """The plain types a field takes: {int}, {int, NoneType}, {dict}, ..."""
+def _kinds(model: type[BaseModel], name: str, *, items: bool = False) -> set[Any]:
+    """The plain types a field takes: {int}, {int, NoneType}, {dict}, ...; with `items`, those
+    of a list field's items."""
     field = model.model_fields.get(name)
     if field is None:
         return set()
     annotation = field.annotation
+    if items and typing.get_origin(annotation) is list:
+        annotation = typing.get_args(annotation)[0]
+    if typing.get_origin(annotation) is typing.Annotated:
+        annotation = typing.get_args(annotation)[0]
     options = typing.get_args(annotation) if isinstance(annotation, types.UnionType) or \
         typing.get_origin(annotation) is typing.Union else (annotation,)
     plain = (typing.get_args(o)[0] if typing.get_origin(o) is typing.Annotated else o for o in options)
     return {typing.get_origin(o) or o for o in plain}
+
+
+def _takes_files(model: type[BaseModel], name: str) -> bool:
+    """Whether a field (or its items) may be bytes, that is an uploaded file: the images."""
+    return bytes in _kinds(model, name, items=True)
 
 
 def _text_value(model: type[BaseModel], name: str, value: str) -> Any:
@@ -108,7 +117,7 @@ async def _read_form(request: Request, model: type[BaseModel], settings: Setting
                 raise _refuse(name, "given more than once; a form gives this field once")
             item = f"{name}[{len(data.get(name, ()))}]" if listed else name
             if isinstance(value, UploadFile):
-                if name not in _IMAGE_FIELDS:
+                if not _takes_files(model, name):
                     raise _refuse(item, "a file was uploaded here; this field takes text")
                 if value.size is not None and value.size > settings.max_image_bytes:
                     raise PayloadTooLarge(f"{item}: image is larger than the limit of {settings.max_image_bytes} "
@@ -134,11 +143,11 @@ def body_schema(model: type[BaseModel], *, form: bool = False) -> dict[str, Any]
         upload = {"type": "string", "format": "binary", "description": "an image file"}
         properties = {}
         for name, prop in schema.get("properties", {}).items():
-            if name in _IMAGE_FIELDS:
+            if _takes_files(model, name):
                 prop = {**prop, "items": upload} if prop.get("type") == "array" else {**upload}
             properties[name] = prop
         multipart = {**schema, "properties": properties}
         encoding = {name: {"contentType": "image/*, application/octet-stream"} for name in properties
-                    if name in _IMAGE_FIELDS}
+                    if _takes_files(model, name)}
         content["multipart/form-data"] = {"schema": multipart, "encoding": encoding}
     return {"requestBody": {"required": True, "content": content}}
