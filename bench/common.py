@@ -98,7 +98,8 @@ def build_index(index_dir: Path, model, n: int, seed: int = 0) -> float:
         block = rng.standard_normal((min(100_000, n - lo), model.dim), dtype=np.float32)
         vectors[lo : lo + len(block)] = block / np.linalg.norm(block, axis=1, keepdims=True)
     items = [{"id": f"img{i}"} for i in range(n)]
-    ref = ModelRef(spec=model.info.spec, pretrained=model.info.pretrained, fingerprint=model.info.fingerprint)
+    ref = ModelRef(spec=model.info.spec, pretrained=model.info.pretrained, fingerprint=model.info.fingerprint,
+               family=model.info.family)
     write_index_from_vectors(index_dir, model=ref, image=(vectors, items))
     return time.perf_counter() - t0
 

@@ -25,7 +25,8 @@ _SERVE_HELP = (
     "status 2 and a one-line reason if either cannot be loaded. Every option can also be set as an "
     "environment variable CLIPSEARCH_<OPTION> (e.g. CLIPSEARCH_MODEL); flags win over the environment.\n\n"
     "Model specs: a built-in open_clip name (ViT-B-32) with --pretrained TAG|PATH|none, hf-hub:org/repo, "
-    "or local-dir:/path (open_clip_config.json + weights). The default, clipsearch-tiny with random "
+    "or local-dir:/path (open_clip_config.json + weights); transformers CLIP, Chinese-CLIP and SigLIP "
+    "checkpoints as hf:org/repo or hf:/path (pip install 'clipsearch[hf]'). The default, clipsearch-tiny with random "
     "weights, needs no download and is only for trying things out."
 )
 

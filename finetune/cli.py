@@ -13,7 +13,8 @@ import typer
 data_app = typer.Typer(name="data", help="Synthetic data for trying things offline.", no_args_is_help=True,
                        add_completion=False, pretty_exceptions_enable=False)
 
-Model = Annotated[str, typer.Option(help="open_clip spec: name, hf-hub:org/repo or local-dir:/path")]
+Model = Annotated[str, typer.Option(help="model spec: an open_clip name, hf-hub:org/repo, local-dir:/path, or a"
+                                         " transformers CLIP, Chinese-CLIP or SigLIP: hf:org/repo or hf:/path")]
 Pretrained = Annotated[str | None, typer.Option(help="pretrained tag, checkpoint path, or none")]
 Device = Annotated[str, typer.Option(help="auto | cpu | cuda")]
 
@@ -174,7 +175,7 @@ def classify(
     pil = _read_images("classify", [image])[0]
     clip = _load(model, pretrained, device)
     result = zeroshot.classify(clip.encode_images([pil])[0], clip.encode_texts(zeroshot.prompts(names, template)),
-                               names, clip.logit_scale)
+                               names, clip.logit_scale, clip.logit_bias)
     typer.echo(json.dumps({"labels": result}, indent=2, ensure_ascii=False))
 
 
@@ -190,9 +191,10 @@ def similarity(
 
     pils = _read_images("similarity", images)
     clip = _load(model, pretrained, device)
-    cos, probs = zeroshot.similarity(clip.encode_images(pils), clip.encode_texts(texts), clip.logit_scale)
+    cos, probs = zeroshot.similarity(clip.encode_images(pils), clip.encode_texts(texts), clip.logit_scale,
+                                     clip.logit_bias)
     typer.echo(json.dumps({"cosine": cos.round(6).tolist(), "probabilities": probs.round(6).tolist(),
-                           "logit_scale": clip.logit_scale}, indent=2))
+                           "logit_scale": clip.logit_scale, "logit_bias": clip.logit_bias}, indent=2))
 
 
 @data_app.command("synth")

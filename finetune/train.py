@@ -1,10 +1,13 @@
-"""Contrastive fine-tuning of an open_clip model on TSV pairs (EasyNLP's `train` mode).
+"""Contrastive fine-tuning on TSV pairs (EasyNLP's `train` mode), of an open_clip model or a
+transformers CLIP, Chinese-CLIP or SigLIP checkpoint.
 
-Symmetric CLIP loss with the learnable logit scale clamped to [0, ln 100]; AdamW with
+Symmetric CLIP loss with the learnable logit scale clamped to [0, ln 100] (SigLIP models,
+which carry a logit bias, train with their pairwise sigmoid loss instead); AdamW with
 no weight decay on gains, biases, embeddings and the logit scale; linear warm-up then
 cosine decay; AMP on the GPU; gradient accumulation; `--freeze-vision` trains the text
 side only (EasyNLP's fix_vision). Each epoch ends with validation by mean recall; the
-best model is written atomically as a `local-dir:` checkpoint at OUTPUT/best, which
+best model is written atomically as a `local-dir:` checkpoint at OUTPUT/best (in the
+layout of the model it started from), which
 `serve`, `index build` and `evaluate` load directly. Periodic training checkpoints
 (model, optimizer, schedule, step, RNG) go to OUTPUT/checkpoints/ and `--resume`
 continues from one exactly where it stopped.
@@ -28,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from clipsearch.core.fsutil import atomic_write_bytes
-from clipsearch.core.model import load_for_training, save_local_dir
+from clipsearch.core.model import load_for_training
 from finetune.data import PairDataset, PairFile, collate
 from finetune.evaluate import evaluate
 from index_builder.readers import InputError
@@ -72,6 +75,25 @@ def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_s
     logits = logit_scale.exp() * image_features @ text_features.T
     labels = torch.arange(len(logits), device=logits.device)
     return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+
+
+def sigmoid_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
+                 logit_bias: torch.Tensor) -> torch.Tensor:
+    """SigLIP's loss: every image-text pair of the batch is a binary match / no-match decision."""
+    image_features = F.normalize(image_features, dim=-1)
+    text_features = F.normalize(text_features, dim=-1)
+    logits = logit_scale.exp() * image_features @ text_features.T + logit_bias
+    labels = 2 * torch.eye(len(logits), device=logits.device, dtype=logits.dtype) - 1
+    return -F.logsigmoid(labels * logits).sum() / len(logits)
+
+
+def contrastive_loss(model: Any, pixels: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """The loss the model was trained with: sigmoid when it has a logit bias, CLIP's otherwise."""
+    image, text = model.encode_image(pixels), model.encode_text(tokens)
+    bias = getattr(model, "logit_bias", None)
+    if isinstance(bias, torch.Tensor):
+        return sigmoid_loss(image, text, model.logit_scale, bias)
+    return clip_loss(image, text, model.logit_scale)
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -187,8 +209,7 @@ def train(opts: TrainOptions) -> dict[str, Any]:
                  "/".join(f"{v:.1f}" for v in result["t2i"].values()))
         if result["mean_recall"] > best["mean_recall"]:
             best = {**result, "epoch": epoch + 1, "step": step}
-            save_local_dir(model, trainable.model_cfg, opts.output / "best", trainable.preprocess_cfg,
-                           extra_files={"metrics.json": json.dumps(best, indent=2).encode()})
+            trainable.save(opts.output / "best", extra_files={"metrics.json": json.dumps(best, indent=2).encode()})
         return result
 
     model.train()
@@ -213,7 +234,7 @@ def train(opts: TrainOptions) -> dict[str, Any]:
                 continue
             pixels, tokens = (t.to(device, non_blocking=True) for t in batch)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-                loss = clip_loss(model.encode_image(pixels), model.encode_text(tokens), model.logit_scale)
+                loss = contrastive_loss(model, pixels, tokens)
             scaler.scale(loss / opts.accum_steps).backward()
             samples += len(pixels)
             if micro % opts.accum_steps and micro != len(loader):
@@ -222,8 +243,9 @@ def train(opts: TrainOptions) -> dict[str, Any]:
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
-            with torch.no_grad():
-                model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+            if not isinstance(getattr(model, "logit_bias", None), torch.Tensor):
+                with torch.no_grad():
+                    model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
             step += 1
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3f}", epoch=epoch + 1)
@@ -243,5 +265,5 @@ def train(opts: TrainOptions) -> dict[str, Any]:
         save_checkpoint(epoch + 1)
     bar.close()
     if valid_pairs is None:  # no validation set: the last model is the best we know
-        save_local_dir(model, trainable.model_cfg, opts.output / "best", trainable.preprocess_cfg)
+        trainable.save(opts.output / "best")
     return {"best": best, "best_dir": str(opts.output / "best"), "steps": step}

@@ -278,7 +278,8 @@ def run_build(opts: BuildOptions, model: ClipModel | None = None) -> BuildSummar
     try:
         manifest: Manifest = write_version(
             staged,
-            model=ModelRef(spec=model.info.spec, pretrained=model.info.pretrained, fingerprint=model.info.fingerprint),
+            model=ModelRef(spec=model.info.spec, pretrained=model.info.pretrained, fingerprint=model.info.fingerprint,
+                           family=model.info.family),
             dim=model.dim,
             indexes={
                 m: (b.index, image_items if m == "image" else text_items,

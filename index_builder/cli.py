@@ -35,7 +35,7 @@ def build(
     output: Annotated[Path, typer.Option("--output", "-o", help="index directory DIR (versions/ + CURRENT)")],
     input: Annotated[list[Path] | None, typer.Option(
         "--input", "-i", help="TSV/JSONL file or image directory; repeatable")] = None,
-    model: Annotated[str, typer.Option(help="open_clip spec, as for `serve`")] = "clipsearch-tiny",
+    model: Annotated[str, typer.Option(help="model spec, as for `serve`")] = "clipsearch-tiny",
     pretrained: Annotated[str | None, typer.Option(help="pretrained tag, checkpoint path, or none")] = None,
     index_type: Annotated[str, typer.Option(help="auto | flat | hnsw | ivf | ivfpq")] = "auto",
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",

@@ -26,7 +26,8 @@ class Settings(BaseSettings):
     # model
     model: str = Field(
         "clipsearch-tiny",
-        description="open_clip spec: a built-in name (ViT-B-32), hf-hub:org/repo or local-dir:/path",
+        description="model spec: an open_clip name (ViT-B-32), hf-hub:org/repo or local-dir:/path; or a "
+        "transformers CLIP, Chinese-CLIP or SigLIP checkpoint: hf:org/repo or hf:/path",
     )
     pretrained: str | None = Field(
         None, description="for built-in names: a pretrained tag, a checkpoint path, or none (random weights)"

@@ -143,3 +143,29 @@ def gate_model_call(monkeypatch: pytest.MonkeyPatch, model: ClipModel, method: s
 
     monkeypatch.setattr(model, method, held)
     return gate, rows
+
+
+HF_FAMILIES = ("clip", "chinese_clip", "siglip")
+
+
+@pytest.fixture(scope="session")
+def hf_texts() -> list[str]:
+    """What the tiny transformers tokenizers are trained on: synthetic captions, English and Chinese."""
+    from finetune.synth import synth_rows
+
+    return [r[0] for r in synth_rows(150, seed=11, lang="en")] + [r[0] for r in synth_rows(150, seed=12, lang="zh")]
+
+
+@pytest.fixture(scope="session")
+def hf_spec(tmp_path_factory: pytest.TempPathFactory, hf_texts: list[str]) -> Callable[[str], str]:
+    """family -> the `hf:` spec of a random tiny transformers checkpoint of that family (made once)."""
+    from clipsearch.core.tiny import write_tiny_hf_model
+
+    made: dict[str, str] = {}
+
+    def spec(family: str) -> str:
+        if family not in made:
+            made[family] = write_tiny_hf_model(tmp_path_factory.mktemp("hf") / family, family, hf_texts, seed=7)
+        return made[family]
+
+    return spec

@@ -57,6 +57,7 @@ class ModelRef(BaseModel):
     spec: str
     pretrained: str | None = None
     fingerprint: str
+    family: str = "open_clip"  # or the transformers model_type (clip, chinese_clip, siglip)
 
 
 class IndexEntry(BaseModel):
@@ -90,7 +91,7 @@ class Manifest(BaseModel):
             )
         if self.model.fingerprint != fingerprint:
             raise IndexMismatch(
-                f"index version {self.version} was built with model {self.model.spec!r} "
+                f"index version {self.version} was built with the {self.model.family} model {self.model.spec!r} "
                 f"({self.model.fingerprint}), the service runs {fingerprint}"
             )
 

@@ -1,4 +1,4 @@
-"""The one seam to open_clip.
+"""The one seam to the model: open_clip, or a transformers CLIP-family checkpoint.
 
 Every part of clipsearch (service, index builder, fine-tuning) loads and runs the
 model through this module, so they all tokenize and preprocess identically and a
@@ -12,7 +12,12 @@ Model specs:
 * ``hf-hub:org/repo`` (config and weights from the Hugging Face Hub; needs network or
   a warm HF cache);
 * ``local-dir:/path`` (a directory holding ``open_clip_config.json`` and weights, the
-  format `save_local_dir` and the fine-tuning job write).
+  format `save_local_dir` and the fine-tuning job write; or a transformers checkpoint,
+  see below);
+* ``hf:org/repo`` or ``hf:/path`` (a transformers ``CLIPModel``, ``ChineseCLIPModel`` or
+  ``SiglipModel`` with its tokenizer and image processor, from the Hub or a directory
+  written by ``save_pretrained``; `clipsearch.core.hf` wraps it). ``local-dir:`` on a
+  directory whose ``config.json`` names one of those families loads the same way.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from clipsearch.core import hf
 from clipsearch.core.cuda_wait import to_numpy
 from clipsearch.core.errors import ModelLoadError
 from clipsearch.core.fsutil import atomic_dir, sha256_file, umask
@@ -115,6 +121,7 @@ class ModelInfo:
     image_size: tuple[int, int]
     device: str
     dtype: str
+    family: str = "open_clip"  # or a transformers model_type: clip, chinese_clip, siglip
 
 
 class ClipModel:
@@ -143,9 +150,14 @@ class ClipModel:
         self.device = device
         self.dtype = dtype
         self.context_length = int(getattr(tokenizer, "context_length", 77) or 77)
-        size = getattr(model.visual, "image_size", 224)
+        wrapped = model if isinstance(model, hf.HFClip) else None
+        self.is_open_clip = wrapped is None
+        size = getattr(model.visual, "image_size", 224) if wrapped is None else wrapped.image_size
         self.image_size = (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
-        self.trims_padding = _supports_trimmed_text(model)
+        # What a padded position holds: 0 for open_clip's BPE, the tokenizer's pad id for its HF
+        # text towers, hf.PAD for transformers models (their mask rides in the ids).
+        self.pad_id = hf.PAD if not self.is_open_clip else _pad_id(tokenizer)
+        self.trims_padding = _supports_trimmed_text(model) if wrapped is None else wrapped.uses_mask
         self._graphs: dict[str, BucketedGraphs] = {}  # tower -> its CUDA graphs (see `capture_graphs`)
         self.dim = int(self.encode_tokens(self.tokenize([""])).shape[1])
         self.info = ModelInfo(
@@ -157,6 +169,7 @@ class ClipModel:
             image_size=self.image_size,
             device=str(device),
             dtype=str(dtype).removeprefix("torch."),
+            family="open_clip" if wrapped is None else wrapped.family,
         )
 
     # -- CPU side -----------------------------------------------------------------
@@ -168,7 +181,7 @@ class ClipModel:
 
     def count_tokens(self, texts: Sequence[str]) -> int:
         """How many tokens the texts take (start and end tokens included, padding not)."""
-        return int((self.tokenize(texts) != 0).sum())
+        return int((self.tokenize(texts) != self.pad_id).sum())
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         """open_clip's own inference transform: (3, H, W) float32 on the CPU."""
@@ -186,7 +199,7 @@ class ClipModel:
     def text_vectors(self, tokens: torch.Tensor) -> torch.Tensor:
         """`encode_tokens`, left on the model's device (for a search on the same device)."""
         if self.trims_padding:
-            tokens = trim_padding(tokens)
+            tokens = trim_padding(tokens, self.pad_id)
         tokens = tokens.to(self.device, non_blocking=True)
         features = self._graphs.get("text") or self._text_features
         return features(tokens)
@@ -211,7 +224,8 @@ class ClipModel:
 
     def _text_features(self, tokens: torch.Tensor) -> torch.Tensor:
         """Token ids on the device -> L2-normalized float32 vectors (what a text graph replays)."""
-        feats = _encode_text_trimmed(self.model, tokens) if self.trims_padding else self.model.encode_text(tokens)
+        trimmed = self.trims_padding and self.is_open_clip  # transformers models take any length
+        feats = _encode_text_trimmed(self.model, tokens) if trimmed else self.model.encode_text(tokens)
         return F.normalize(feats.float(), dim=-1)
 
     def _image_features(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -225,7 +239,11 @@ class ClipModel:
         Each tower is checked against its eager self on real input before it is used; a tower
         whose capture fails or disagrees (cosine < 0.999) stays eager, with a warning, so
         this never stops a service from starting. Returns the towers now graphed.
+        transformers models stay eager: their attention-mask code syncs with the host.
         """
+        if not self.is_open_clip:
+            log.info("CUDA graphs are for open_clip models; %s runs eagerly", self.info.family)
+            return []
         batches = batch_buckets(max_batch)
         lengths = length_buckets(self.context_length) if self.trims_padding else [self.context_length]
         towers: list[tuple[str, Any, list[tuple[int, ...]], torch.dtype, list[torch.Tensor]]] = [
@@ -251,7 +269,7 @@ class ClipModel:
         out = []
         for n in sorted({1, 3, max_batch}):
             tokens = self.tokenize([texts[i % 2] for i in range(n)])
-            out.append((trim_padding(tokens) if self.trims_padding else tokens).to(self.device))
+            out.append((trim_padding(tokens, self.pad_id) if self.trims_padding else tokens).to(self.device))
         return out
 
     def _image_examples(self, max_batch: int) -> list[torch.Tensor]:
@@ -283,6 +301,12 @@ class ClipModel:
     def logit_scale(self) -> float:
         scale = getattr(self.model, "logit_scale", None)
         return float(scale.exp().item()) if scale is not None else 100.0
+
+    @property
+    def logit_bias(self) -> float | None:
+        """SigLIP's bias: set means the model scores pairs by sigmoid, not softmax over a batch."""
+        bias = getattr(self.model, "logit_bias", None)
+        return float(bias.item()) if isinstance(bias, torch.Tensor) else None
 
 
 # Printable ASCII without '&': ftfy.fix_text and html.unescape leave such text unchanged,
@@ -369,6 +393,12 @@ def _supports_trimmed_text(model: torch.nn.Module) -> bool:
     )
 
 
+def _pad_id(tokenizer: Any) -> int:
+    inner = getattr(tokenizer, "tokenizer", None)  # open_clip's HFTokenizer holds a transformers one
+    pad = getattr(inner, "pad_token_id", None) if isinstance(tokenizer, open_clip.tokenizer.HFTokenizer) else None
+    return int(pad) if pad is not None else 0
+
+
 def trim_padding(tokens: torch.Tensor, pad_id: int = 0) -> torch.Tensor:
     """Drop the columns after the longest sequence's last non-pad token."""
     used = (tokens != pad_id).any(dim=0).nonzero()
@@ -415,6 +445,13 @@ def load_model(spec: str, pretrained: str | None = None, device: str = "auto", d
     spec = spec.strip()
     if not spec:
         raise ModelLoadError("model spec is empty")
+    source = transformers_source(spec)
+    if source is not None:
+        wrapped, transform, text_tokenizer, fingerprint = hf.load(source)
+        wrapped = wrapped.to(device=dev, dtype=torch_dtype).eval()
+        log.info("loaded %s (transformers %s) on %s as %s", spec, wrapped.family, dev, torch_dtype)
+        return ClipModel(wrapped, transform, text_tokenizer, spec=_normalized(spec, source), pretrained=None,
+                         fingerprint=fingerprint, device=dev, dtype=torch_dtype)
     kwargs: dict[str, Any] = {}
     random_weights = False
     if spec.startswith(LOCAL_DIR):
@@ -457,6 +494,28 @@ def load_model(spec: str, pretrained: str | None = None, device: str = "auto", d
     )
 
 
+def transformers_source(spec: str) -> str | None:
+    """What transformers loads for `spec` (a hub id or a directory), or None for an open_clip spec."""
+    if spec.startswith(hf.PREFIX):
+        rest = spec[len(hf.PREFIX) :].strip()
+        if not rest:
+            raise ModelLoadError("hf: needs a hub id (hf:org/repo) or a directory (hf:/path)")
+        path = Path(rest).expanduser()
+        return str(path.resolve()) if path.is_dir() else rest
+    if spec.startswith(LOCAL_DIR):
+        directory = Path(spec[len(LOCAL_DIR) :]).expanduser()
+        if not (directory / CONFIG_NAME).is_file() and hf.is_transformers_dir(directory):
+            return str(directory.resolve())
+    return None
+
+
+def _normalized(spec: str, source: str) -> str:
+    """The spec as manifests and `/healthz` show it: directories made absolute."""
+    if Path(source).is_absolute():
+        return (LOCAL_DIR if spec.startswith(LOCAL_DIR) else hf.PREFIX) + source
+    return hf.PREFIX + source
+
+
 def save_local_dir(
     model: torch.nn.Module,
     model_cfg: dict[str, Any],
@@ -489,16 +548,26 @@ def save_local_dir(
 
 @dataclass
 class TrainableClip:
-    """What fine-tuning needs: the fp32 torch model, both transforms, tokenizer and config."""
+    """What fine-tuning needs: the fp32 torch model, both transforms, tokenizer and config
+    (`model_cfg` is None for a transformers model, whose config travels with it)."""
 
     model: torch.nn.Module
     preprocess_train: Any
     preprocess_val: Any
     tokenizer: Any
-    model_cfg: dict[str, Any]
+    model_cfg: dict[str, Any] | None
     preprocess_cfg: dict[str, Any]
     spec: str
     pretrained: str | None
+
+    def save(self, directory: str | os.PathLike[str], extra_files: dict[str, bytes] | None = None) -> Path:
+        """Write the current weights as a checkpoint `local-dir:` loads, atomically: open_clip's
+        layout for an open_clip model, transformers' `save_pretrained` layout for one of those."""
+        if isinstance(self.model, hf.HFClip):
+            return hf.save(self.model, self.tokenizer, self.preprocess_val, directory, extra_files)
+        if self.model_cfg is None:
+            raise ModelLoadError(f"{self.spec}: no open_clip config to save with these weights")
+        return save_local_dir(self.model, self.model_cfg, directory, self.preprocess_cfg, extra_files)
 
     def as_clip_model(self, device: torch.device | None = None) -> ClipModel:
         """An inference view of the same weights (shared, not copied), as the service sees them."""
@@ -534,6 +603,12 @@ def load_for_training(spec: str, pretrained: str | None = None, device: str = "a
     """Load a spec for fine-tuning (fp32, train transforms too). Random specs are seeded by `seed`."""
     dev = resolve_device(device)
     spec = spec.strip()
+    source = transformers_source(spec)
+    if source is not None:
+        # The family's processor has no training augmentation: both transforms are the same.
+        wrapped, transform, text_tokenizer, _ = hf.load(source)
+        return TrainableClip(wrapped.to(dev), transform, transform, text_tokenizer, None, {}, _normalized(spec, source),
+                             None)
     kwargs: dict[str, Any] = {}
     if spec.startswith(LOCAL_DIR):
         directory = Path(spec[len(LOCAL_DIR) :]).expanduser()

@@ -175,7 +175,8 @@ async def search_vector(request: Request) -> Response:
 @router.post("/classify", response_model=ClassifyResponse, responses=_ERRORS,
              openapi_extra=body_schema(ClassifyRequest, form=True))
 async def classify(request: Request) -> Response:
-    """Zero-shot classification: labels sorted by softmax(logit_scale x cosine) of image and prompts."""
+    """Zero-shot classification: labels sorted by softmax(logit_scale x cosine) of image and prompts
+    (for a SigLIP model, each label's own sigmoid(logit_scale x cosine + logit_bias))."""
     state = service_state(request)
     body = await read_body(request, ClassifyRequest, state.settings)
     disconnected = client_gone(request)
@@ -187,13 +188,16 @@ async def classify(request: Request) -> Response:
         engine.embed_images([body.image], field="image", disconnected=disconnected),
         engine.embed_texts(texts, field="labels", disconnected=disconnected),
     )
-    return json_response({"labels": zeroshot.classify(image[0], labels, body.labels, state.model.logit_scale)})
+    model = state.model
+    return json_response({"labels": zeroshot.classify(image[0], labels, body.labels, model.logit_scale,
+                                                      model.logit_bias)})
 
 
 @router.post("/similarity", response_model=SimilarityResponse, responses=_ERRORS,
              openapi_extra=body_schema(SimilarityRequest, form=True))
 async def similarity(request: Request) -> Response:
-    """Cosine matrix (images x texts) and per-image softmax probabilities over the texts."""
+    """Cosine matrix (images x texts) and per-image softmax probabilities over the texts (per-pair
+    sigmoids for a SigLIP model; `logit_bias` is then set)."""
     state = service_state(request)
     body = await read_body(request, SimilarityRequest, state.settings)
     disconnected = client_gone(request)
@@ -204,8 +208,10 @@ async def similarity(request: Request) -> Response:
         engine.embed_images(body.images, disconnected=disconnected),
         engine.embed_texts(body.texts, disconnected=disconnected),
     )
-    cos, probs = zeroshot.similarity(images, texts, state.model.logit_scale)
-    return json_response({"cosine": cos, "probabilities": probs, "logit_scale": state.model.logit_scale})
+    model = state.model
+    cos, probs = zeroshot.similarity(images, texts, model.logit_scale, model.logit_bias)
+    return json_response({"cosine": cos, "probabilities": probs, "logit_scale": model.logit_scale,
+                          "logit_bias": model.logit_bias})
 
 
 @router.post("/admin/reload", responses={401: {"model": ErrorResponse}, 403: {"model": ErrorResponse},
@@ -260,7 +266,8 @@ async def info(state: State, request: Request) -> Response:
     settings = state.settings
     if not settings.expose_internals:  # what a client needs, without paths, pids or the runtime
         return json_response({
-            "service": "clipsearch", "model": state.model.info.spec, "dim": state.model.dim,
+            "service": "clipsearch", "model": state.model.info.spec, "family": state.model.info.family,
+            "dim": state.model.dim,
             "index": None if current is None else {
                 "version": current.version, "counts": {m: i.count for m, i in current.indexes.items()}},
         })

@@ -133,8 +133,10 @@ class SimilarityRequest(_Request):
 
 class SimilarityResponse(BaseModel):
     cosine: list[list[float]] = Field(description="images x texts cosine similarities")
-    probabilities: list[list[float]] = Field(description="per image, softmax over texts of logit_scale x cosine")
+    probabilities: list[list[float]] = Field(description="per image, softmax over texts of logit_scale x cosine; "
+                                             "for SigLIP, each pair's sigmoid(logit_scale x cosine + logit_bias)")
     logit_scale: float
+    logit_bias: float | None = Field(None, description="set for SigLIP models (sigmoid probabilities)")
 
 
 def apply_limits(node: Any, settings: Any) -> None:
