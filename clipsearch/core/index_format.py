@@ -91,8 +91,8 @@ class Manifest(BaseModel):
             )
         if self.model.fingerprint != fingerprint:
             raise IndexMismatch(
-                f"index version {self.version} was built with the {self.model.family} model {self.model.spec!r} "
-                f"({self.model.fingerprint}), the service runs {fingerprint}"
+                f"index version {self.version} was built with model {self.model.spec!r} "
+                f"({self.model.family}, {self.model.fingerprint}), the service runs {fingerprint}"
             )
 
 

@@ -447,6 +447,7 @@ def load_model(spec: str, pretrained: str | None = None, device: str = "auto", d
         raise ModelLoadError("model spec is empty")
     source = transformers_source(spec)
     if source is not None:
+        _no_pretrained(spec, pretrained)
         wrapped, transform, text_tokenizer, fingerprint = hf.load(source)
         wrapped = wrapped.to(device=dev, dtype=torch_dtype).eval()
         log.info("loaded %s (transformers %s) on %s as %s", spec, wrapped.family, dev, torch_dtype)
@@ -461,6 +462,7 @@ def load_model(spec: str, pretrained: str | None = None, device: str = "auto", d
         if _find_weights(directory) is None:
             raise ModelLoadError(f"{spec}: no weights file in {directory}")
         spec = LOCAL_DIR + str(directory.resolve())
+        kwargs.update(local_text_tower(directory))
     elif not spec.startswith(HF_HUB):
         if spec.replace("/", "-") not in open_clip.list_models():
             raise ModelLoadError(unknown_model(spec))
@@ -509,11 +511,34 @@ def transformers_source(spec: str) -> str | None:
     return None
 
 
+def _no_pretrained(spec: str, pretrained: str | None) -> None:
+    if pretrained is not None and pretrained.strip().lower() not in _RANDOM:
+        raise ModelLoadError(f"{spec}: --pretrained is for open_clip names; a transformers checkpoint carries "
+                             "its own weights (name another with hf:org/repo or hf:/path)")
+
+
 def _normalized(spec: str, source: str) -> str:
     """The spec as manifests and `/healthz` show it: directories made absolute."""
     if Path(source).is_absolute():
         return (LOCAL_DIR if spec.startswith(LOCAL_DIR) else hf.PREFIX) + source
     return hf.PREFIX + source
+
+
+def local_text_tower(directory: Path) -> dict[str, Any]:
+    """open_clip overrides that build a Hugging Face text tower (xlm-roberta, NLLB, ...) from the
+    checkpoint directory itself, so that it loads offline.
+
+    Such a checkpoint names its tower by hub id (`text_cfg.hf_model_name`); open_clip already
+    reads the tokenizer from the directory, but asks the hub for the tower's config. When the
+    directory holds that config (`config.json`, as `save_local_dir` writes it), use it.
+    """
+    try:
+        text_cfg = json.loads((directory / CONFIG_NAME).read_text())["model_cfg"].get("text_cfg", {})
+    except (OSError, ValueError, KeyError, AttributeError):
+        return {}  # open_clip reports an unreadable config itself
+    if not text_cfg.get("hf_model_name") or not (directory / "config.json").is_file():
+        return {}
+    return {"text_cfg": {**text_cfg, "hf_model_name": str(directory.resolve()), "hf_model_pretrained": False}}
 
 
 def save_local_dir(
@@ -522,10 +547,13 @@ def save_local_dir(
     directory: str | os.PathLike[str],
     preprocess_cfg: dict[str, Any] | None = None,
     extra_files: dict[str, bytes] | None = None,
+    tokenizer: Any = None,
 ) -> Path:
     """Write `model` as a `local-dir:` checkpoint (config + safetensors), atomically.
 
-    The directory appears complete or not at all; an existing one is replaced whole.
+    The directory appears complete or not at all; an existing one is replaced whole. A model
+    with a Hugging Face text tower also gets that tower's config and (given open_clip's
+    `HFTokenizer`) its tokenizer files, so the checkpoint loads with no hub.
     """
     from safetensors.torch import save_file
 
@@ -541,6 +569,12 @@ def save_local_dir(
         save_file(state, str(tmp / WEIGHTS_NAME))
         os.chmod(tmp / WEIGHTS_NAME, 0o666 & ~umask())  # safetensors writes 0600
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2))
+        text_config = getattr(getattr(model, "text", None), "config", None)
+        if text_config is not None and hasattr(text_config, "save_pretrained"):
+            text_config.save_pretrained(tmp)
+        inner: Any = getattr(tokenizer, "tokenizer", None)
+        if isinstance(tokenizer, open_clip.tokenizer.HFTokenizer) and hasattr(inner, "save_pretrained"):
+            inner.save_pretrained(tmp)
         for name, data in (extra_files or {}).items():
             (tmp / name).write_bytes(data)
     return directory
@@ -567,7 +601,7 @@ class TrainableClip:
             return hf.save(self.model, self.tokenizer, self.preprocess_val, directory, extra_files)
         if self.model_cfg is None:
             raise ModelLoadError(f"{self.spec}: no open_clip config to save with these weights")
-        return save_local_dir(self.model, self.model_cfg, directory, self.preprocess_cfg, extra_files)
+        return save_local_dir(self.model, self.model_cfg, directory, self.preprocess_cfg, extra_files, self.tokenizer)
 
     def as_clip_model(self, device: torch.device | None = None) -> ClipModel:
         """An inference view of the same weights (shared, not copied), as the service sees them."""
@@ -605,6 +639,7 @@ def load_for_training(spec: str, pretrained: str | None = None, device: str = "a
     spec = spec.strip()
     source = transformers_source(spec)
     if source is not None:
+        _no_pretrained(spec, pretrained)
         # The family's processor has no training augmentation: both transforms are the same.
         wrapped, transform, text_tokenizer, _ = hf.load(source)
         return TrainableClip(wrapped.to(dev), transform, transform, text_tokenizer, None, {}, _normalized(spec, source),
@@ -615,6 +650,7 @@ def load_for_training(spec: str, pretrained: str | None = None, device: str = "a
         if not (directory / CONFIG_NAME).is_file() or _find_weights(directory) is None:
             raise ModelLoadError(f"{spec}: needs {CONFIG_NAME} and a weights file")
         spec = LOCAL_DIR + str(directory.resolve())
+        kwargs.update(local_text_tower(directory))
     elif not spec.startswith(HF_HUB):
         if spec.replace("/", "-") not in open_clip.list_models():
             raise ModelLoadError(unknown_model(spec))

@@ -117,3 +117,8 @@ def test_bad_specs_are_clear(tmp_path: Path) -> None:
     with pytest.raises(ModelLoadError, match="cannot read its config"):
         load_model(f"hf:{tmp_path / 'missing'}", device="cpu")
     assert not hf.is_transformers_dir(tmp_path)
+
+
+def test_pretrained_tag_with_a_transformers_spec_is_refused(hf_spec) -> None:
+    with pytest.raises(ModelLoadError, match="--pretrained is for open_clip names"):
+        load_model(hf_spec("clip"), pretrained="laion2b_s34b_b79k", device="cpu")

@@ -505,7 +505,8 @@ async def test_healthz_and_info(make_client, tiny_model) -> None:
         assert {"image", "labels"} <= set(bodies["/classify"]["properties"])
     async with make_client(tiny_model, expose_internals=False) as client:
         info = (await client.get("/")).json()
-        assert info == {"service": "clipsearch", "model": tiny_model.info.spec, "dim": 64, "index": None}
+        assert info == {"service": "clipsearch", "model": tiny_model.info.spec, "family": "open_clip", "dim": 64,
+                    "index": None}
 
 
 async def test_local_dir_written_without_clipsearch_serves_open_clips_vectors(tmp_path, make_client) -> None:
