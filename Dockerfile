@@ -8,6 +8,8 @@ ARG PYTHON_VERSION=3.11
 ARG CUDA_IMAGE=nvidia/cuda:12.4.1-cudnn-runtime-ubuntu22.04
 ARG TORCH_VERSION=2.6.0
 ARG TORCHVISION_VERSION=0.21.0
+# more extras, comma first: --build-arg EXTRAS=,ray,hf (the Ray builder, transformers models)
+ARG EXTRAS=
 
 # ---------------------------------------------------------------- package sources (shared by both builds)
 FROM scratch AS src
@@ -29,8 +31,9 @@ RUN pip install --index-url https://download.pytorch.org/whl/cpu \
     torch==${TORCH_VERSION} torchvision==${TORCHVISION_VERSION}
 COPY --from=src /src /src
 WORKDIR /src
+ARG EXTRAS
 # hadolint ignore=DL3013
-RUN pip install '.[cpu]'
+RUN pip install ".[cpu${EXTRAS}]"
 
 # ---------------------------------------------------------------- CPU runtime
 FROM python:${PYTHON_VERSION}-slim AS cpu
@@ -67,8 +70,9 @@ RUN pip install --index-url https://download.pytorch.org/whl/cu124 \
     torch==${TORCH_VERSION} torchvision==${TORCHVISION_VERSION}
 COPY --from=src /src /src
 WORKDIR /src
+ARG EXTRAS
 # hadolint ignore=DL3013
-RUN pip install '.[gpu]'
+RUN pip install ".[gpu${EXTRAS}]"
 
 # ---------------------------------------------------------------- GPU runtime (default target)
 FROM ${CUDA_IMAGE} AS gpu

@@ -7,6 +7,9 @@ fingerprint, so rerunning the same command after an interruption encodes only th
 spans without a shard and ends with the same index as an uninterrupted run. Any change
 of input or model starts afresh. The work area is removed after a successful publish.
 
+With `engine="ray"`, actors on a Ray cluster encode the spans instead
+(`index_builder.ray_engine`); everything else here is the same for both engines.
+
 With `processes` > 1, spawned encoder processes each load the model (on the same
 device) and encode whole spans, each reading its own span of the input by seeking to
 it: no image crosses a process boundary. One Python process tops out at a few thousand
@@ -54,6 +57,9 @@ from index_builder.writer import ShardStore, shard_path, write_shard
 log = logging.getLogger(__name__)
 
 
+ENGINES = ("local", "ray")
+
+
 class BuildError(RuntimeError):
     """The build cannot finish (too many bad records, nothing to index, ...)."""
 
@@ -89,6 +95,9 @@ class BuildOptions:
     base: bool = False  # extend the published version: reuse its vectors, encode only the inputs
     delete: Path | None = None  # with base: a file of ids to leave out of the new version
     dedup: bool = False  # leave out exact duplicate images (same bytes) and texts after their first
+    engine: str = "local"  # local | ray (index_builder.ray_engine: the same shards, encoded on a Ray cluster)
+    ray_address: str | None = None  # auto, ray://head:10001, host:6379; None starts a local Ray
+    ray_actors: int = 0  # encoder actors; 0: one per GPU of the cluster, else one per two CPUs
 
 
 @dataclass
@@ -152,8 +161,10 @@ def run_build(opts: BuildOptions, model: ClipModel | None = None) -> BuildSummar
     t0 = time.perf_counter()
     if model is None:
         model = load_model(opts.model, opts.pretrained, opts.device, opts.dtype)
-    if opts.processes > 1 and model.info.fingerprint == "in-training":
-        raise BuildError("--processes > 1 needs a model the encoder processes can load by its spec")
+    if opts.engine not in ENGINES:
+        raise BuildError(f"unknown engine {opts.engine!r}; expected one of {', '.join(ENGINES)}")
+    if (opts.processes > 1 or opts.engine == "ray") and model.info.fingerprint == "in-training":
+        raise BuildError("--processes > 1 and --engine ray need a model the encoders can load by its spec")
     inputs_desc = describe_inputs(opts.inputs)
     base = load_base(opts.output, model.info.fingerprint, model.dim) if opts.base else None
     deleted = set(read_list_file(opts.delete)) if opts.delete is not None else set()
@@ -198,7 +209,11 @@ def run_build(opts: BuildOptions, model: ClipModel | None = None) -> BuildSummar
                              f"first: {errors[0].source}: {errors[0].reason}")
 
     try:
-        if opts.processes > 1 and len(todo) > 1:
+        if opts.engine == "ray" and todo:
+            from index_builder.ray_engine import encode_with_ray
+
+            encode_with_ray(opts, spans, todo, store.dir, model.info.fingerprint, finished, store.read)
+        elif opts.processes > 1 and len(todo) > 1:
             _encode_in_processes(opts, spans, todo, store.dir, model.info.fingerprint, finished, store.read)
         else:
             for i in todo:

@@ -26,7 +26,10 @@ _BUILD_HELP = (
     "--max-errors N makes more than N a failure.\n\n"
     "The version is written under DIR/versions/ and DIR/CURRENT is switched atomically only when it "
     "is complete; a running `clipsearch serve --index-dir DIR` picks it up. Interrupted? Rerun the "
-    "same command: it encodes only the shards not yet in DIR/.work/ (also with another --processes)."
+    "same command: it encodes only the shards not yet in DIR/.work/ (also with another --processes or "
+    "--engine).\n\n"
+    "--engine ray spreads the shards over a Ray cluster (pip install 'clipsearch[ray]'): the same shards, "
+    "resume and published version as the local engine."
 )
 
 
@@ -34,13 +37,13 @@ _BUILD_HELP = (
 def build(
     output: Annotated[Path, typer.Option("--output", "-o", help="index directory DIR (versions/ + CURRENT)")],
     input: Annotated[list[Path] | None, typer.Option(
-        "--input", "-i", help="TSV/JSONL file or image directory; repeatable")] = None,
+        "--input", "-i", help="TSV, JSONL, Parquet or WebDataset .tar file, or image directory; repeatable")] = None,
     model: Annotated[str, typer.Option(help="model spec, as for `serve`")] = "clipsearch-tiny",
     pretrained: Annotated[str | None, typer.Option(help="pretrained tag, checkpoint path, or none")] = None,
     index_type: Annotated[str, typer.Option(help="auto | flat | hnsw | ivf | ivfpq")] = "auto",
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto | fp32 | fp16 | bf16")] = "auto",
-    format: Annotated[str, typer.Option("--format", help="auto | tsv | dir | jsonl")] = "auto",
+    format: Annotated[str, typer.Option("--format", help="auto | tsv | dir | jsonl | parquet | webdataset")] = "auto",
     input_schema: Annotated[str | None, typer.Option(help="TSV columns, e.g. id,text,image (EasyNLP style ok)")] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="items per model call")] = 256,
     workers: Annotated[int, typer.Option(
@@ -76,6 +79,14 @@ def build(
     = False,
     thumbnails: Annotated[bool, typer.Option(
         help="store a small JPEG of every image (longest side 256 px) for the search page")] = True,
+    engine: Annotated[str, typer.Option(
+        help="local: this machine (--processes); ray: actors on a Ray cluster, one per GPU (or per two CPUs), "
+        "each loading the model once; inputs and DIR must be on storage every node sees")] = "local",
+    ray_address: Annotated[str | None, typer.Option(
+        help="with --engine ray: auto (the cluster this node is in), ray://head:10001, or none to start a "
+        "local Ray")] = None,
+    ray_actors: Annotated[int, typer.Option(min=0, help="with --engine ray: encoder actors (0: from the "
+                                                          "cluster's GPUs or CPUs)")] = 0,
     progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
     quiet: Annotated[bool, typer.Option(help="only warnings and the summary")] = False,
 ) -> None:
@@ -103,7 +114,7 @@ def build(
             recall_target=recall_target,
             memory_budget=parse_bytes(memory_budget), flat_max=flat_max, progress=progress and not quiet,
             image_decode=image_decode, exif_orientation=exif_orientation, thumbnails=thumbnails,
-            base=base, delete=delete, dedup=dedup,
+            base=base, delete=delete, dedup=dedup, engine=engine, ray_address=ray_address, ray_actors=ray_actors,
         )
         summary = run_build(opts)
     except (BuildError, BaseError, InputError, ClipsearchError, ValueError, OSError) as exc:

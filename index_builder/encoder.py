@@ -68,14 +68,18 @@ def _reason(exc: ClipsearchError) -> str:
     return exc.message.removeprefix("image: ")
 
 
-def _decode_one(image_b64: str | None, image_path: str | None) -> Decoded:
+def _decode_one(image_b64: str | None, image_path: str | None, image_bytes: bytes | None = None) -> Decoded:
     """One image -> (C,H,W) float32 array (or a checked `Jpeg` left for the device) and its
     thumbnail, or (None, reason, b""). Runs in a worker."""
     max_bytes, decoder = _MAX_BYTES, _DECODER
     if decoder is None:
         return None, "decoder not initialised", b"", ""
     try:
-        if image_path is not None:
+        if image_bytes is not None:  # Parquet and WebDataset carry the file's bytes
+            if len(image_bytes) > max_bytes:
+                return None, f"image is larger than {max_bytes} bytes", b"", ""
+            data = image_bytes
+        elif image_path is not None:
             try:
                 with open(image_path, "rb") as f:
                     data = f.read(max_bytes + 1)
@@ -102,8 +106,8 @@ def _decode_one(image_b64: str | None, image_path: str | None) -> Decoded:
         return None, f"cannot preprocess image ({type(exc).__name__}: {exc})", b"", ""
 
 
-def _decode_many(jobs: Sequence[tuple[str | None, str | None]]) -> list[Decoded]:
-    return [_decode_one(b64, path) for b64, path in jobs]
+def _decode_many(jobs: Sequence[tuple[str | None, str | None, bytes | None]]) -> list[Decoded]:
+    return [_decode_one(b64, path, raw) for b64, path, raw in jobs]
 
 
 @dataclass
@@ -181,8 +185,9 @@ class Encoder:
 
     def start(self, records: list[Record]) -> PendingChunk:
         """Submit the image decoding of a chunk of records; returns at once."""
-        image_records = [r for r in records if r.error is None and (r.image_b64 is not None or r.image_path)]
-        jobs = [(r.image_b64, r.image_path) for r in image_records]
+        image_records = [r for r in records if r.error is None and (r.image_b64 is not None or r.image_path
+                                                                     or r.image_bytes is not None)]
+        jobs = [(r.image_b64, r.image_path, r.image_bytes) for r in image_records]
         futures = [self._pool.submit(_decode_many, jobs[i : i + self._chunk]) for i in range(0, len(jobs), self._chunk)]
         return PendingChunk(records, futures, image_records)
 

@@ -10,6 +10,12 @@ Formats (detected, or forced with `--format`):
 * ``dir``   a directory of image files, recursive; id = path relative to the directory.
 * ``jsonl`` records ``{"id", "image": path or base64, "text", "metadata": {...}}``;
   a relative image path is taken relative to the JSONL file.
+* ``parquet`` one row per record: ``id`` (or ``key``), ``text`` (or ``caption``), ``image``
+  (or ``jpg`` / ``png`` / ``webp``: the file's bytes, or a base64 string or path) and
+  ``metadata`` (a struct or JSON text); every other scalar column goes into the metadata.
+  A span reads only the row groups it covers.
+* ``webdataset`` a ``.tar`` shard of samples ``KEY.jpg`` (png, webp, ...) with ``KEY.txt``
+  (the caption) and ``KEY.json`` (metadata), as img2dataset writes them; id = KEY.
 
 Readers do no decoding: bad base64 or a corrupt file is found by the encoder, which
 reports it with the record's `source` (``file:line`` or path).
@@ -28,7 +34,10 @@ import numpy as np
 import orjson
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
-FORMATS = ("auto", "tsv", "dir", "jsonl")
+FORMATS = ("auto", "tsv", "dir", "jsonl", "parquet", "webdataset")
+_IMAGE_COLUMNS = ("image", "jpg", "jpeg", "png", "webp", "image_bytes")
+_TEXT_COLUMNS = ("text", "caption", "txt")
+_ID_COLUMNS = ("id", "key")
 _COLUMNS = {"id", "text", "image", "_"}
 
 
@@ -39,6 +48,7 @@ class Record:
     text: str | None = None
     image_b64: str | None = None
     image_path: str | None = None
+    image_bytes: bytes | None = None  # the image file itself (Parquet, WebDataset)
     metadata: dict[str, Any] = field(default_factory=dict)
     error: str | None = None  # a problem the reader already found (bad JSON, missing column)
 
@@ -66,6 +76,10 @@ def detect_format(path: Path) -> str:
         raise InputError(f"input {path} does not exist")
     if path.suffix.lower() in {".jsonl", ".ndjson"}:
         return "jsonl"
+    if path.suffix.lower() in {".parquet", ".pq"}:
+        return "parquet"
+    if path.suffix.lower() == ".tar":
+        return "webdataset"
     if path.suffix.lower() in {".tsv", ".txt", ".csv"}:
         return "tsv"
     with open(path, "rb") as f:
@@ -232,6 +246,149 @@ def read_jsonl(path: Path, id_prefix: str, span: Span | None = None) -> Iterator
             yield rec
 
 
+def _pyarrow_parquet() -> Any:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise InputError("Parquet inputs need pyarrow: pip install pyarrow") from None
+    return pq
+
+
+def _parquet_rows(path: Path) -> int:
+    try:
+        return int(_pyarrow_parquet().ParquetFile(path).metadata.num_rows)
+    except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError
+        raise InputError(f"{path}: not a readable Parquet file ({exc})") from None
+
+
+def read_parquet(path: Path, id_prefix: str, span: Span | None = None) -> Iterator[Record]:
+    pf = _pyarrow_parquet().ParquetFile(path)
+    first = 0 if span is None else span.first
+    end = pf.metadata.num_rows if span is None else span.first + span.count
+    start = 0
+    for group in range(pf.num_row_groups):
+        rows = pf.metadata.row_group(group).num_rows
+        lo, hi = max(first, start), min(end, start + rows)
+        if lo < hi:
+            table = pf.read_row_group(group).slice(lo - start, hi - lo)
+            for k, row in enumerate(table.to_pylist()):
+                yield _parquet_record(path, id_prefix, lo + k + 1, row)
+        start += rows
+        if start >= end:
+            break
+
+
+def _parquet_record(path: Path, id_prefix: str, number: int, row: dict[str, Any]) -> Record:
+    rec = Record(id=f"{id_prefix}{number}", source=f"{path.name}:row {number}")
+    used: set[str] = set()
+    for name in _ID_COLUMNS:
+        if row.get(name) is not None:
+            rec.id, used = str(row[name]), used | {name}
+            break
+    for name in _TEXT_COLUMNS:
+        if name in row:
+            used.add(name)
+            if row[name] is not None:
+                rec.text = str(row[name])
+                break
+    for name in _IMAGE_COLUMNS:
+        if name in row:
+            used.add(name)
+            value = row[name]
+            if isinstance(value, dict):  # Hugging Face datasets' Image feature: {"bytes", "path"}
+                value = value.get("bytes") or value.get("path")
+            if isinstance(value, bytes):
+                rec.image_bytes = value
+            elif isinstance(value, str):
+                if _looks_like_base64_image(value) or len(value) > 4096:
+                    rec.image_b64 = value
+                else:
+                    p = Path(value)
+                    rec.image_path = str(p if p.is_absolute() else path.parent / p)
+            if value is not None:
+                break
+    meta = row.get("metadata")
+    used.add("metadata")
+    if isinstance(meta, str):
+        try:
+            meta = orjson.loads(meta)
+        except orjson.JSONDecodeError:
+            rec.error = "'metadata' is not valid JSON"
+    rec.metadata = dict(meta) if isinstance(meta, dict) else {}
+    for name, value in row.items():  # other scalar columns are metadata too (url, width, ...)
+        if name not in used and (value is None or isinstance(value, (str, int, float, bool))):
+            rec.metadata.setdefault(name, value)
+    if rec.error is None and rec.text is None and rec.image_b64 is None and rec.image_path is None \
+            and rec.image_bytes is None:
+        rec.error = "row has neither a text nor an image column with a value"
+    return rec
+
+
+_WDS_IMAGE = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+
+
+def _wds_samples(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(key, {extension: member}) per sample of a WebDataset tar, in file order: members
+    with the same key (the name up to its first dot after the last slash) form a sample."""
+    import tarfile
+
+    try:
+        tar = tarfile.open(path, "r:*")  # noqa: SIM115 (closed by the with below, past the error check)
+    except (OSError, tarfile.TarError) as exc:
+        raise InputError(f"{path}: not a readable tar file ({exc})") from None
+    with tar:
+        key, parts = None, {}
+        for member in tar:
+            if not member.isfile():
+                continue
+            directory, _, name = member.name.rpartition("/")
+            stem, dot, ext = name.partition(".")
+            if not dot or name.startswith("."):
+                continue
+            k = f"{directory}/{stem}" if directory else stem
+            if k != key and key is not None:
+                yield key, parts
+                parts = {}
+            key = k
+            parts["." + ext.lower()] = (tar, member)
+        if key is not None:
+            yield key, parts
+
+
+def _wds_count(path: Path) -> int:
+    return sum(1 for _ in _wds_samples(path))
+
+
+def read_webdataset(path: Path, span: Span | None = None) -> Iterator[Record]:
+    samples = _wds_samples(path)
+    if span is not None:
+        samples = itertools.islice(samples, span.first, span.first + span.count)
+    for key, parts in samples:
+        rec = Record(id=key, source=f"{path.name}:{key}")
+
+        def read(ext: str, parts: dict[str, Any] = parts) -> bytes:
+            tar, member = parts[ext]
+            f = tar.extractfile(member)
+            return f.read() if f is not None else b""
+
+        image_ext = next((e for e in parts if e in _WDS_IMAGE), None)
+        if image_ext is not None:
+            rec.image_bytes = read(image_ext)
+        for ext in (".txt", ".caption", ".text"):
+            if ext in parts:
+                rec.text = read(ext).decode("utf-8", "replace")
+                break
+        if ".json" in parts:
+            try:
+                meta = orjson.loads(read(".json"))
+                rec.metadata = meta if isinstance(meta, dict) else {"json": meta}
+            except orjson.JSONDecodeError:
+                rec.error = f"{key}.json is not valid JSON"
+        if rec.error is None and rec.text is None and rec.image_bytes is None:
+            rec.error = "sample has neither an image nor a caption"
+        yield rec
+
+
 def input_kind(path: Path, fmt: str = "auto") -> str:
     if fmt not in FORMATS:
         raise InputError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
@@ -265,6 +422,10 @@ def _read(inputs: list[Path], i: int, span: Span | None, fmt: str, schema: str |
         return read_dir(path, span)
     if kind == "jsonl":
         return read_jsonl(path, prefix, span)
+    if kind == "parquet":
+        return read_parquet(path, prefix, span)
+    if kind == "webdataset":
+        return read_webdataset(path, span)
     return read_tsv(path, columns, prefix, span)
 
 
@@ -294,8 +455,10 @@ def plan_spans(inputs: list[Path], fmt: str = "auto", size: int = 1024) -> list[
     _span_files.cache_clear()
     spans: list[Span] = []
     for i, path in enumerate(inputs):
-        if input_kind(path, fmt) == "dir":
-            n = len(_span_files(path))
+        kind = input_kind(path, fmt)
+        if kind in ("dir", "parquet", "webdataset"):  # spans by position: no byte offsets to find
+            n = len(_span_files(path)) if kind == "dir" else _parquet_rows(path) if kind == "parquet" \
+                else _wds_count(path)
             starts = [0] * -(-n // size)
         else:
             n, starts = _line_starts(path, size)

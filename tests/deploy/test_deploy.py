@@ -183,3 +183,68 @@ def test_hadolint_passes() -> None:
     r = subprocess.run([hadolint, "--config", str(ROOT / ".hadolint.yaml"), str(ROOT / "Dockerfile")],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+# The fields of KubeRay's RayJob (ray.io/v1) that deploy/ray/rayjob.yaml uses, with their
+# types; anything else there is a mistake (additionalProperties: false). Pod templates are
+# checked against Kubernetes' own PodTemplateSpec schema below.
+_POD_TEMPLATE = {"type": "object", "required": ["spec"]}
+_GROUP = {"rayStartParams": {"type": "object", "additionalProperties": {"type": "string"}},
+          "template": _POD_TEMPLATE}
+RAYJOB_SCHEMA = {
+    "type": "object", "additionalProperties": False, "required": ["apiVersion", "kind", "metadata", "spec"],
+    "properties": {
+        "apiVersion": {"const": "ray.io/v1"}, "kind": {"const": "RayJob"}, "metadata": {"type": "object"},
+        "spec": {
+            "type": "object", "additionalProperties": False, "required": ["entrypoint", "rayClusterSpec"],
+            "properties": {
+                "entrypoint": {"type": "string"}, "shutdownAfterJobFinishes": {"type": "boolean"},
+                "ttlSecondsAfterFinished": {"type": "integer", "minimum": 0},
+                "activeDeadlineSeconds": {"type": "integer", "minimum": 1},
+                "backoffLimit": {"type": "integer", "minimum": 0},
+                "rayClusterSpec": {
+                    "type": "object", "additionalProperties": False, "required": ["headGroupSpec"],
+                    "properties": {
+                        "rayVersion": {"type": "string"},
+                        "headGroupSpec": {"type": "object", "additionalProperties": False, "required": ["template"],
+                                          "properties": _GROUP},
+                        "workerGroupSpecs": {"type": "array", "items": {
+                            "type": "object", "additionalProperties": False,
+                            "required": ["groupName", "template"],
+                            "properties": {**_GROUP, "groupName": {"type": "string"},
+                                           "replicas": {"type": "integer", "minimum": 0},
+                                           "minReplicas": {"type": "integer", "minimum": 0},
+                                           "maxReplicas": {"type": "integer", "minimum": 1}}}},
+                    },
+                },
+            },
+        },
+    },
+}
+
+
+def test_rayjob_is_valid_and_runs_a_real_ray_build() -> None:
+    import shlex
+
+    doc = yaml.safe_load((DEPLOY / "ray" / "rayjob.yaml").read_text())
+    jsonschema.Draft202012Validator(RAYJOB_SCHEMA).validate(doc)
+    cluster = doc["spec"]["rayClusterSpec"]
+    groups = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
+    for group in groups:
+        pod = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "t"}, "template": group["template"]}
+        kubernetes_validate.validate(pod, K8S_VERSION, strict=True)
+    for worker in cluster["workerGroupSpecs"]:
+        assert worker["minReplicas"] <= worker["replicas"] <= worker["maxReplicas"]
+    # every pod mounts the same shared volume where the job reads and writes
+    claims = {v["persistentVolumeClaim"]["claimName"] for g in groups for v in g["template"]["spec"]["volumes"]}
+    mounts = {m["mountPath"] for g in groups for c in g["template"]["spec"]["containers"] for m in c["volumeMounts"]}
+    assert len(claims) == 1 and mounts == {"/data"}
+    args = shlex.split(doc["spec"]["entrypoint"])
+    assert args[:3] == ["clipsearch", "index", "build"]
+    assert args[args.index("--engine") + 1] == "ray" and args[args.index("--ray-address") + 1] == "auto"
+    build_help = _help("index", "build")
+    for flag in _flags(args):
+        assert flag in build_help, flag
+    for path in (args[args.index("--input") + 1], args[args.index("--output") + 1]):
+        assert path.startswith("/data/")
+    assert "EXTRAS" in (ROOT / "Dockerfile").read_text() and "ray = [" in (ROOT / "pyproject.toml").read_text()
