@@ -516,3 +516,29 @@ def test_exif_orientation_build_matches_the_service_with_the_same_setting(tmp_pa
         want = tiny_model.encode_pixels(engine.prepare_images([image]))
         np.testing.assert_allclose(vectors, want, atol=1e-5)
         assert read_manifest(built.version_dir).build["exif_orientation"] is exif
+
+
+def test_local_engine_needs_no_ray(tmp_path: Path, tiny_spec: str) -> None:
+    """With Ray not importable, the local engine builds and --engine ray says how to get Ray."""
+    write_corpus(tmp_path / "c.tsv", 12)
+    script = f"""
+import sys
+class NoRay:
+    def find_spec(self, name, path=None, target=None):
+        if name == "ray" or name.startswith("ray."):
+            raise ImportError("no ray here")
+sys.meta_path.insert(0, NoRay())
+from pathlib import Path
+from index_builder.build import BuildError, BuildOptions, run_build
+opts = BuildOptions(inputs=[Path({str(tmp_path / "c.tsv")!r})], output=Path({str(tmp_path / "idx")!r}),
+                    model={tiny_spec!r}, device="cpu", progress=False, workers=0)
+print(run_build(opts).encoded)
+try:
+    run_build(BuildOptions(**{{**opts.__dict__, "output": Path({str(tmp_path / "idx2")!r}), "engine": "ray"}}))
+except BuildError as exc:
+    print("refused:", exc)
+"""
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "{'image': 12, 'text': 12}" in r.stdout
+    assert "refused: --engine ray needs Ray: pip install 'clipsearch[ray]'" in r.stdout
