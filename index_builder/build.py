@@ -228,8 +228,11 @@ def run_build(opts: BuildOptions, model: ClipModel | None = None) -> BuildSummar
         encoder.close()
     ordered = [shards[i] for i in range(len(spans))]
 
-    image_vecs = concat_vectors([s.image_vectors for s in ordered], model.dim)
-    text_vecs = concat_vectors([s.text_vectors for s in ordered], model.dim)
+    # Past the memory budget the vectors are gathered into a file in the work area and
+    # memory-mapped: the index build reads them chunk by chunk (see `indexing`).
+    spill = store.dir if opts.base is False and not opts.dedup else None
+    image_vecs = _gather([s.image_vectors for s in ordered], model.dim, opts.memory_budget, spill, "image")
+    text_vecs = _gather([s.text_vectors for s in ordered], model.dim, opts.memory_budget, spill, "text")
     image_items = [i for s in ordered for i in s.image_items]
     text_items = [i for s in ordered for i in s.text_items]
     thumbs: list[bytes] | None = [t for s in ordered for t in s.thumbnails] if opts.thumbnails else None
@@ -264,7 +267,7 @@ def run_build(opts: BuildOptions, model: ClipModel | None = None) -> BuildSummar
             log.info("building %s index over %d vectors", modality, len(vecs))
             built[modality] = build_and_tune(vecs, others if len(others) else None, index_type=opts.index_type,
                                              memory_budget=opts.memory_budget, recall_target=opts.recall_target,
-                                             flat_max=opts.flat_max)
+                                             flat_max=opts.flat_max, scratch=store.dir / f"{modality}-lists")
     seconds = time.perf_counter() - t0
     n_records = sum(s.records for s in ordered)
     reasons = Counter(_reason_key(e) for e in errors)
@@ -326,6 +329,21 @@ def run_build(opts: BuildOptions, model: ClipModel | None = None) -> BuildSummar
         resumed_shards=done,
         extra={"encoded_this_run": encoded_now},
     )
+
+
+def _gather(parts: list[np.ndarray], dim: int, budget: int, spill: Path | None, name: str) -> np.ndarray:
+    """The shards' vectors as one array: in memory, or (past `budget`, with a `spill` directory)
+    a memory-mapped file there, written shard by shard."""
+    n = sum(len(p) for p in parts)
+    if spill is None or n * dim * 4 <= budget:
+        return concat_vectors(parts, dim)
+    out = np.lib.format.open_memmap(spill / f"{name}-vectors.npy", mode="w+", dtype=np.float32, shape=(n, dim))
+    start = 0
+    for part in parts:
+        out[start : start + len(part)] = part
+        start += len(part)
+    out.flush()
+    return out
 
 
 def _hash_inputs(inputs_desc: list[dict[str, Any]], stop: threading.Event) -> dict[str, str]:

@@ -40,7 +40,8 @@ def build(
         "--input", "-i", help="TSV, JSONL, Parquet or WebDataset .tar file, or image directory; repeatable")] = None,
     model: Annotated[str, typer.Option(help="model spec, as for `serve`")] = "clipsearch-tiny",
     pretrained: Annotated[str | None, typer.Option(help="pretrained tag, checkpoint path, or none")] = None,
-    index_type: Annotated[str, typer.Option(help="auto | flat | hnsw | ivf | ivfpq")] = "auto",
+    index_type: Annotated[str, typer.Option(
+        help="auto | flat | hnsw | ivf | ivfpq | ivfpq-disk (lists on disk, memory-mapped by the service)")] = "auto",
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto | fp32 | fp16 | bf16")] = "auto",
     format: Annotated[str, typer.Option("--format", help="auto | tsv | dir | jsonl | parquet | webdataset")] = "auto",

@@ -20,7 +20,7 @@ from clipsearch.core.index_format import (
     Modality,
     Thumbnails,
     current_version_dir,
-    faiss_module,
+    read_faiss_index,
     read_items,
     read_manifest,
 )
@@ -56,13 +56,12 @@ def load_base(output: Path, fingerprint: str, dim: int) -> Base:
     if manifest.model.fingerprint != fingerprint or manifest.dim != dim:
         raise BaseError(f"--base: version {manifest.version} was built with {manifest.model.spec!r} "
                         f"({manifest.model.fingerprint}); this build's model differs: rebuild in full")
-    faiss = faiss_module()
     base = Base(manifest.version, manifest)
     for modality in MODALITIES:
         entry = manifest.indexes.get(modality)
         if entry is None:
             continue
-        index = faiss.read_index(str(version_dir / entry.file))
+        index = read_faiss_index(version_dir / entry.file, ondisk=entry.data is not None)
         vectors = reconstruct_all(index) if index.ntotal else np.zeros((0, dim), np.float32)
         thumbnails = None
         if entry.thumbnails is not None:

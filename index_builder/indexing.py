@@ -5,7 +5,12 @@
 * up to `flat_max` vectors (20k by default): ``Flat``, exact;
 * while HNSW fits the budget (and up to 5M vectors): ``HNSW32``;
 * while the raw vectors fit: ``IVF{nlist},Flat`` with nlist ~ 4·sqrt(n);
-* otherwise ``IVF{nlist},PQ{m}x8``, compressing each vector to m bytes.
+* while its codes fit: ``IVF{nlist},PQ{m}x8``, compressing each vector to m bytes;
+* otherwise the same IVF-PQ with its inverted lists on disk (``ivfpq-disk``), as autofaiss
+  builds LAION-5B: trained on a sample, filled chunk by chunk (one chunk's codes in RAM at
+  a time, from a memory-mapped vector file), the chunks' lists merged into one
+  ``OnDiskInvertedLists`` file that the service maps read-only, so its memory holds only
+  the centroids and the pages searches touch.
 
 After building an approximate index its recall@10 is measured against exact search
 on held-out queries, and nprobe / efSearch are raised until the target is reached.
@@ -15,7 +20,10 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import faiss as _faiss
@@ -24,7 +32,8 @@ import numpy as np
 log = logging.getLogger(__name__)
 faiss: Any = _faiss  # its bundled type hints lag the library (SearchParametersHNSW, kwargs)
 
-INDEX_TYPES = ("auto", "flat", "hnsw", "ivf", "ivfpq")
+INDEX_TYPES = ("auto", "flat", "hnsw", "ivf", "ivfpq", "ivfpq-disk")
+ONDISK_CHUNK = 1_000_000  # vectors per in-memory part of an on-disk build
 HNSW_M = 32
 
 
@@ -80,29 +89,78 @@ def plan_index(n: int, d: int, index_type: str = "auto", memory_budget: int = 4 
             index_type = "hnsw"
         elif flat_bytes * 1.1 <= memory_budget:
             index_type = "ivf"
-        else:
+        elif n * (_pq_m(d) + 8) * 1.2 <= memory_budget:  # codes and ids in RAM
             index_type = "ivfpq"
+        else:
+            index_type = "ivfpq-disk"
     factory = {
         "flat": "Flat",
         "hnsw": f"HNSW{HNSW_M}",
         "ivf": f"IVF{nlist},Flat",
         "ivfpq": f"IVF{nlist},PQ{_pq_m(d)}x8",
+        "ivfpq-disk": f"IVF{nlist},PQ{_pq_m(d)}x8",
     }[index_type]
     return IndexPlan(index_type, factory)
 
 
-def build(vectors: np.ndarray, plan: IndexPlan, *, train_size: int = 100_000, seed: int = 0) -> Any:
-    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+def build(vectors: np.ndarray, plan: IndexPlan, *, train_size: int = 100_000, seed: int = 0,
+          scratch: Path | None = None) -> Any:
+    """Train and fill an index. `vectors` may be memory-mapped; an on-disk plan writes its
+    lists under `scratch` (a temporary directory, by default), from where `write_version`
+    moves them into the version."""
     n, d = vectors.shape
     index = faiss.index_factory(d, plan.factory, faiss.METRIC_INNER_PRODUCT)
     if plan.index_type == "hnsw":
         faiss.downcast_index(index).hnsw.efConstruction = 80
     if not index.is_trained:
+        train_size = max(train_size, 39 * faiss.extract_index_ivf(index).nlist) if plan.index_type != "flat" \
+            else train_size
         rng = np.random.default_rng(seed)
-        sample = vectors if n <= train_size else vectors[np.sort(rng.choice(n, train_size, replace=False))]
-        index.train(sample)
-    index.add(vectors)
+        pick = None if n <= train_size else np.sort(rng.choice(n, train_size, replace=False))
+        index.train(np.ascontiguousarray(vectors if pick is None else vectors[pick], dtype=np.float32))
+    if plan.index_type == "ivfpq-disk":
+        return _fill_ondisk(index, vectors, Path(scratch or tempfile.mkdtemp(prefix="clipsearch-ivf-")))
+    index.add(np.ascontiguousarray(vectors, dtype=np.float32))
     return index
+
+
+def _fill_ondisk(index: Any, vectors: np.ndarray, scratch: Path, chunk: int | None = None) -> Any:
+    """Add `vectors` to the trained, empty IVF `index` one chunk at a time, each chunk's lists
+    written to a part file, then merge the parts' lists into one on-disk file."""
+    from faiss.contrib.ondisk import merge_ondisk
+
+    chunk = chunk or ONDISK_CHUNK
+    scratch.mkdir(parents=True, exist_ok=True)
+    parts: list[str] = []
+    for start in range(0, len(vectors), chunk):
+        part = faiss.clone_index(index)
+        block = np.ascontiguousarray(vectors[start : start + chunk], dtype=np.float32)
+        part.add_with_ids(block, np.arange(start, start + len(block), dtype=np.int64))
+        path = scratch / f"part-{len(parts):05d}.faiss"
+        faiss.write_index(part, str(path))
+        parts.append(str(path))
+        del part
+        log.info("on-disk index: %d of %d vectors added", start + len(block), len(vectors))
+    data = scratch / f"lists-{os.getpid()}-{len(parts)}.ivfdata"
+    merge_ondisk(index, parts, str(data))
+    for name in parts:
+        os.unlink(name)
+    return index
+
+
+def exact_top_k(vectors: np.ndarray, queries: np.ndarray, k: int, block: int = 262_144) -> np.ndarray:
+    """Ids of each query's k nearest vectors by inner product, block by block: no copy of
+    `vectors` (which may be memory-mapped) is held beyond one block."""
+    best_s = np.full((len(queries), 0), -np.inf, np.float32)
+    best_i = np.zeros((len(queries), 0), np.int64)
+    for start in range(0, len(vectors), block):
+        sims = queries @ np.asarray(vectors[start : start + block], np.float32).T
+        ids = np.broadcast_to(np.arange(start, start + sims.shape[1]), sims.shape)
+        s = np.concatenate([best_s, sims], axis=1)
+        i = np.concatenate([best_i, ids], axis=1)
+        keep = np.argsort(-s, axis=1, kind="stable")[:, :k]
+        best_s, best_i = np.take_along_axis(s, keep, 1), np.take_along_axis(i, keep, 1)
+    return best_i
 
 
 def held_out_queries(vectors: np.ndarray, others: np.ndarray | None, count: int = 1000, seed: int = 0) -> np.ndarray:
@@ -128,11 +186,9 @@ def tune(index: Any, plan: IndexPlan, vectors: np.ndarray, queries: np.ndarray, 
          k: int = 10) -> tuple[dict[str, int], float]:
     """Smallest nprobe / efSearch whose recall@k reaches `target` (per-call parameters)."""
     k = min(k, len(vectors))
-    exact = faiss.IndexFlatIP(vectors.shape[1])
-    exact.add(np.ascontiguousarray(vectors, dtype=np.float32))
-    _, truth = exact.search(queries, k)
     if plan.index_type == "flat":
         return {}, 1.0
+    truth = exact_top_k(vectors, queries, k)
     if plan.index_type == "hnsw":
         name, values = "efSearch", [16, 32, 64, 128, 256, 512, 1024, 2048]
 
@@ -156,11 +212,11 @@ def tune(index: Any, plan: IndexPlan, vectors: np.ndarray, queries: np.ndarray, 
 
 
 def build_and_tune(vectors: np.ndarray, others: np.ndarray | None, *, index_type: str, memory_budget: int,
-                   recall_target: float, flat_max: int = 20_000) -> BuiltIndex:
+                   recall_target: float, flat_max: int = 20_000, scratch: Path | None = None) -> BuiltIndex:
     plan = plan_index(len(vectors), vectors.shape[1], index_type, memory_budget, flat_max)
     if len(vectors) < 2 and plan.index_type != "flat":
         plan = IndexPlan("flat", "Flat")
-    index = build(vectors, plan)
+    index = build(vectors, plan, scratch=scratch)
     if plan.index_type == "flat":
         return BuiltIndex(index, plan, {}, 1.0)
     queries = held_out_queries(vectors, others)

@@ -70,6 +70,7 @@ class IndexEntry(BaseModel):
     recall_at_10: float | None = None
     thumbnails: str | None = Field(None, pattern=_FILE_NAME)  # image indexes: the thumbnail file, if built
     thumbnail_count: int = Field(0, ge=0)  # items that have one (an unreadable image's is left empty)
+    data: str | None = Field(None, pattern=_FILE_NAME)  # on-disk inverted lists (ivfpq-disk), beside `file`
 
 
 class Manifest(BaseModel):
@@ -271,6 +272,30 @@ class Thumbnails:
         return int((sizes > 0).sum())
 
 
+def ondisk_lists(index: Any) -> Any:
+    """The `OnDiskInvertedLists` of an IVF index stored on disk, or None."""
+    faiss = faiss_module()
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is None:
+        return None
+    lists = faiss.downcast_InvertedLists(ivf.invlists)
+    return lists if isinstance(lists, faiss.OnDiskInvertedLists) else None
+
+
+def read_faiss_index(path: Path, *, ondisk: bool) -> Any:
+    """Read an index for serving: memory-mapped and read-only. An on-disk IVF keeps its lists
+    in a `.ivfdata` file beside it, which it maps itself (found in the same directory, so a
+    version can be moved or renamed)."""
+    faiss = faiss_module()
+    if ondisk:
+        return faiss.read_index(str(path), faiss.IO_FLAG_ONDISK_SAME_DIR | faiss.IO_FLAG_READ_ONLY)
+    try:
+        return faiss.read_index(str(path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
+    except RuntimeError:
+        pass  # some index types cannot be memory-mapped; read them into memory
+    return faiss.read_index(str(path))
+
+
 def write_version(
     out_dir: Path,
     *,
@@ -294,6 +319,12 @@ def write_version(
             raise ValueError(f"{modality} index has dim {index.d}, expected {dim}")
         if index.ntotal != len(items):
             raise ValueError(f"{modality} index has {index.ntotal} vectors but {len(items)} items")
+        ondisk = ondisk_lists(index)
+        if ondisk is not None:  # its lists live in a file of their own: move it in beside the index
+            data = out_dir / f"{modality}.ivfdata"
+            os.replace(ondisk.filename, data)  # the open mapping follows the file
+            ondisk.filename = str(data)
+            fields = {**fields, "data": data.name}
         faiss.write_index(index, str(out_dir / f"{modality}.faiss"))
         write_items(out_dir / f"{modality}.items.jsonl", items)
         if modality == "image" and thumbnails is not None:

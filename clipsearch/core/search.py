@@ -32,6 +32,7 @@ from clipsearch.core.index_format import (
     Thumbnails,
     current_version_dir,
     faiss_module,
+    read_faiss_index,
     read_items,
     read_manifest,
 )
@@ -201,16 +202,13 @@ def _host(queries: Any) -> np.ndarray:
     return np.ascontiguousarray(queries, dtype=np.float32)
 
 
-def _read_faiss(path: Path) -> Any:
-    faiss = _faiss()
+def _read_faiss(path: Path, data: str | None = None) -> Any:
     if not path.is_file():
         raise IndexLoadError(f"{path}: index file not found")
+    if data is not None and not (path.parent / data).is_file():
+        raise IndexLoadError(f"{path.parent / data}: the index's on-disk lists are missing")
     try:
-        return faiss.read_index(str(path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
-    except RuntimeError:
-        pass  # some index types cannot be memory-mapped; read them into memory
-    try:
-        return faiss.read_index(str(path))
+        return read_faiss_index(path, ondisk=data is not None)
     except RuntimeError as exc:
         raise IndexLoadError(f"{path}: unreadable FAISS index: {str(exc).splitlines()[0]}") from None
 
@@ -446,7 +444,7 @@ def load_index_set(
         entry = manifest.indexes.get(modality)
         if entry is None:
             continue
-        index = _read_faiss(version_dir / entry.file)
+        index = _read_faiss(version_dir / entry.file, entry.data)
         if index.d != manifest.dim or index.ntotal != entry.count:
             raise IndexLoadError(
                 f"{version_dir / entry.file}: {index.ntotal} vectors of dim {index.d}, "
