@@ -155,10 +155,14 @@ def exact_top_k(vectors: np.ndarray, queries: np.ndarray, k: int, block: int = 2
     best_i = np.zeros((len(queries), 0), np.int64)
     for start in range(0, len(vectors), block):
         sims = queries @ np.asarray(vectors[start : start + block], np.float32).T
-        ids = np.broadcast_to(np.arange(start, start + sims.shape[1]), sims.shape)
+        if sims.shape[1] > k:  # this block's k best per query, unordered
+            top = np.argpartition(-sims, k - 1, axis=1)[:, :k]
+            sims, ids = np.take_along_axis(sims, top, 1), top + start
+        else:
+            ids = np.broadcast_to(np.arange(start, start + sims.shape[1]), sims.shape)
         s = np.concatenate([best_s, sims], axis=1)
         i = np.concatenate([best_i, ids], axis=1)
-        keep = np.argsort(-s, axis=1, kind="stable")[:, :k]
+        keep = np.lexsort((i, -s), axis=1)[:, :k]  # by score, ties to the lower id
         best_s, best_i = np.take_along_axis(s, keep, 1), np.take_along_axis(i, keep, 1)
     return best_i
 

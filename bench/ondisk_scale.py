@@ -1,0 +1,234 @@
+"""An on-disk IVF-PQ index at scale: build cost, size, service memory, recall and latency.
+
+    python bench/ondisk_scale.py --n 10000000 --dim 512 --work /data/bench-10m
+
+1. Synthesizes `n` clustered unit vectors (a mixture of `--clusters` Gaussians in a
+   48-dimensional latent space, mapped into `--dim` dimensions) straight into a
+   memory-mapped file, and 1,000 held-out queries from the same distribution.
+2. Builds the builder's `ivfpq-disk` index in a child process (so its peak RSS is its own):
+   IVF trained on a sample, filled 1M vectors at a time, lists merged into one on-disk
+   file, then published as an index version with one item per vector.
+3. Loads the version the way the service does in a fresh child process and reports its
+   RSS: the FAISS index alone, and with the items file.
+4. recall@10 against exact search (by blocks over the memory-mapped vectors) at several
+   nprobe, and search latency p50 / p99 at 1 and 64 concurrent clients.
+
+Prints one JSON object; nothing here is a pass/fail test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import resource
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def _peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _anon_mb() -> float:
+    """Resident anonymous memory: what the process itself holds, without the pages of
+    memory-mapped files (which the kernel can drop and read again)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+class _PeakAnon:
+    """The highest `_anon_mb` seen, sampled every 50 ms in a thread."""
+
+    def __init__(self) -> None:
+        self.peak, self._stop = 0.0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.05):
+            self.peak = max(self.peak, _anon_mb())
+
+    def stop(self) -> float:
+        self._stop.set()
+        self._thread.join()
+        return max(self.peak, _anon_mb())
+
+
+def synthesize(work: Path, n: int, dim: int, clusters: int, seed: int = 0) -> tuple[Path, np.ndarray]:
+    path = work / "vectors.npy"
+    # Clustered, with the low intrinsic dimension of real embeddings: a mixture of `clusters`
+    # Gaussians in a 48-dimensional latent space, mapped linearly into `dim` dimensions, with
+    # a little isotropic noise on top.
+    rng = np.random.default_rng(seed)
+    latent = 48
+    centres = rng.standard_normal((clusters, latent)).astype(np.float32)
+    mixing = rng.standard_normal((latent, dim)).astype(np.float32) / np.sqrt(latent)
+
+    def draw(count: int) -> np.ndarray:
+        z = centres[rng.integers(0, clusters, count)] + rng.standard_normal((count, latent)).astype(np.float32)
+        x = z @ mixing + rng.standard_normal((count, dim)).astype(np.float32) * (0.1 / np.sqrt(dim))
+        return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+    if not path.is_file():
+        out = np.lib.format.open_memmap(work / "vectors.tmp.npy", mode="w+", dtype=np.float32, shape=(n, dim))
+        for start in range(0, n, 500_000):
+            out[start : start + 500_000] = draw(min(500_000, n - start))
+        out.flush()
+        del out
+        os.replace(work / "vectors.tmp.npy", path)
+    return path, draw(1000)
+
+
+def _build(vectors_path: str, index_dir: str, nlist: int, out: dict) -> None:
+    from clipsearch.core.index_format import ModelRef, new_version_name, publish_version, staging_dir, write_version
+    from index_builder.indexing import IndexPlan, _pq_m, build
+
+    vectors = np.load(vectors_path, mmap_mode="r")
+    n, dim = vectors.shape
+    sampler = _PeakAnon()
+    t0 = time.perf_counter()
+    factory = f"IVF{nlist},PQ{_pq_m(dim)}x8"
+    index = build(vectors, IndexPlan("ivfpq-disk", factory), train_size=max(100_000, 39 * nlist),
+                  scratch=Path(index_dir) / "scratch")
+    t_index = time.perf_counter() - t0
+    staged, name = staging_dir(Path(index_dir)), new_version_name()
+    items = ({"id": f"v{i}", "metadata": {"shard": i // 100_000}} for i in range(n))
+    write_version(staged, model=ModelRef(spec="bench", fingerprint="bench"), dim=dim, version=name,
+                  indexes={"image": (index, _Sized(items, n), {"index_type": "ivfpq-disk", "factory": factory})})
+    version = publish_version(Path(index_dir), staged, name, keep=1)
+    out.update(build_s=round(time.perf_counter() - t0, 1), index_s=round(t_index, 1),
+               build_peak_anon_mb=round(sampler.stop()), build_peak_rss_mb=round(_peak_mb()),
+               version=str(version), factory=factory)
+
+
+class _Sized:
+    """An iterable of items with a length, so write_version can check the count without a list."""
+
+    def __init__(self, it, n: int) -> None:
+        self.it, self.n = it, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        return iter(self.it)
+
+
+def _load(version: str, with_items: bool, out: dict) -> None:
+    from clipsearch.core.index_format import read_faiss_index, read_manifest
+
+    before = _rss_mb()
+    t0 = time.perf_counter()
+    if with_items:
+        from clipsearch.core.search import load_index_set
+
+        load_index_set(Path(version), fingerprint="bench", dim=read_manifest(Path(version)).dim)
+    else:
+        read_faiss_index(Path(version) / "image.faiss", ondisk=True)
+    out.update(rss_mb=round(_rss_mb()), rss_added_mb=round(_rss_mb() - before), anon_mb=round(_anon_mb()),
+               load_s=round(time.perf_counter() - t0, 1))
+
+
+def _in_child(fn, *args) -> dict:
+    with multiprocessing.Manager() as manager:
+        out = manager.dict()
+        proc = multiprocessing.get_context("spawn").Process(target=fn, args=(*args, out))
+        proc.start()
+        proc.join()
+        if proc.exitcode != 0:
+            raise SystemExit(f"{fn.__name__} failed with exit code {proc.exitcode}")
+        return dict(out)
+
+
+def _latency(index, queries: np.ndarray, nprobe: int, clients: int, per_client: int) -> dict:
+    import faiss
+
+    params = faiss.SearchParametersIVF(nprobe=nprobe)
+    times: list[float] = []
+    lock = threading.Lock()
+
+    def client(c: int) -> None:
+        mine = []
+        for i in range(per_client):
+            q = queries[(c * per_client + i) % len(queries)][None]
+            t = time.perf_counter()
+            index.search(q, 10, params=params)
+            mine.append(time.perf_counter() - t)
+        with lock:
+            times.extend(mine)
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    ms = np.array(times) * 1000
+    return {"p50_ms": round(float(np.percentile(ms, 50)), 2), "p99_ms": round(float(np.percentile(ms, 99)), 2),
+            "qps": round(len(ms) / wall, 1)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=10_000_000)
+    ap.add_argument("--dim", type=int, default=512)
+    ap.add_argument("--clusters", type=int, default=1000)
+    ap.add_argument("--nlist", type=int, default=4096, help="IVF lists (the builder's auto picks ~4 sqrt(n))")
+    ap.add_argument("--work", type=Path, required=True, help="scratch directory (n x dim x 4 bytes and more)")
+    args = ap.parse_args()
+    import faiss
+
+    from clipsearch.core.index_format import read_faiss_index
+    from index_builder.indexing import exact_top_k
+
+    args.work.mkdir(parents=True, exist_ok=True)
+    report: dict = {"n": args.n, "dim": args.dim, "cpus": os.cpu_count(), "faiss": faiss.__version__}
+    t0 = time.perf_counter()
+    vectors_path, queries = synthesize(args.work, args.n, args.dim, args.clusters)
+    report["synthesize_s"] = round(time.perf_counter() - t0, 1)
+    report["vectors_gb"] = round(args.n * args.dim * 4 / 1e9, 2)
+    report["build"] = _in_child(_build, str(vectors_path), str(args.work / "index"), args.nlist)
+    version = Path(report["build"]["version"])
+    report["disk_mb"] = {p.name: round(p.stat().st_size / 1e6, 1) for p in version.iterdir()}
+    report["service_index_only"] = _in_child(_load, str(version), False)
+    report["service_with_items"] = _in_child(_load, str(version), True)
+    vectors = np.load(vectors_path, mmap_mode="r")
+    t0 = time.perf_counter()
+    truth = exact_top_k(vectors, queries, 10)
+    report["exact_1000_queries_s"] = round(time.perf_counter() - t0, 1)
+    index = read_faiss_index(version / "image.faiss", ondisk=True)
+    recall = {}
+    for nprobe in (8, 16, 32, 64, 128):
+        _, ids = index.search(queries, 10, params=faiss.SearchParametersIVF(nprobe=nprobe))
+        recall[nprobe] = round(float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ids, truth, strict=True)])),
+                               4)
+    report["recall_at_10"] = recall
+    nprobe = next((p for p, r in recall.items() if r >= 0.9), 128)
+    index.search(queries[:200], 10, params=faiss.SearchParametersIVF(nprobe=nprobe))  # warm the touched pages
+    report["latency"] = {"nprobe": nprobe, "1_client": _latency(index, queries, nprobe, 1, 300),
+                         "64_clients": _latency(index, queries, nprobe, 64, 20)}
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
