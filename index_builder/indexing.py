@@ -113,8 +113,9 @@ def build(vectors: np.ndarray, plan: IndexPlan, *, train_size: int = 100_000, se
     if plan.index_type == "hnsw":
         faiss.downcast_index(index).hnsw.efConstruction = 80
     if not index.is_trained:
-        train_size = max(train_size, 39 * faiss.extract_index_ivf(index).nlist) if plan.index_type != "flat" \
-            else train_size
+        ivf = faiss.try_extract_index_ivf(index)
+        if ivf is not None:  # FAISS wants 39 training points per list
+            train_size = max(train_size, 39 * ivf.nlist)
         rng = np.random.default_rng(seed)
         pick = None if n <= train_size else np.sort(rng.choice(n, train_size, replace=False))
         index.train(np.ascontiguousarray(vectors if pick is None else vectors[pick], dtype=np.float32))

@@ -238,12 +238,17 @@ def read_jsonl(path: Path, id_prefix: str, span: Span | None = None) -> Iterator
             rec.text = text
             rec.metadata = dict(meta or {})
             if isinstance(image, str):
-                if _looks_like_base64_image(image) or len(image) > 4096:
-                    rec.image_b64 = image
-                else:
-                    p = Path(image)
-                    rec.image_path = str(p if p.is_absolute() else path.parent / p)
+                _set_image_text(rec, image, path.parent)
             yield rec
+
+
+def _set_image_text(rec: Record, value: str, base: Path) -> None:
+    """An image given as text: base64 (or a data: URI), else a path, relative to `base`."""
+    if _looks_like_base64_image(value) or len(value) > 4096:
+        rec.image_b64 = value
+    else:
+        p = Path(value)
+        rec.image_path = str(p if p.is_absolute() else base / p)
 
 
 def _pyarrow_parquet() -> Any:
@@ -300,11 +305,7 @@ def _parquet_record(path: Path, id_prefix: str, number: int, row: dict[str, Any]
             if isinstance(value, bytes):
                 rec.image_bytes = value
             elif isinstance(value, str):
-                if _looks_like_base64_image(value) or len(value) > 4096:
-                    rec.image_b64 = value
-                else:
-                    p = Path(value)
-                    rec.image_path = str(p if p.is_absolute() else path.parent / p)
+                _set_image_text(rec, value, path.parent)
             if value is not None:
                 break
     meta = row.get("metadata")

@@ -16,6 +16,7 @@ position and is never trimmed.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Sequence
@@ -56,8 +57,6 @@ def fingerprint(source: str, config: Any) -> str:
             raise ModelLoadError(f"{source}: no weights file ({', '.join(_WEIGHTS)})")
         if len(files) == 1:
             return "sha256:" + sha256_file(files[0])
-        import hashlib
-
         digest = hashlib.sha256("".join(f"{p.name}:{sha256_file(p)}\n" for p in files).encode()).hexdigest()
         return "sha256:" + digest
     commit = getattr(config, "_commit_hash", None)
