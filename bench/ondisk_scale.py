@@ -9,7 +9,8 @@
    IVF trained on a sample, filled 1M vectors at a time, lists merged into one on-disk
    file, then published as an index version with one item per vector.
 3. Loads the version the way the service does in a fresh child process and reports its
-   RSS: the FAISS index alone, and with the items file.
+   RSS: the FAISS index alone, and with the items file; then, with the items, the cost of
+   searches that return their items' metadata, of lookups by id and of a filter.
 4. recall@10 against exact search (by blocks over the memory-mapped vectors) at several
    nprobe, and search latency p50 / p99 at 1 and 64 concurrent clients.
 
@@ -111,7 +112,10 @@ def _build(vectors_path: str, index_dir: str, nlist: int, out: dict) -> None:
                   scratch=Path(index_dir) / "scratch")
     t_index = time.perf_counter() - t0
     staged, name = staging_dir(Path(index_dir)), new_version_name()
-    items = ({"id": f"v{i}", "metadata": {"shard": i // 100_000}} for i in range(n))
+    def items():
+        return ({"id": f"v{i}", "text": f"a caption for item {i}", "metadata": {"shard": i // 100_000, "url":
+                 f"https://example.com/{i}.jpg", "width": 256 + i % 1024}} for i in range(n))
+
     write_version(staged, model=ModelRef(spec="bench", fingerprint="bench"), dim=dim, version=name,
                   indexes={"image": (index, _Sized(items, n), {"index_type": "ivfpq-disk", "factory": factory})})
     version = publish_version(Path(index_dir), staged, name, keep=1)
@@ -121,16 +125,17 @@ def _build(vectors_path: str, index_dir: str, nlist: int, out: dict) -> None:
 
 
 class _Sized:
-    """An iterable of items with a length, so write_version can check the count without a list."""
+    """Items made on the fly, with a length, and iterable more than once (the items writer
+    reads them twice) without holding them in a list."""
 
-    def __init__(self, it, n: int) -> None:
-        self.it, self.n = it, n
+    def __init__(self, make, n: int) -> None:
+        self.make, self.n = make, n
 
     def __len__(self) -> int:
         return self.n
 
     def __iter__(self):
-        return iter(self.it)
+        return iter(self.make())
 
 
 def _load(version: str, with_items: bool, out: dict) -> None:
@@ -146,6 +151,24 @@ def _load(version: str, with_items: bool, out: dict) -> None:
         loaded = read_faiss_index(Path(version) / "image.faiss", ondisk=True)
     out.update(rss_mb=round(_rss_mb()), rss_added_mb=round(_rss_mb() - before), anon_mb=round(_anon_mb()),
                load_s=round(time.perf_counter() - t0, 1))
+    if with_items:  # what a search reads of the items: the k results' rows, an id, a filter's columns
+        from clipsearch.core.filters import compile_filter
+
+        index = loaded.get("image")
+        queries = np.random.default_rng(1).standard_normal((200, loaded.manifest.dim))
+        queries = (queries / np.linalg.norm(queries, axis=1, keepdims=True)).astype(np.float32)
+        t0 = time.perf_counter()
+        for q in queries:
+            index.search(q[None], 10)
+        out["search_with_items_ms"] = round((time.perf_counter() - t0) / len(queries) * 1000, 2)
+        t0 = time.perf_counter()
+        rows = [index.row_of(f"v{i}") for i in range(0, index.count, max(1, index.count // 1000))]
+        out["row_of_us"] = round((time.perf_counter() - t0) / len(rows) * 1e6, 1)
+        out["after_searches_anon_mb"] = round(_anon_mb())
+        t0 = time.perf_counter()
+        selected = index.select(compile_filter({"shard": {"$in": [3, 42]}, "width": {"$gte": 1000}})).count
+        out.update(filter_first_s=round(time.perf_counter() - t0, 2), filter_selected=int(selected),
+                   after_filter_anon_mb=round(_anon_mb()), after_filter_rss_mb=round(_rss_mb()))
     del loaded  # measured while held
 
 

@@ -1,5 +1,5 @@
 """Metadata filters for search: a small JSON language, compiled once and evaluated over an
-index's items as numpy column operations.
+index's item columns (Arrow arrays, see `clipsearch.core.items`).
 
     {"colour": "red"}                                   equality (also {"colour": {"$eq": "red"}})
     {"colour": {"$in": ["red", "blue"]}}                 one of ($nin: none of; $ne: not equal)
@@ -9,58 +9,136 @@ index's items as numpy column operations.
 
 Fields are the items' metadata keys, plus `id` and `text`. A comparison with a field an
 item lacks is false for that item (`$ne` and `$nin` included), as in Chroma and Qdrant.
+Values compare as JSON values: 1 equals 1.0, but true is not 1 and "1" is not 1.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from clipsearch.core.errors import InvalidInput
 
 MISSING = object()
-RANGE_OPS: dict[str, Callable[[np.ndarray, float], np.ndarray]] = {
-    "$gt": np.greater, "$gte": np.greater_equal, "$lt": np.less, "$lte": np.less_equal}
+RANGE_OPS = {"$gt": pc.greater, "$gte": pc.greater_equal, "$lt": pc.less, "$lte": pc.less_equal}
 VALUE_OPS = ("$eq", "$ne", "$in", "$nin", "$exists", *RANGE_OPS)
 MAX_NODES = 256  # a filter is a query, not a program
+
+# What a field holds in one item: its kind, and the value in the typed column of that kind.
+ABSENT, NULL, BOOL, NUMBER, STRING, OTHER = range(6)  # OTHER: a list or an object, equal to no filter value
+KINDS = {"s": pa.string(), "n": pa.float64(), "i": pa.int64(), "b": pa.bool_()}  # i: numbers that are integers
+_INT64 = (-(1 << 63), (1 << 63) - 1)
 
 
 class InvalidFilter(InvalidInput):
     code = "invalid_filter"
 
 
-class Columns:
-    """An index's items as columns, made on first use of each field: the values as an object
-    array (MISSING where absent), and as floats (NaN where absent or not a number)."""
+def _integer(v: float | int) -> int | None:
+    """`v` as an int64 when it is a whole number that fits one, else None."""
+    if isinstance(v, float) and not v.is_integer():
+        return None
+    return int(v) if _INT64[0] <= v <= _INT64[1] else None
 
-    def __init__(self, items: Sequence[Mapping[str, Any]]) -> None:
-        self._items = items
-        self._values: dict[str, np.ndarray] = {}
-        self._numbers: dict[str, np.ndarray] = {}
 
-    def __len__(self) -> int:
-        return len(self._items)
+def _float(v: int | float) -> float | None:
+    try:
+        return float(v)
+    except OverflowError:  # an integer past float range equals no stored number
+        return None
 
-    def values(self, field: str) -> np.ndarray:
-        if field not in self._values:
-            out = np.empty(len(self._items), dtype=object)
-            if field in ("id", "text"):
-                out[:] = [item.get(field, MISSING) for item in self._items]
-            else:
-                out[:] = [(item.get("metadata") or {}).get(field, MISSING) for item in self._items]
-            self._values[field] = out
-        return self._values[field]
 
-    def numbers(self, field: str) -> np.ndarray:
-        if field not in self._numbers:
-            self._numbers[field] = np.fromiter(
-                (float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else math.nan
-                 for v in self.values(field)), np.float64, len(self._items))
-        return self._numbers[field]
+def typed_value(v: Any) -> tuple[int, dict[str, Any]]:
+    """A JSON value's kind and its entries in the typed columns."""
+    if v is MISSING:
+        return ABSENT, {}
+    if v is None:
+        return NULL, {}
+    if isinstance(v, bool):
+        return BOOL, {"b": v}
+    if isinstance(v, (int, float)):
+        whole = _integer(v)
+        return NUMBER, {"n": _float(v), **({"i": whole} if whole is not None else {})}
+    if isinstance(v, str):
+        return STRING, {"s": v}
+    return OTHER, {}
+
+
+def field_arrays(values: Sequence[Any], kinds: Sequence[str] | None = None) -> dict[str, pa.Array]:
+    """One field's values (MISSING where an item lacks it) as Arrow arrays: the kind of each
+    (int8 "k") and one array per value kind in `kinds` (default: those that occur), null
+    where an item's value is of another kind."""
+    kind = np.empty(len(values), np.int8)
+    typed: dict[str, list[Any]] = {name: [None] * len(values) for name in KINDS}
+    for row, v in enumerate(values):
+        kind[row], entries = typed_value(v)
+        for name, x in entries.items():
+            typed[name][row] = x
+    if kinds is None:
+        kinds = [name for name, vals in typed.items() if any(x is not None for x in vals)]
+    return {"k": pa.array(kind, pa.int8()), **{name: pa.array(typed[name], KINDS[name]) for name in kinds}}
+
+
+def _true(mask: Any) -> np.ndarray:
+    return np.asarray(mask.fill_null(False).to_numpy(zero_copy_only=False), dtype=bool)
+
+
+@dataclass(frozen=True)
+class Field:
+    """One field's columns over all items: `k` (kinds; None: a string field present wherever
+    `s` is not null, as `id` and `text`) and the typed columns (None: no item has that kind)."""
+
+    count: int
+    k: pa.ChunkedArray | None = None
+    s: pa.ChunkedArray | None = None
+    n: pa.ChunkedArray | None = None
+    i: pa.ChunkedArray | None = None
+    b: pa.ChunkedArray | None = None
+
+    def present(self) -> np.ndarray:
+        if self.k is None:
+            return _true(pc.is_valid(self.s)) if self.s is not None else np.zeros(self.count, bool)
+        return _true(pc.not_equal(self.k, ABSENT))
+
+    def member(self, targets: Sequence[Any]) -> np.ndarray:
+        """True where the item's value equals one of `targets` (JSON scalars)."""
+        out = np.zeros(self.count, bool)
+        strings = [t for t in targets if isinstance(t, str)]
+        bools = [t for t in targets if isinstance(t, bool)]
+        numbers = [t for t in targets if isinstance(t, (int, float)) and not isinstance(t, bool)]
+        if any(t is None for t in targets) and self.k is not None:
+            out |= _true(pc.equal(self.k, NULL))
+        if strings and self.s is not None:
+            out |= _true(pc.is_in(self.s, value_set=pa.array(strings, pa.string())))
+        if bools and self.b is not None:
+            out |= _true(pc.is_in(self.b, value_set=pa.array(bools, pa.bool_())))
+        if numbers and self.n is not None:
+            # whole numbers compare as int64 (exact past 2**53); the rest as floats
+            ints = [w for w in (_integer(t) for t in numbers) if w is not None]
+            whole = self.i if self.i is not None else pa.chunked_array([pa.nulls(self.count, pa.int64())])
+            out |= _true(pc.is_in(whole, value_set=pa.array(ints, pa.int64())))
+            floats = [f for f in map(_float, numbers) if f is not None]
+            out |= _true(pc.is_null(whole)) & _true(pc.is_in(self.n, value_set=pa.array(floats, pa.float64())))
+        return out
+
+    def compare(self, op: str, bound: float) -> np.ndarray:
+        if self.n is None:
+            return np.zeros(self.count, bool)
+        return _true(RANGE_OPS[op](self.n, bound))  # null (not a number) compares False
+
+
+class Columns(Protocol):
+    """What a filter is evaluated over: an index's items, field by field."""
+
+    def __len__(self) -> int: ...
+
+    def field(self, name: str) -> Field: ...
 
 
 @dataclass(frozen=True)
@@ -75,28 +153,18 @@ class Filter:
 
 
 def _scalar(value: Any, where: str) -> Any:
+    if isinstance(value, int) and not isinstance(value, bool) and not _INT64[0] <= value <= _INT64[1]:
+        raise InvalidFilter(f"{where}: integer out of the 64-bit range", field=where)
     if value is None or isinstance(value, (str, int, float, bool)):
         return value
     raise InvalidFilter(f"{where}: expected a string, number, boolean or null", field=where)
 
 
 def _number(value: Any, where: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or _float(value) is None \
+            or not math.isfinite(value):
         raise InvalidFilter(f"{where}: expected a finite number", field=where)
     return float(value)
-
-
-def _same(v: Any, value: Any) -> bool:
-    """JSON equality: 1 equals 1.0, but true is not 1, and "1" is not 1."""
-    if isinstance(v, bool) or isinstance(value, bool):
-        return type(v) is type(value) and v == value
-    if isinstance(v, (int, float)) and isinstance(value, (int, float)):
-        return bool(v == value)
-    return type(v) is type(value) and bool(v == value)
-
-
-def _equal(values: np.ndarray, value: Any) -> np.ndarray:
-    return np.fromiter((_same(v, value) for v in values), bool, len(values))
 
 
 def compile_filter(spec: Any, where: str = "filter") -> Filter:
@@ -119,24 +187,18 @@ def _any(checks: list[Check]) -> Check:
     return lambda c: np.logical_or.reduce([ch(c) for ch in checks])
 
 
-def _equals(field: str, target: Any) -> Check:
-    return lambda c: _equal(c.values(field), target)
+def _in(name: str, targets: list[Any], negate: bool) -> Check:
+    if negate:
+        return lambda c: (f := c.field(name)).present() & ~f.member(targets)
+    return lambda c: c.field(name).member(targets)
 
 
-def _not_equals(field: str, target: Any) -> Check:
-    return lambda c: (c.values(field) != MISSING) & ~_equal(c.values(field), target)
+def _range(name: str, op: str, bound: float) -> Check:
+    return lambda c: c.field(name).compare(op, bound)
 
 
-def _in(field: str, targets: list[Any], negate: bool) -> Check:
-    return lambda c: _membership(c.values(field), targets, negate)
-
-
-def _range(field: str, compare: Callable[[np.ndarray, float], np.ndarray], bound: float) -> Check:
-    return lambda c: compare(c.numbers(field), bound)  # NaN (absent, not a number) compares False
-
-
-def _exists(field: str, want: bool) -> Check:
-    return lambda c: (c.values(field) != MISSING) == want
+def _exists(name: str, want: bool) -> Check:
+    return lambda c: c.field(name).present() == want
 
 
 def _compile(spec: Any, where: str, nodes: list[int]) -> Check:
@@ -158,7 +220,7 @@ def _compile(spec: Any, where: str, nodes: list[int]) -> Check:
         elif isinstance(value, dict):
             parts.append(_field(key, value, here))
         else:
-            parts.append(_equals(key, _scalar(value, here)))
+            parts.append(_in(key, [_scalar(value, here)], False))
     return _all(parts)
 
 
@@ -171,7 +233,7 @@ def _field(name: str, ops: dict[str, Any], where: str) -> Check:
         if op not in VALUE_OPS:
             raise InvalidFilter(f"{here}: unknown operator; use one of {', '.join(VALUE_OPS)}", field=here)
         if op in RANGE_OPS:
-            checks.append(_range(name, RANGE_OPS[op], _number(value, here)))
+            checks.append(_range(name, op, _number(value, here)))
         elif op == "$exists":
             if not isinstance(value, bool):
                 raise InvalidFilter(f"{here}: expected true or false", field=here)
@@ -181,24 +243,7 @@ def _field(name: str, ops: dict[str, Any], where: str) -> Check:
                 raise InvalidFilter(f"{here}: expected a non-empty list", field=here)
             checks.append(_in(name, [_scalar(v, f"{here}[{i}]") for i, v in enumerate(value)], op == "$nin"))
         elif op == "$eq":
-            checks.append(_equals(name, _scalar(value, here)))
+            checks.append(_in(name, [_scalar(value, here)], False))
         else:
-            checks.append(_not_equals(name, _scalar(value, here)))
+            checks.append(_in(name, [_scalar(value, here)], True))
     return _all(checks)
-
-
-def _key(value: Any) -> Any:
-    """A hashable key under which JSON-equal values meet (1 and 1.0; not true and 1)."""
-    if isinstance(value, bool):
-        return ("bool", value)
-    if isinstance(value, (int, float)):
-        return ("number", float(value))
-    if isinstance(value, (str, type(None))):
-        return ("scalar", value)
-    return ("other", id(value))  # lists and objects in metadata equal no filter value
-
-
-def _membership(values: np.ndarray, targets: list[Any], negate: bool) -> np.ndarray:
-    keys = {_key(t) for t in targets}  # one set lookup per item, however long the list
-    found = np.fromiter((v is not MISSING and _key(v) in keys for v in values), bool, len(values))
-    return (values != MISSING) & ~found if negate else found

@@ -9,9 +9,9 @@ versioned root::
         20261122T233000Z-1a2b3c/   # one complete, immutable version
           manifest.json
           image.faiss              # image vectors (text -> image search)
-          image.items.jsonl        # line i describes FAISS id i: {"id", "metadata"}
+          image.items.arrow        # row i describes FAISS id i: id, metadata (Arrow IPC, see `items`)
           text.faiss               # text vectors (image -> text search)
-          text.items.jsonl         # {"id", "text", "metadata"}
+          text.items.arrow         # id, text, metadata
           image.thumbs             # optional: a small JPEG per image item (see `Thumbnails`)
 
 A version is written under a temporary name in ``versions/`` and renamed into place
@@ -35,11 +35,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import orjson
 from pydantic import BaseModel, Field, ValidationError
 
 from clipsearch.core.errors import IndexLoadError, IndexMismatch
 from clipsearch.core.fsutil import atomic_write_text
+from clipsearch.core.items import open_items, write_items
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -185,24 +185,9 @@ def prune_versions(index_dir: str | os.PathLike[str], keep: int) -> list[str]:
 
 
 # -- item metadata ---------------------------------------------------------------
-def write_items(path: Path, items: Sequence[Mapping[str, Any]]) -> None:
-    with open(path, "wb") as f:
-        for item in items:
-            f.write(orjson.dumps(item))
-            f.write(b"\n")
-
-
 def read_items(path: Path, expected: int) -> list[dict[str, Any]]:
-    try:
-        with open(path, "rb") as f:
-            items = [orjson.loads(line) for line in f if line.strip()]
-    except FileNotFoundError:
-        raise IndexLoadError(f"{path}: items file not found") from None
-    except orjson.JSONDecodeError as exc:
-        raise IndexLoadError(f"{path}: corrupt items file: {exc}") from None
-    if len(items) != expected:
-        raise IndexLoadError(f"{path}: {len(items)} items for {expected} vectors")
-    return items
+    """A version's items as dicts, in row order (for builders; the service maps them, see `items`)."""
+    return list(open_items(path, expected))
 
 
 # -- writing a version from in-memory vectors -------------------------------------
@@ -326,14 +311,14 @@ def write_version(
             ondisk.filename = str(data)
             fields = {**fields, "data": data.name}
         faiss.write_index(index, str(out_dir / f"{modality}.faiss"))
-        write_items(out_dir / f"{modality}.items.jsonl", items)
+        write_items(out_dir / f"{modality}.items.arrow", items)
         if modality == "image" and thumbnails is not None:
             if len(thumbnails) != len(items):
                 raise ValueError(f"{len(thumbnails)} thumbnails for {len(items)} image items")
             fields = {**fields, "thumbnails": "image.thumbs",
                       "thumbnail_count": Thumbnails.write(out_dir / "image.thumbs", thumbnails)}
         entries[modality] = IndexEntry(
-            count=int(index.ntotal), file=f"{modality}.faiss", items=f"{modality}.items.jsonl", **fields
+            count=int(index.ntotal), file=f"{modality}.faiss", items=f"{modality}.items.arrow", **fields
         )
     manifest = Manifest(
         version=version,

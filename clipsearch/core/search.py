@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import OrderedDict
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -22,7 +23,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from clipsearch.core.errors import IndexLoadError
-from clipsearch.core.filters import Columns, Filter
+from clipsearch.core.filters import Filter
 from clipsearch.core.index_format import (
     MODALITIES,
     VERSIONS_DIR,
@@ -33,9 +34,9 @@ from clipsearch.core.index_format import (
     current_version_dir,
     faiss_module,
     read_faiss_index,
-    read_items,
     read_manifest,
 )
+from clipsearch.core.items import ItemTable, open_items
 
 log = logging.getLogger(__name__)
 
@@ -270,27 +271,21 @@ def choose_backend(requested: str, device: str) -> str:
 class LoadedIndex:
     """One modality's index with its items; thread-safe for concurrent searches."""
 
-    def __init__(self, modality: Modality, entry: IndexEntry, backend: SearchBackend, items: list[dict[str, Any]],
-                 *, source: Any = None, thumbnails: Thumbnails | None = None):
+    def __init__(self, modality: Modality, entry: IndexEntry, backend: SearchBackend,
+                 items: ItemTable | Sequence[Mapping[str, Any]], *, source: Any = None,
+                 thumbnails: Thumbnails | None = None):
         self.modality = modality
         self.entry = entry
         self.backend = backend
-        self.items = items
+        self.items = items if isinstance(items, ItemTable) else ItemTable.from_items(items)
         self.thumbnails = thumbnails
         self._source = source  # the FAISS index as read (on the CPU): stored vectors come from it
-        self._rows: dict[str, int] | None = None
         self._lock = threading.Lock()
         self._selections: OrderedDict[str, Selection] = OrderedDict()
-        self._column_store: Columns | None = None
 
     def row_of(self, item_id: str) -> int | None:
         """The row of the item with this id (the first, if ids repeat), or None."""
-        if self._rows is None:
-            rows: dict[str, int] = {}
-            for row, item in enumerate(self.items):
-                rows.setdefault(str(item["id"]), row)
-            self._rows = rows
-        return self._rows.get(item_id)
+        return self.items.row_of(item_id)
 
     def vector(self, row: int) -> np.ndarray:
         """The stored vector of a row, float32 (1, dim) (decoded from its codes, for PQ)."""
@@ -383,17 +378,12 @@ class LoadedIndex:
             if hit is not None:
                 self._selections.move_to_end(flt.key)
                 return hit
-        selection = Selection(flt.mask(self._columns()), flt.key)
+        selection = Selection(flt.mask(self.items), flt.key)
         with self._lock:
             self._selections[flt.key] = selection
             while len(self._selections) > 32:
                 self._selections.popitem(last=False)
         return selection
-
-    def _columns(self) -> Columns:
-        if self._column_store is None:
-            self._column_store = Columns(self.items)
-        return self._column_store
 
     def to_hits(self, scores: np.ndarray, ids: np.ndarray) -> list[list[Hit]]:
         out: list[list[Hit]] = []
@@ -402,7 +392,7 @@ class LoadedIndex:
             for score, idx in zip(row_scores, row_ids, strict=True):
                 if idx < 0:  # FAISS pads with -1 when fewer than k results exist
                     continue
-                item = self.items[int(idx)]
+                item = self.items.get(int(idx))
                 hits.append(Hit(id=str(item["id"]), score=float(score), metadata=item.get("metadata") or {},
                                 text=item.get("text"), row=int(idx)))
             out.append(hits)
@@ -450,7 +440,7 @@ def load_index_set(
                 f"{version_dir / entry.file}: {index.ntotal} vectors of dim {index.d}, "
                 f"manifest says {entry.count} of dim {manifest.dim}"
             )
-        items = read_items(version_dir / entry.items, entry.count)
+        items = open_items(version_dir / entry.items, entry.count)
         impl: SearchBackend
         if backend == "torch":
             vectors = reconstruct_all(index)

@@ -51,7 +51,7 @@ def _build(kind: str, x: np.ndarray, items) -> LoadedIndex:
     index.train(x)
     index.add(x)
     params = {"nprobe": 2} if kind.startswith("ivf") else {"efSearch": 16} if kind == "hnsw" else {}
-    entry = IndexEntry(count=N, index_type=kind, factory=factory, file="x.faiss", items="x.jsonl",
+    entry = IndexEntry(count=N, index_type=kind, factory=factory, file="x.faiss", items="x.arrow",
                        search_params=params)
     backend = TorchExactBackend(x, device="cpu") if kind == "torch" else FaissBackend(index)
     return LoadedIndex("image", entry, backend, items, source=index)

@@ -18,6 +18,7 @@ from clipsearch.core.index_format import (
     read_manifest,
     write_index_from_vectors,
 )
+from clipsearch.core.items import write_items
 from clipsearch.core.search import (
     FaissBackend,
     IndexHolder,
@@ -190,8 +191,7 @@ def test_corrupt_index_files_are_refused(published) -> None:
 def test_items_count_must_match(published) -> None:
     root, _, _ = published
     version = current_version_dir(root)
-    lines = (version / "text.items.jsonl").read_text().splitlines()
-    (version / "text.items.jsonl").write_text("\n".join(lines[:-1]) + "\n")
+    write_items(version / "text.items.arrow", items(299, "t", True))
     with pytest.raises(IndexLoadError, match="299 items for 300"):
         load_index_set(version, fingerprint=MODEL.fingerprint, dim=DIM)
 

@@ -58,7 +58,7 @@ def load_vectors(version_dir: Path, modality: str) -> tuple[np.ndarray, list[dic
     import faiss
 
     index = faiss.read_index(str(version_dir / f"{modality}.faiss"))
-    return index.reconstruct_n(0, index.ntotal), read_items(version_dir / f"{modality}.items.jsonl", index.ntotal)
+    return index.reconstruct_n(0, index.ntotal), read_items(version_dir / f"{modality}.items.arrow", index.ntotal)
 
 
 def test_flat_build_served_equals_brute_force_over_open_clip(tmp_path, tiny_model, tiny_spec, make_client) -> None:
