@@ -27,7 +27,7 @@ import signal
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Iterable
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field, replace
@@ -51,8 +51,8 @@ from clipsearch.core.model import ClipModel, load_model
 from index_builder.encoder import Encoder, ItemError, ShardResult, concat_vectors, exit_with_parent
 from index_builder.incremental import Part, dedup, load_base, merge
 from index_builder.indexing import BuiltIndex, build_and_tune
-from index_builder.readers import Span, describe_inputs, plan_spans, read_span
-from index_builder.writer import ShardStore, shard_path, write_shard
+from index_builder.readers import InputPath, Span, describe_inputs, plan_spans, read_span
+from index_builder.writer import ShardStore, shard_info, shard_path, write_shard
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ class BuildError(RuntimeError):
 
 @dataclass
 class BuildOptions:
-    inputs: list[Path]
+    inputs: list[InputPath]  # local paths or fsspec URLs (readers.input_path)
     output: Path
     model: str
     pretrained: str | None = None
@@ -199,7 +199,7 @@ def run_build(opts: BuildOptions, model: ClipModel | None = None) -> BuildSummar
 
     def finished(index: int, shard: ShardResult) -> None:
         nonlocal encoded_now
-        shards[index] = shard
+        shards[index] = shard_info(shard)  # the rest is read back from its file when the version is built
         errors.extend(shard.errors)
         encoded_now += len(shard.image_items) + len(shard.text_items)
         bar.update(spans[index].count)
@@ -226,29 +226,38 @@ def run_build(opts: BuildOptions, model: ClipModel | None = None) -> BuildSummar
     finally:
         bar.close()
         encoder.close()
-    ordered = [shards[i] for i in range(len(spans))]
+    order = list(range(len(spans)))
+    infos = [shards[i] for i in order]
 
-    # Past the memory budget the vectors are gathered into a file in the work area and
-    # memory-mapped: the index build reads them chunk by chunk (see `indexing`).
-    spill = store.dir if opts.base is False and not opts.dedup else None
-    image_vecs = _gather([s.image_vectors for s in ordered], model.dim, opts.memory_budget, spill, "image")
-    text_vecs = _gather([s.text_vectors for s in ordered], model.dim, opts.memory_budget, spill, "text")
-    image_items = [i for s in ordered for i in s.image_items]
-    text_items = [i for s in ordered for i in s.text_items]
-    thumbs: list[bytes] | None = [t for s in ordered for t in s.thumbnails] if opts.thumbnails else None
+    # The shards are read back from the work area one at a time: past the memory budget the
+    # vectors are gathered into a file there and memory-mapped (the index build reads them
+    # chunk by chunk, see `indexing`), and the items and thumbnails stream from the shard
+    # files into the version. An incremental or deduplicating build holds them in memory.
+    streamed = opts.base is False and not opts.dedup
+    spill = store.dir if streamed else None
+    n_image, n_text = sum(s.image for s in infos), sum(s.text for s in infos)
+    image_vecs = _gather(store.vectors(order, "image"), n_image, model.dim, opts.memory_budget, spill, "image")
+    text_vecs = _gather(store.vectors(order, "text"), n_text, model.dim, opts.memory_budget, spill, "text")
+    image_items: Collection[dict[str, Any]] = store.column(order, "image_items", n_image)
+    text_items: Collection[dict[str, Any]] = store.column(order, "text_items", n_text)
+    thumbs: Collection[bytes] | None = store.column(order, "thumbnails", n_image) if opts.thumbnails else None
+    if not streamed:
+        image_items, text_items = list(image_items), list(text_items)
+        thumbs = list(thumbs) if thumbs is not None else None
     changes: dict[str, dict[str, int]] = {}
     if base is not None:
-        image, changes["image"] = merge(base.parts.get("image"), Part(image_vecs, image_items, thumbs), deleted)
-        text, changes["text"] = merge(base.parts.get("text"), Part(text_vecs, text_items), deleted)
+        image, changes["image"] = merge(base.parts.get("image"), Part(image_vecs, list(image_items), _list(thumbs)),
+                                        deleted)
+        text, changes["text"] = merge(base.parts.get("text"), Part(text_vecs, list(text_items)), deleted)
         image_vecs, image_items, thumbs = image.vectors, image.items, image.thumbnails
         text_vecs, text_items = text.vectors, text.items
     dropped: dict[str, int] = {}
     if opts.dedup:
-        image, dropped["image"] = dedup(Part(image_vecs, image_items, thumbs), "image")
-        text, dropped["text"] = dedup(Part(text_vecs, text_items), "text")
+        image, dropped["image"] = dedup(Part(image_vecs, list(image_items), _list(thumbs)), "image")
+        text, dropped["text"] = dedup(Part(text_vecs, list(text_items)), "text")
         image_vecs, image_items, thumbs = image.vectors, image.items, image.thumbnails
         text_vecs, text_items = text.vectors, text.items
-    records = sum(s.records for s in ordered)
+    records = sum(s.records for s in infos)
     first = f"; first: {errors[0].source}: {errors[0].reason}" if errors else ""
     if not image_items and not text_items:
         stop_hashing.set()
@@ -269,7 +278,7 @@ def run_build(opts: BuildOptions, model: ClipModel | None = None) -> BuildSummar
                                              memory_budget=opts.memory_budget, recall_target=opts.recall_target,
                                              flat_max=opts.flat_max, scratch=store.dir / f"{modality}-lists")
     seconds = time.perf_counter() - t0
-    n_records = sum(s.records for s in ordered)
+    n_records = sum(s.records for s in infos)
     reasons = Counter(_reason_key(e) for e in errors)
     digests = hashes.result()
     build_info = {
@@ -331,12 +340,15 @@ def run_build(opts: BuildOptions, model: ClipModel | None = None) -> BuildSummar
     )
 
 
-def _gather(parts: list[np.ndarray], dim: int, budget: int, spill: Path | None, name: str) -> np.ndarray:
-    """The shards' vectors as one array: in memory, or (past `budget`, with a `spill` directory)
-    a memory-mapped file there, written shard by shard."""
-    n = sum(len(p) for p in parts)
+def _list(values: Collection[bytes] | None) -> list[bytes] | None:
+    return list(values) if values is not None else None
+
+
+def _gather(parts: Iterable[np.ndarray], n: int, dim: int, budget: int, spill: Path | None, name: str) -> np.ndarray:
+    """The shards' `n` vectors as one array: in memory, or (past `budget`, with a `spill`
+    directory) a memory-mapped file there, written shard by shard."""
     if spill is None or n * dim * 4 <= budget:
-        return concat_vectors(parts, dim)
+        return concat_vectors(list(parts), dim)
     out = np.lib.format.open_memmap(spill / f"{name}-vectors.npy", mode="w+", dtype=np.float32, shape=(n, dim))
     start = 0
     for part in parts:

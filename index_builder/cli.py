@@ -36,8 +36,9 @@ _BUILD_HELP = (
 @app.command(help=_BUILD_HELP)
 def build(
     output: Annotated[Path, typer.Option("--output", "-o", help="index directory DIR (versions/ + CURRENT)")],
-    input: Annotated[list[Path] | None, typer.Option(
-        "--input", "-i", help="TSV, JSONL, Parquet or WebDataset .tar file, or image directory; repeatable")] = None,
+    input: Annotated[list[str] | None, typer.Option(
+        "--input", "-i", help="TSV, JSONL, Parquet or WebDataset .tar file, or image directory: a path or an fsspec "
+        "URL (s3://..., gs://..., with the filesystem's package installed); repeatable")] = None,
     model: Annotated[str, typer.Option(help="model spec, as for `serve`")] = "clipsearch-tiny",
     pretrained: Annotated[str | None, typer.Option(help="pretrained tag, checkpoint path, or none")] = None,
     index_type: Annotated[str, typer.Option(
@@ -102,13 +103,14 @@ def build(
     from index_builder.build import BuildError, BuildOptions, run_build
     from index_builder.incremental import BaseError
     from index_builder.indexing import parse_bytes
-    from index_builder.readers import InputError
+    from index_builder.readers import InputError, input_path
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("index_builder").setLevel(logging.WARNING if quiet else logging.INFO)
     try:
         opts = BuildOptions(
-            inputs=input or [], output=output, model=model, pretrained=pretrained, device=device, dtype=dtype,
+            inputs=[input_path(i) for i in input or []], output=output, model=model, pretrained=pretrained,
+            device=device, dtype=dtype,
             index_type=index_type, fmt=format, schema=input_schema, batch_size=batch_size, workers=workers,
             processes=processes,
             shard_size=shard_size, max_errors=max_errors, max_error_fraction=max_error_fraction, keep=keep,

@@ -28,7 +28,7 @@ from clipsearch.core.decoder import ImageDecoder, Jpeg
 from clipsearch.core.errors import ClipsearchError, InvalidImage
 from clipsearch.core.images import decode_base64
 from clipsearch.core.model import ClipModel
-from index_builder.readers import Record
+from index_builder.readers import Record, open_input
 
 _DECODER: ImageDecoder | None = None
 _MAX_BYTES = 0
@@ -81,10 +81,10 @@ def _decode_one(image_b64: str | None, image_path: str | None, image_bytes: byte
             data = image_bytes
         elif image_path is not None:
             try:
-                with open(image_path, "rb") as f:
+                with open_input(image_path) as f:  # a local path or an fsspec URL
                     data = f.read(max_bytes + 1)
-            except OSError as exc:
-                return None, f"cannot read image file ({exc.strerror or exc})", b"", ""
+            except (OSError, ValueError, ImportError) as exc:  # an unknown protocol, its package missing
+                return None, f"cannot read image file ({getattr(exc, 'strerror', None) or exc})", b"", ""
             if len(data) > max_bytes:
                 return None, f"image file is larger than {max_bytes} bytes", b"", ""
         elif image_b64 is not None:

@@ -17,6 +17,10 @@ Formats (detected, or forced with `--format`):
 * ``webdataset`` a ``.tar`` shard of samples ``KEY.jpg`` (png, webp, ...) with ``KEY.txt``
   (the caption) and ``KEY.json`` (metadata), as img2dataset writes them; id = KEY.
 
+An input, and an image path inside one, may be an fsspec URL (``s3://``, ``gs://``,
+``az://``, ``hf://``, ``memory://``, ...; the filesystem's package installed, such as s3fs),
+read through universal_pathlib's `UPath`; everything else is a local path.
+
 Readers do no decoding: bad base64 or a corrupt file is found by the encoder, which
 reports it with the record's `source` (``file:line`` or path).
 """
@@ -25,13 +29,14 @@ from __future__ import annotations
 
 import functools
 import itertools
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, BinaryIO
+from pathlib import Path, PurePosixPath
+from typing import IO, Any
 
 import numpy as np
 import orjson
+from upath import UPath
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 FORMATS = ("auto", "tsv", "dir", "jsonl", "parquet", "webdataset")
@@ -39,6 +44,29 @@ _IMAGE_COLUMNS = ("image", "jpg", "jpeg", "png", "webp", "image_bytes")
 _TEXT_COLUMNS = ("text", "caption", "txt")
 _ID_COLUMNS = ("id", "key")
 _COLUMNS = {"id", "text", "image", "_"}
+
+InputPath = Path | UPath  # a local path, or an fsspec URL
+
+
+def is_url(location: str) -> bool:
+    head, sep, _ = location.partition("://")
+    return bool(sep) and head.replace("+", "").replace("-", "").replace(".", "").isalnum()
+
+
+def input_path(location: str | Path) -> InputPath:
+    """`location` as a path: a `UPath` for an fsspec URL, else a local `Path`."""
+    if isinstance(location, str) and is_url(location):
+        return UPath(location)
+    return Path(location)
+
+
+def open_input(path: InputPath | str, mode: str = "rb", **kwargs: Any) -> IO[Any]:
+    """Open a local file or an fsspec URL (read-ahead `buffering` bytes for binary reads)."""
+    path = input_path(path) if isinstance(path, str) else path
+    if isinstance(path, Path):
+        return open(path, mode, **kwargs)
+    buffering = kwargs.pop("buffering", None)
+    return path.open(mode, **({"block_size": buffering} if buffering and "b" in mode else {}), **kwargs)
 
 
 @dataclass
@@ -69,7 +97,7 @@ class Span:
     offset: int = 0
 
 
-def detect_format(path: Path) -> str:
+def detect_format(path: InputPath) -> str:
     if path.is_dir():
         return "dir"
     if not path.is_file():
@@ -82,7 +110,7 @@ def detect_format(path: Path) -> str:
         return "webdataset"
     if path.suffix.lower() in {".tsv", ".txt", ".csv"}:
         return "tsv"
-    with open(path, "rb") as f:
+    with open_input(path) as f:
         head = f.read(1).lstrip()
     return "jsonl" if head.startswith(b"{") else "tsv"
 
@@ -118,8 +146,8 @@ def _looks_like_base64_image(value: str) -> bool:
     return raw.startswith(signatures)
 
 
-def _default_schema(path: Path) -> list[str]:
-    with open(path, encoding="utf-8", errors="replace") as f:
+def _default_schema(path: InputPath) -> list[str]:
+    with open_input(path, "r", encoding="utf-8", errors="replace") as f:
         for line in f:
             line = line.rstrip("\r\n")
             if not line.strip():
@@ -139,13 +167,13 @@ _SCAN_CHUNK = 4 << 20  # bytes per numpy pass when cutting files into spans
 _READ_BUFFER = 4 << 20  # bytes; lines of 100-200 kB read far slower through the default 8 kB
 
 
-def read_tsv(path: Path, schema: list[str] | None, id_prefix: str, span: Span | None = None) -> Iterator[Record]:
+def read_tsv(path: InputPath, schema: list[str] | None, id_prefix: str, span: Span | None = None) -> Iterator[Record]:
     # A line is mostly one 100-200 kB base64 image, so lines are read as bytes through a
     # large buffer. Only the id and text columns are decoded as UTF-8; the image column as Latin-1, a plain copy that
     # keeps any non-ASCII byte for decode_base64 to reject. Lines end at "\n" (a "\r"
     # before it is dropped).
     columns = schema or _default_schema(path)
-    with open(path, "rb", buffering=_READ_BUFFER) as f:
+    with open_input(path, "rb", buffering=_READ_BUFFER) as f:
         for line_no, line in _numbered_lines(f, span):
             if not line or line.isspace():  # stops at the first other byte: no copy of the line
                 continue
@@ -181,7 +209,7 @@ def _columns(line: bytes) -> list[memoryview]:
     return cols
 
 
-def _numbered_lines(f: BinaryIO, span: Span | None) -> Iterator[tuple[int, bytes]]:
+def _numbered_lines(f: IO[bytes], span: Span | None) -> Iterator[tuple[int, bytes]]:
     """(1-based line number, line) of the whole file, or of `span` only."""
     if span is None:
         return enumerate(f, start=1)
@@ -189,10 +217,32 @@ def _numbered_lines(f: BinaryIO, span: Span | None) -> Iterator[tuple[int, bytes
     return enumerate(itertools.islice(f, span.count), start=span.first + 1)
 
 
-def _list_image_files(path: Path) -> tuple[Path, ...]:
-    return tuple(sorted(
-        p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
-    ))
+def _files(path: InputPath) -> dict[str, dict[str, Any]]:
+    """Every file under a directory, recursively: its path relative to the directory (posix)
+    and its size and modification stamp, in one listing (one request per page on object
+    stores, not one per file)."""
+    if isinstance(path, Path):
+        return {p.relative_to(path).as_posix(): {"size": (st := p.stat()).st_size, "stamp": st.st_mtime_ns}
+                for p in path.rglob("*") if p.is_file()}
+    root = path.path.rstrip("/")
+    found = path.fs.find(root, detail=True)
+    return {name[len(root):].lstrip("/"): {"size": int(info.get("size") or 0), "stamp": _stamp(info)}
+            for name, info in found.items() if info.get("type") == "file"}
+
+
+def _stamp(info: dict[str, Any]) -> str:
+    """What identifies a remote file's version: its ETag, else its modification time."""
+    for key in ("ETag", "etag", "md5Hash", "generation", "LastModified", "mtime", "updated", "last_modified",
+                "created"):
+        if info.get(key) is not None:
+            return str(info[key])
+    return ""
+
+
+def _list_image_files(path: InputPath) -> tuple[str, ...]:
+    """The image files under a directory: their paths relative to it, sorted."""
+    return tuple(sorted(rel for rel in _files(path) if PurePosixPath(rel).suffix.lower() in IMAGE_SUFFIXES
+                        and not PurePosixPath(rel).name.startswith(".")))
 
 
 # A build reads many spans of one directory (in each encoder process): list it once per
@@ -200,15 +250,15 @@ def _list_image_files(path: Path) -> tuple[Path, ...]:
 _span_files = functools.lru_cache(maxsize=4)(_list_image_files)
 
 
-def read_dir(path: Path, span: Span | None = None) -> Iterator[Record]:
+def read_dir(path: InputPath, span: Span | None = None) -> Iterator[Record]:
     files = _list_image_files(path) if span is None else _span_files(path)[span.first : span.first + span.count]
-    for p in files:
-        rel = p.relative_to(path).as_posix()
-        yield Record(id=rel, source=str(p), image_path=str(p), metadata={"path": rel})
+    for rel in files:
+        p = str(path.joinpath(rel))
+        yield Record(id=rel, source=p, image_path=p, metadata={"path": rel})
 
 
-def read_jsonl(path: Path, id_prefix: str, span: Span | None = None) -> Iterator[Record]:
-    with open(path, "rb", buffering=_READ_BUFFER) as f:
+def read_jsonl(path: InputPath, id_prefix: str, span: Span | None = None) -> Iterator[Record]:
+    with open_input(path, "rb", buffering=_READ_BUFFER) as f:
         for line_no, raw in _numbered_lines(f, span):
             if not raw.strip():
                 continue
@@ -242,32 +292,34 @@ def read_jsonl(path: Path, id_prefix: str, span: Span | None = None) -> Iterator
             yield rec
 
 
-def _set_image_text(rec: Record, value: str, base: Path) -> None:
-    """An image given as text: base64 (or a data: URI), else a path, relative to `base`."""
+def _set_image_text(rec: Record, value: str, base: InputPath) -> None:
+    """An image given as text: base64 (or a data: URI), else a path or URL, relative to `base`."""
     if _looks_like_base64_image(value) or len(value) > 4096:
         rec.image_b64 = value
+    elif is_url(value) or Path(value).is_absolute():
+        rec.image_path = value
     else:
-        p = Path(value)
-        rec.image_path = str(p if p.is_absolute() else base / p)
+        rec.image_path = str(base.joinpath(value))
 
 
-def _pyarrow_parquet() -> Any:
+def _parquet_rows(path: InputPath) -> int:
+    import pyarrow.parquet as pq
+
     try:
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise InputError("Parquet inputs need pyarrow: pip install pyarrow") from None
-    return pq
-
-
-def _parquet_rows(path: Path) -> int:
-    try:
-        return int(_pyarrow_parquet().ParquetFile(path).metadata.num_rows)
+        with open_input(path) as f:
+            return int(pq.ParquetFile(f).metadata.num_rows)
     except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError
         raise InputError(f"{path}: not a readable Parquet file ({exc})") from None
 
 
-def read_parquet(path: Path, id_prefix: str, span: Span | None = None) -> Iterator[Record]:
-    pf = _pyarrow_parquet().ParquetFile(path)
+def read_parquet(path: InputPath, id_prefix: str, span: Span | None = None) -> Iterator[Record]:
+    import pyarrow.parquet as pq
+
+    with open_input(path) as f:
+        yield from _parquet_records(pq.ParquetFile(f), path, id_prefix, span)
+
+
+def _parquet_records(pf: Any, path: InputPath, id_prefix: str, span: Span | None) -> Iterator[Record]:
     first = 0 if span is None else span.first
     end = pf.metadata.num_rows if span is None else span.first + span.count
     start = 0
@@ -283,7 +335,7 @@ def read_parquet(path: Path, id_prefix: str, span: Span | None = None) -> Iterat
             break
 
 
-def _parquet_record(path: Path, id_prefix: str, number: int, row: dict[str, Any]) -> Record:
+def _parquet_record(path: InputPath, id_prefix: str, number: int, row: dict[str, Any]) -> Record:
     rec = Record(id=f"{id_prefix}{number}", source=f"{path.name}:row {number}")
     used: set[str] = set()
     for name in _ID_COLUMNS:
@@ -328,16 +380,17 @@ def _parquet_record(path: Path, id_prefix: str, number: int, row: dict[str, Any]
 _WDS_IMAGE = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
 
-def _wds_samples(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+def _wds_samples(path: InputPath) -> Iterator[tuple[str, dict[str, Any]]]:
     """(key, {extension: member}) per sample of a WebDataset tar, in file order: members
     with the same key (the name up to its first dot after the last slash) form a sample."""
     import tarfile
 
     try:
-        tar = tarfile.open(path, "r:*")  # noqa: SIM115 (closed by the with below, past the error check)
+        source = open_input(path, "rb", buffering=_READ_BUFFER)
+        tar = tarfile.open(fileobj=source, mode="r:*")  # noqa: SIM115 (closed by the with below)
     except (OSError, tarfile.TarError) as exc:
         raise InputError(f"{path}: not a readable tar file ({exc})") from None
-    with tar:
+    with source, tar:
         key, parts = None, {}
         for member in tar:
             if not member.isfile():
@@ -356,11 +409,11 @@ def _wds_samples(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
             yield key, parts
 
 
-def _wds_count(path: Path) -> int:
+def _wds_count(path: InputPath) -> int:
     return sum(1 for _ in _wds_samples(path))
 
 
-def read_webdataset(path: Path, span: Span | None = None) -> Iterator[Record]:
+def read_webdataset(path: InputPath, span: Span | None = None) -> Iterator[Record]:
     samples = _wds_samples(path)
     if span is not None:
         samples = itertools.islice(samples, span.first, span.first + span.count)
@@ -390,7 +443,7 @@ def read_webdataset(path: Path, span: Span | None = None) -> Iterator[Record]:
         yield rec
 
 
-def input_kind(path: Path, fmt: str = "auto") -> str:
+def input_kind(path: InputPath, fmt: str = "auto") -> str:
     if fmt not in FORMATS:
         raise InputError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
     kind = detect_format(path) if fmt == "auto" else fmt
@@ -399,21 +452,21 @@ def input_kind(path: Path, fmt: str = "auto") -> str:
     return kind
 
 
-def read_inputs(inputs: list[Path], fmt: str = "auto", schema: str | None = None) -> Iterator[Record]:
+def read_inputs(inputs: Sequence[InputPath], fmt: str = "auto", schema: str | None = None) -> Iterator[Record]:
     """All records of all inputs, in a fixed order: the same as reading every span of
     `plan_spans(inputs, fmt, n)` in turn, for any n."""
     for i in range(len(inputs)):
         yield from _read(inputs, i, None, fmt, schema)
 
 
-def read_span(inputs: list[Path], span: Span, fmt: str = "auto", schema: str | None = None,
+def read_span(inputs: Sequence[InputPath], span: Span, fmt: str = "auto", schema: str | None = None,
               prefix_ids: bool = False) -> Iterator[Record]:
     """The records of one span of `plan_spans(inputs, fmt, ...)`. Line ids carry their file's
     stem (`corpus:17`) with several inputs, or with `prefix_ids` (an incremental build)."""
     return _read(inputs, span.input, span, fmt, schema, prefix_ids)
 
 
-def _read(inputs: list[Path], i: int, span: Span | None, fmt: str, schema: str | None,
+def _read(inputs: Sequence[InputPath], i: int, span: Span | None, fmt: str, schema: str | None,
           prefix_ids: bool = False) -> Iterator[Record]:
     path = inputs[i]
     kind = input_kind(path, fmt)
@@ -430,24 +483,38 @@ def _read(inputs: list[Path], i: int, span: Span | None, fmt: str, schema: str |
     return read_tsv(path, columns, prefix, span)
 
 
-def describe_inputs(inputs: list[Path]) -> list[dict[str, Any]]:
-    """Name, size and modification time of each input: part of the resume key and the manifest."""
-    out = []
+def describe_inputs(inputs: Sequence[InputPath]) -> list[dict[str, Any]]:
+    """Name, size and modification time (or, for a URL, its ETag or time) of each input: part
+    of the resume key and the manifest."""
+    out: list[dict[str, Any]] = []
     for path in inputs:
+        name = str(path.resolve()) if isinstance(path, Path) else str(path)
         if path.is_dir():
-            files = [p for p in path.rglob("*") if p.is_file()]
-            out.append({"path": str(path.resolve()), "kind": "dir", "files": len(files),
-                        "bytes": sum(p.stat().st_size for p in files),
-                        "mtime_ns": max((p.stat().st_mtime_ns for p in files), default=0)})
+            files = _files(path)
+            stamps = [f["stamp"] for f in files.values()]
+            out.append({"path": name, "kind": "dir", "files": len(files),
+                        "bytes": sum(f["size"] for f in files.values()),
+                        **({"mtime_ns": max(stamps, default=0)} if isinstance(path, Path) else
+                           {"stamp": _digest(sorted(f"{k}:{v['stamp']}" for k, v in files.items()))})})
         elif path.is_file():
-            st = path.stat()
-            out.append({"path": str(path.resolve()), "kind": "file", "bytes": st.st_size, "mtime_ns": st.st_mtime_ns})
+            if isinstance(path, Path):
+                st = path.stat()
+                out.append({"path": name, "kind": "file", "bytes": st.st_size, "mtime_ns": st.st_mtime_ns})
+            else:
+                info = path.fs.info(path.path)
+                out.append({"path": name, "kind": "url", "bytes": int(info.get("size") or 0), "stamp": _stamp(info)})
         else:
             raise InputError(f"input {path} does not exist")
     return out
 
 
-def plan_spans(inputs: list[Path], fmt: str = "auto", size: int = 1024) -> list[Span]:
+def _digest(parts: list[str]) -> str:
+    import hashlib
+
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
+def plan_spans(inputs: Sequence[InputPath], fmt: str = "auto", size: int = 1024) -> list[Span]:
     """Cut every input into spans of `size` lines (image files); no span crosses two inputs.
 
     One pass over each file, finding line ends with numpy, records where every `size`-th
@@ -467,10 +534,10 @@ def plan_spans(inputs: list[Path], fmt: str = "auto", size: int = 1024) -> list[
     return spans
 
 
-def _line_starts(path: Path, every: int) -> tuple[int, list[int]]:
+def _line_starts(path: InputPath, every: int) -> tuple[int, list[int]]:
     """The number of lines in a file and the byte offset of line 0, every, 2*every, ..."""
     starts, newlines, size, last = [0], 0, 0, b"\n"
-    with open(path, "rb") as f:
+    with open_input(path, "rb") as f:
         for chunk in iter(lambda: f.read(_SCAN_CHUNK), b""):
             ends = np.flatnonzero(np.frombuffer(chunk, np.uint8) == 10)
             numbers = newlines + 1 + np.arange(len(ends))  # the (0-based) lines that start after these ends
@@ -480,6 +547,6 @@ def _line_starts(path: Path, every: int) -> tuple[int, list[int]]:
     return lines, [s for s in starts if s < size]
 
 
-def count_records(inputs: list[Path], fmt: str = "auto") -> int:
+def count_records(inputs: Sequence[InputPath], fmt: str = "auto") -> int:
     """A cheap upper bound for the progress bar: lines of files, image files of directories."""
     return sum(s.count for s in plan_spans(inputs, fmt, 1 << 62))

@@ -86,7 +86,8 @@ def test_ray_build_equals_local_build_and_resumes(cluster, tiny_spec, tiny_model
 
 def test_cli_joins_a_running_cluster_by_address(cluster, tiny_spec, tiny_model, tmp_path: Path) -> None:
     """A second driver (the CLI, another process) joins the cluster by its address, as a job on
-    a real cluster does with --ray-address auto or ray://."""
+    a real cluster does with --ray-address auto or ray://; its inputs are given as fsspec URLs
+    (file://), which the actors list and read through fsspec."""
     import subprocess
     import sys
 
@@ -96,7 +97,7 @@ def test_cli_joins_a_running_cluster_by_address(cluster, tiny_spec, tiny_model, 
             "--device", "cpu", "--shard-size", "32", "--workers", "0", "--no-progress", "--engine", "ray",
             "--ray-address", address]
     for path in inputs:
-        args += ["--input", str(path)]
+        args += ["--input", path.as_uri()]
     r = subprocess.run(args, capture_output=True, text=True, timeout=300, cwd=Path(__file__).resolve().parents[2])
     assert r.returncode == 0, r.stderr[-3000:]
     assert "skipped: 3" in r.stdout
