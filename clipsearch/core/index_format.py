@@ -29,7 +29,7 @@ import os
 import re
 import secrets
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
@@ -246,7 +246,7 @@ class Thumbnails:
             os.close(self._fd)
 
     @staticmethod
-    def write(path: Path, thumbnails: Sequence[bytes]) -> int:
+    def write(path: Path, thumbnails: Collection[bytes]) -> int:
         """Write the file; returns how many thumbnails are not empty."""
         sizes = np.fromiter((len(t) for t in thumbnails), np.int64, len(thumbnails))
         offsets = np.concatenate([[0], np.cumsum(sizes)]).astype("<i8")
@@ -286,10 +286,10 @@ def write_version(
     *,
     model: ModelRef,
     dim: int,
-    indexes: Mapping[Modality, tuple[Any, Sequence[Mapping[str, Any]], dict[str, Any]]],
+    indexes: Mapping[Modality, tuple[Any, Collection[Mapping[str, Any]], dict[str, Any]]],
     version: str,
     build: dict[str, Any] | None = None,
-    thumbnails: Sequence[bytes] | None = None,
+    thumbnails: Collection[bytes] | None = None,
 ) -> Manifest:
     """Write FAISS indexes, their items and the manifest into `out_dir` (not yet published).
 
