@@ -145,3 +145,23 @@ def info(directory: Annotated[Path, typer.Argument(help="index directory or vers
     out["path"] = str(version_dir)
     out["versions"] = list_versions(directory)
     typer.echo(json.dumps(out, indent=2, ensure_ascii=False))
+
+
+@app.command(help="Publish the served version again with its items rewritten as a memory-mapped Arrow file, for "
+             "versions written before that format (items.jsonl, read into memory by the service). The index, "
+             "its lists and thumbnails are hard-linked into the new version; nothing is re-encoded. A running "
+             "service swaps to it as to any new version.")
+def upgrade(
+    directory: Annotated[Path, typer.Argument(help="index directory (CURRENT + versions/)")],
+    keep: Annotated[int, typer.Option(min=1, help="versions to keep, the new one included")] = 3,
+) -> None:
+    from clipsearch.core.errors import IndexLoadError
+    from clipsearch.core.index_format import upgrade_items
+
+    try:
+        version = upgrade_items(directory, keep=keep)
+    except (IndexLoadError, OSError) as exc:
+        typer.echo(f"clipsearch index upgrade: {getattr(exc, 'message', None) or exc}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"published version {version.name} -> {version}" if version is not None
+               else f"{directory}: the served version is up to date")

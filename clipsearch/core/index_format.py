@@ -39,7 +39,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from clipsearch.core.errors import IndexLoadError, IndexMismatch
 from clipsearch.core.fsutil import atomic_write_text
-from clipsearch.core.items import open_items, write_items
+from clipsearch.core.items import open_items, read_jsonl_items, write_items
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -188,6 +188,43 @@ def prune_versions(index_dir: str | os.PathLike[str], keep: int) -> list[str]:
 def read_items(path: Path, expected: int) -> list[dict[str, Any]]:
     """A version's items as dicts, in row order (for builders; the service maps them, see `items`)."""
     return list(open_items(path, expected))
+
+
+def upgrade_items(index_dir: str | os.PathLike[str], keep: int | None = None) -> Path | None:
+    """Publish the served version again with its JSON-lines items (older versions) rewritten
+    as memory-mapped Arrow files; its index, lists and thumbnails are hard-linked (copied
+    where the file system cannot link), nothing is re-encoded. Returns the new version, or
+    None when the served one needs nothing."""
+    root = Path(index_dir)
+    current = current_version_dir(root)
+    if current is None:
+        raise IndexLoadError(f"no index version published in {root}")
+    if current == root:
+        raise IndexLoadError(f"{root} is a single version directory; upgrade works on an index directory "
+                             "(CURRENT + versions/), such as the builder writes")
+    manifest = read_manifest(current)
+    old = {m: e for m, e in manifest.indexes.items() if e.items.endswith(".jsonl")}
+    if not old:
+        return None
+    name, staged = new_version_name(), staging_dir(root)
+    try:
+        for path in current.iterdir():
+            if path.is_file() and path.name != MANIFEST_NAME and path.name not in {e.items for e in old.values()}:
+                try:
+                    os.link(path, staged / path.name)
+                except OSError:
+                    shutil.copy2(path, staged / path.name)
+        entries = dict(manifest.indexes)
+        for modality, entry in old.items():
+            write_items(staged / f"{modality}.items.arrow", read_jsonl_items(current / entry.items, entry.count))
+            entries[modality] = entry.model_copy(update={"items": f"{modality}.items.arrow"})
+        upgraded = manifest.model_copy(update={
+            "version": name, "indexes": entries, "build": {**manifest.build, "items_upgraded_from": manifest.version}})
+        atomic_write_text(staged / MANIFEST_NAME, upgraded.model_dump_json(indent=2))
+        return publish_version(root, staged, name, keep=keep)
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
 
 
 # -- writing a version from in-memory vectors -------------------------------------

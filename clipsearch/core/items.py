@@ -20,7 +20,7 @@ The schema's metadata (`clipsearch.items`) lists the fields that have columns; w
 metadata key has them (`complete`). A field without columns is read from the JSON.
 
 Versions written before this format kept items in `{modality}.items.jsonl`; they still load,
-into memory (a warning says so).
+into memory (a warning says so), and `clipsearch index upgrade` rewrites them.
 """
 
 from __future__ import annotations
@@ -246,8 +246,8 @@ def open_items(path: Path, expected: int) -> ItemTable:
     read into memory. Raises IndexLoadError when missing, corrupt or of the wrong length."""
     if path.suffix == ".jsonl":
         items = ItemTable.from_items(read_jsonl_items(path, expected))
-        log.warning("%s: items in JSON lines are held in memory; rebuild the index (clipsearch index build) "
-                    "to serve them memory-mapped", path)
+        log.warning("%s: items in JSON lines are held in memory; `clipsearch index upgrade DIR` rewrites them "
+                    "as a memory-mapped file (a new version, nothing re-encoded)", path)
         return items
     try:
         source = pa.memory_map(str(path), "r")

@@ -209,7 +209,7 @@ def test_bad_items_files_are_refused(corpus, tmp_path) -> None:
 
 def test_a_version_with_json_lines_items_still_serves(tmp_path, caplog) -> None:
     """A version written before the Arrow format (items in JSON lines) loads and searches the
-    same, with a warning that says how to have it memory-mapped."""
+    same, with a warning that says how to have it memory-mapped; `index upgrade` does that."""
     rng = np.random.default_rng(0)
     x = rng.standard_normal((200, DIM)).astype(np.float32)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
@@ -225,8 +225,31 @@ def test_a_version_with_json_lines_items_still_serves(tmp_path, caplog) -> None:
     assert read_manifest(version).indexes["image"].items == "image.items.jsonl"
     with caplog.at_level(logging.WARNING):
         old = load_index_set(version, fingerprint=MODEL.fingerprint, dim=DIM).get("image")
-    assert "rebuild the index" in caplog.text
+    assert "clipsearch index upgrade" in caplog.text
     flt = compile_filter({"colour": "red", "n": {"$gte": 50}})
     np.testing.assert_array_equal(old.select(flt).mask, new.select(flt).mask)
     assert old.search(x[:3], 5) == new.search(x[:3], 5)
     assert old.row_of("i17") == new.row_of("i17") == 17
+
+    # `clipsearch index upgrade` publishes it again with Arrow items, linking the index file
+    from typer.testing import CliRunner
+
+    from clipsearch.cli import app
+    from clipsearch.core.index_format import current_version_dir
+
+    r = CliRunner().invoke(app, ["index", "upgrade", str(tmp_path)])
+    assert r.exit_code == 0, r.output
+    upgraded = current_version_dir(tmp_path)
+    assert upgraded != version and read_manifest(upgraded).indexes["image"].items == "image.items.arrow"
+    assert (upgraded / "image.faiss").stat().st_ino == (version / "image.faiss").stat().st_ino  # linked, not copied
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        again = load_index_set(upgraded, fingerprint=MODEL.fingerprint, dim=DIM).get("image")
+    assert "rebuild" not in caplog.text and "upgrade" not in caplog.text
+    np.testing.assert_array_equal(again.select(flt).mask, new.select(flt).mask)
+    assert again.search(x[:3], 5) == new.search(x[:3], 5) and again.row_of("i17") == 17
+    assert (version / "image.items.jsonl").is_file()  # the old version is left as it was
+    r = CliRunner().invoke(app, ["index", "upgrade", str(tmp_path)])
+    assert r.exit_code == 0 and "up to date" in r.output
+    r = CliRunner().invoke(app, ["index", "upgrade", str(upgraded)])
+    assert r.exit_code == 1 and "single version directory" in r.output
