@@ -232,7 +232,7 @@ def run_build(opts: BuildOptions, model: ClipModel | None = None) -> BuildSummar
     # The shards are read back from the work area one at a time: past the memory budget the
     # vectors are gathered into a file there and memory-mapped (the index build reads them
     # chunk by chunk, see `indexing`), and the items and thumbnails stream from the shard
-    # files into the version. An incremental or deduplicating build holds them in memory.
+    # files into the version. An incremental or deduplicating build reads them into memory.
     streamed = opts.base is False and not opts.dedup
     spill = store.dir if streamed else None
     n_image, n_text = sum(s.image for s in infos), sum(s.text for s in infos)
@@ -241,9 +241,6 @@ def run_build(opts: BuildOptions, model: ClipModel | None = None) -> BuildSummar
     image_items: Collection[dict[str, Any]] = store.column(order, "image_items", n_image)
     text_items: Collection[dict[str, Any]] = store.column(order, "text_items", n_text)
     thumbs: Collection[bytes] | None = store.column(order, "thumbnails", n_image) if opts.thumbnails else None
-    if not streamed:
-        image_items, text_items = list(image_items), list(text_items)
-        thumbs = list(thumbs) if thumbs is not None else None
     changes: dict[str, dict[str, int]] = {}
     if base is not None:
         image, changes["image"] = merge(base.parts.get("image"), Part(image_vecs, list(image_items), _list(thumbs)),

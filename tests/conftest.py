@@ -74,6 +74,16 @@ def image_bytes(image: Image.Image, fmt: str = "JPEG", **save: Any) -> bytes:
     return buf.getvalue()
 
 
+def make_photo_folder(root: Path, count: int, seed: int) -> Path:
+    """`root/photos/sub/p00.jpg ...` (`count` images) and one corrupt JPEG; returns `root/photos`."""
+    folder = root / "photos" / "sub"
+    folder.mkdir(parents=True)
+    for i in range(count):
+        make_image(seed + i).save(folder / f"p{i:02d}.jpg")
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff not really")
+    return root / "photos"
+
+
 @pytest.fixture
 def make_client() -> Callable[..., Any]:
     """Returns an async context manager: a client on an app with its lifespan running."""

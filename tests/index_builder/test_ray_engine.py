@@ -11,7 +11,7 @@ import pytest
 from clipsearch.core.search import load_index_set
 from index_builder.build import BuildError, BuildOptions, run_build
 from index_builder.writer import WORK_DIR
-from tests.conftest import encode_image, make_image
+from tests.conftest import encode_image, make_image, make_photo_folder
 
 ray = pytest.importorskip("ray")
 
@@ -31,12 +31,7 @@ def _corpus(tmp_path: Path) -> list[Path]:
         image = encode_image(make_image(900 + i), urlsafe=i % 2 == 0)
         lines.append(f"caption {i}\t{'not base64 @@' if i in (20, 131) else image}")
     (tmp_path / "corpus.tsv").write_text("\n".join(lines) + "\n")
-    folder = tmp_path / "photos" / "sub"
-    folder.mkdir(parents=True)
-    for i in range(20):
-        make_image(2000 + i).save(folder / f"p{i:02d}.jpg")
-    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff not really")
-    return [tmp_path / "corpus.tsv", tmp_path / "photos"]
+    return [tmp_path / "corpus.tsv", make_photo_folder(tmp_path, 20, seed=2000)]
 
 
 def _opts(inputs: list[Path], output: Path, spec: str, **kw) -> BuildOptions:

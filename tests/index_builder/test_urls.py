@@ -15,19 +15,15 @@ from clipsearch.core.index_format import read_manifest
 from clipsearch.core.search import load_index_set
 from index_builder.build import BuildOptions, run_build
 from index_builder.readers import InputError, describe_inputs, input_path
-from tests.conftest import encode_image, make_image
+from tests.conftest import encode_image, make_image, make_photo_folder
 from tests.index_builder.test_formats import _parquet, _webdataset
 
 
 def _corpus(root: Path) -> list[str]:
     lines = [f"caption {i}\t{'not base64 @@' if i == 7 else encode_image(make_image(50 + i))}" for i in range(40)]
     (root / "corpus.tsv").write_text("\n".join(lines) + "\n")
-    folder = root / "photos" / "sub"
-    folder.mkdir(parents=True)
-    for i in range(6):
-        make_image(80 + i).save(folder / f"p{i}.jpg")
-    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff not really")
-    records = [{"id": f"j{i}", "image": f"photos/sub/p{i}.jpg", "text": f"json {i}", "metadata": {"n": i}}
+    make_photo_folder(root, 6, seed=80)
+    records = [{"id": f"j{i}", "image": f"photos/sub/p{i:02d}.jpg", "text": f"json {i}", "metadata": {"n": i}}
                for i in range(6)]
     records.append({"id": "j-missing", "image": "photos/none.jpg"})
     records.append({"id": "j-protocol", "image": "nosuchfs://bucket/x.jpg"})
