@@ -15,9 +15,7 @@ ARG EXTRAS=
 FROM scratch AS src
 COPY pyproject.toml README.md /src/
 COPY clipsearch /src/clipsearch
-COPY service /src/service
-COPY index_builder /src/index_builder
-COPY finetune /src/finetune
+COPY client /src/client
 
 # ---------------------------------------------------------------- CPU build
 FROM python:${PYTHON_VERSION}-slim AS cpu-build
@@ -33,7 +31,7 @@ COPY --from=src /src /src
 WORKDIR /src
 ARG EXTRAS
 # hadolint ignore=DL3013
-RUN pip install ".[cpu${EXTRAS}]"
+RUN pip install ./client ".[cpu${EXTRAS}]"
 
 # ---------------------------------------------------------------- CPU runtime
 FROM python:${PYTHON_VERSION}-slim AS cpu
@@ -72,7 +70,7 @@ COPY --from=src /src /src
 WORKDIR /src
 ARG EXTRAS
 # hadolint ignore=DL3013
-RUN pip install ".[gpu${EXTRAS}]"
+RUN pip install ./client ".[gpu${EXTRAS}]"
 
 # ---------------------------------------------------------------- GPU runtime (default target)
 FROM ${CUDA_IMAGE} AS gpu

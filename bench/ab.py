@@ -95,7 +95,7 @@ def main() -> None:
     ceiling: dict[int, list[float]] = {}
     try:
         if args.path == "search":
-            from clipsearch.core.model import load_model
+            from clipsearch.model.clip import load_model
 
             took = build_index(work / "index", load_model(args.model, args.pretrained, "cpu"), args.index_size)
             print(f"built a {args.index_size:,}-vector index in {took:.1f} s", flush=True)

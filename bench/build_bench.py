@@ -67,8 +67,8 @@ def main() -> None:
     import torch
     from PIL import Image
 
-    from clipsearch.core.model import load_model
-    from index_builder.build import BuildOptions, run_build
+    from clipsearch.builder.build import BuildOptions, run_build
+    from clipsearch.model.clip import load_model
 
     w, h = (int(x) for x in args.image_size.split("x"))
     model = load_model(args.model, args.pretrained, args.device)

@@ -58,7 +58,7 @@ def decode_rate(model, image_b64: str, seconds: float) -> float:
     work per image that the service and the builder must also do."""
     from PIL import Image
 
-    from clipsearch.core.images import decode_base64
+    from clipsearch.images.codec import decode_base64
 
     return rate(lambda: model.preprocess(Image.open(io.BytesIO(decode_base64(image_b64, field="image",
                                                                              max_bytes=1 << 30)))), 1, seconds)
@@ -70,8 +70,8 @@ def torch_decode_rate(model, image_b64: str, batch: int, seconds: float) -> floa
     the model's transform has no torch equivalent."""
     import torch
 
-    from clipsearch.core.decoder import ImageDecoder, Jpeg
-    from clipsearch.core.images import decode_base64
+    from clipsearch.images.codec import decode_base64
+    from clipsearch.images.decoder import ImageDecoder, Jpeg
 
     decoder = ImageDecoder.create(model.preprocess_transform, "torch", model.image_size, 10**9)
     if decoder.torch_path is None:
@@ -89,7 +89,8 @@ def torch_decode_rate(model, image_b64: str, batch: int, seconds: float) -> floa
 
 def build_index(index_dir: Path, model, n: int, seed: int = 0) -> float:
     """A flat image index of `n` random unit vectors (search cost does not depend on content)."""
-    from clipsearch.core.index_format import ModelRef, write_index_from_vectors
+    from clipsearch.index.format import ModelRef
+    from tests.tiny import write_index_from_vectors
 
     t0 = time.perf_counter()
     rng = np.random.default_rng(seed)

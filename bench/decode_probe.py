@@ -39,8 +39,8 @@ def main() -> None:
     import torch
     from torchvision.io import ImageReadMode, decode_jpeg
 
-    from clipsearch.core.decoder import ImageDecoder, Jpeg, TorchPreprocess
-    from clipsearch.core.images import decode_base64
+    from clipsearch.images.codec import decode_base64
+    from clipsearch.images.decoder import ImageDecoder, Jpeg, TorchPreprocess
 
     warnings.simplefilter("ignore")
     device = torch.device(args.device)

@@ -69,9 +69,9 @@ async def _client(app, bodies: list[bytes], offset: int, n: int, statuses: list[
 
 
 async def _run(args: argparse.Namespace, profiler: cProfile.Profile | None = None) -> None:
-    from service.http.app import create_app
-    from service.settings import Settings
-    from service.state import ServiceState
+    from clipsearch.service.http.app import create_app
+    from clipsearch.service.settings import Settings
+    from clipsearch.service.state import ServiceState
 
     image = args.path == "image"
     # Images: the path a GPU takes (prepare threads check base64 and JPEG headers, the batch

@@ -21,9 +21,9 @@ from fastapi import FastAPI
 from PIL import Image
 from pydantic import BaseModel
 
-from clipsearch.core.index_format import current_version_dir
-from clipsearch.core.model import load_model
-from clipsearch.core.search import load_index_set
+from clipsearch.index.format import current_version_dir
+from clipsearch.index.search import load_index_set
+from clipsearch.model.clip import load_model
 
 model = load_model(os.environ.get("CLIPSEARCH_MODEL", "clipsearch-tiny"), os.environ.get("CLIPSEARCH_PRETRAINED"),
                    os.environ.get("CLIPSEARCH_DEVICE", "auto"))

@@ -100,8 +100,8 @@ def synthesize(work: Path, n: int, dim: int, clusters: int, seed: int = 0) -> tu
 
 
 def _build(vectors_path: str, index_dir: str, nlist: int, out: dict) -> None:
-    from clipsearch.core.index_format import ModelRef, new_version_name, publish_version, staging_dir, write_version
-    from index_builder.indexing import IndexPlan, _pq_m, build
+    from clipsearch.builder.indexing import IndexPlan, _pq_m, build
+    from clipsearch.index.format import ModelRef, new_version_name, publish_version, staging_dir, write_version
 
     vectors = np.load(vectors_path, mmap_mode="r")
     n, dim = vectors.shape
@@ -139,12 +139,12 @@ class _Sized:
 
 
 def _load(version: str, with_items: bool, out: dict) -> None:
-    from clipsearch.core.index_format import read_faiss_index, read_manifest
+    from clipsearch.index.format import read_faiss_index, read_manifest
 
     before = _rss_mb()
     t0 = time.perf_counter()
     if with_items:
-        from clipsearch.core.search import load_index_set
+        from clipsearch.index.search import load_index_set
 
         loaded = load_index_set(Path(version), fingerprint="bench", dim=read_manifest(Path(version)).dim)
     else:
@@ -152,8 +152,8 @@ def _load(version: str, with_items: bool, out: dict) -> None:
     out.update(rss_mb=round(_rss_mb()), rss_added_mb=round(_rss_mb() - before), anon_mb=round(_anon_mb()),
                load_s=round(time.perf_counter() - t0, 1))
     if with_items:  # what a search reads of the items: the k results' rows, an id, a filter's columns
-        from clipsearch.core.filters import compile_filter
-        from clipsearch.core.search import SearchParams
+        from clipsearch.index.filters import compile_filter
+        from clipsearch.index.search import SearchParams
 
         index = loaded.get("image")
         queries = np.random.default_rng(1).standard_normal((300, loaded.manifest.dim))
@@ -232,8 +232,8 @@ def main() -> None:
     args = ap.parse_args()
     import faiss
 
-    from clipsearch.core.index_format import read_faiss_index
-    from index_builder.indexing import exact_top_k
+    from clipsearch.builder.indexing import exact_top_k
+    from clipsearch.index.format import read_faiss_index
 
     args.work.mkdir(parents=True, exist_ok=True)
     report: dict = {"n": args.n, "dim": args.dim, "cpus": os.cpu_count(), "faiss": faiss.__version__}
@@ -241,7 +241,7 @@ def main() -> None:
     vectors_path, queries = synthesize(args.work, args.n, args.dim, args.clusters)
     report["synthesize_s"] = round(time.perf_counter() - t0, 1)
     report["vectors_gb"] = round(args.n * args.dim * 4 / 1e9, 2)
-    from clipsearch.core.index_format import current_version_dir
+    from clipsearch.index.format import current_version_dir
 
     published = current_version_dir(args.work / "index") if (args.work / "index").is_dir() else None
     if args.reuse and published is not None:

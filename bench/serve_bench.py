@@ -35,7 +35,7 @@ def bare_model_rate(model: str, pretrained: str | None, device: str, batch: int,
     import torch
     from PIL import Image
 
-    from clipsearch.core.model import load_model
+    from clipsearch.model.clip import load_model
 
     m = load_model(model, pretrained, device)
     tokens = m.tokenize([f"a photo of thing number {i}" for i in range(batch)])

@@ -36,9 +36,9 @@ def main() -> None:
     sys.path.insert(0, str(args.root.resolve()))  # ... serving the service of --root
     import uvicorn
 
-    from service.http.app import create_app
-    from service.settings import Settings
-    from service.state import ServiceState
+    from clipsearch.service.http.app import create_app
+    from clipsearch.service.settings import Settings
+    from clipsearch.service.state import ServiceState
 
     os.environ.setdefault("CLIPSEARCH_MODEL", "clipsearch-tiny")
     os.environ.setdefault("CLIPSEARCH_DEVICE", "cpu")

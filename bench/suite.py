@@ -59,8 +59,8 @@ def bare_rates(model, index_dir: Path | None, batches: list[int], image_b64: str
     import torch
     from PIL import Image
 
-    from clipsearch.core.index_format import current_version_dir
-    from clipsearch.core.search import SearchParams, choose_backend, load_index_set
+    from clipsearch.index.format import current_version_dir
+    from clipsearch.index.search import SearchParams, choose_backend, load_index_set
 
     version = current_version_dir(index_dir) if index_dir is not None else None
     # The backend the service picks by default (torch on a GPU without faiss-gpu).
@@ -107,7 +107,7 @@ def main() -> None:
     if shutil.which("wrk") is None:
         sys.exit("wrk not found: apt-get install wrk")
 
-    from clipsearch.core.model import load_model
+    from clipsearch.model.clip import load_model
 
     clients = [int(c) for c in args.clients.split(",")]
     paths = args.paths.split(",")
@@ -119,7 +119,7 @@ def main() -> None:
     model = load_model(args.model, args.pretrained, args.device)
     graphs = model.device.type == "cuda" and not args.no_cuda_graphs
     if graphs:  # the bare model gets what the service gets
-        from service.state import GRAPH_MAX_BATCH
+        from clipsearch.service.state import GRAPH_MAX_BATCH
 
         model.capture_graphs(min(args.max_batch_size, GRAPH_MAX_BATCH))
     print(f"clipsearch benchmark suite: model={args.model} device={model.info.device} dtype={model.info.dtype} "

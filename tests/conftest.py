@@ -16,8 +16,8 @@ import pytest
 import torch
 from PIL import Image
 
-from clipsearch.core.model import ClipModel, load_model
-from clipsearch.core.tiny import write_tiny_model
+from clipsearch.model.clip import ClipModel, load_model
+from tests.tiny import write_tiny_model
 
 torch.set_num_threads(2)
 
@@ -89,9 +89,9 @@ def make_client() -> Callable[..., Any]:
     """Returns an async context manager: a client on an app with its lifespan running."""
     from contextlib import asynccontextmanager
 
-    from service.http.app import create_app
-    from service.settings import Settings
-    from service.state import ServiceState
+    from clipsearch.service.http.app import create_app
+    from clipsearch.service.settings import Settings
+    from clipsearch.service.state import ServiceState
 
     @asynccontextmanager
     async def factory(model: ClipModel, **settings: Any) -> AsyncIterator[httpx.AsyncClient]:
@@ -161,7 +161,7 @@ HF_FAMILIES = ("clip", "chinese_clip", "siglip")
 @pytest.fixture(scope="session")
 def hf_texts() -> list[str]:
     """What the tiny transformers tokenizers are trained on: synthetic captions, English and Chinese."""
-    from finetune.synth import synth_rows
+    from clipsearch.finetune.synth import synth_rows
 
     return [r[0] for r in synth_rows(150, seed=11, lang="en")] + [r[0] for r in synth_rows(150, seed=12, lang="zh")]
 
@@ -169,7 +169,7 @@ def hf_texts() -> list[str]:
 @pytest.fixture(scope="session")
 def hf_spec(tmp_path_factory: pytest.TempPathFactory, hf_texts: list[str]) -> Callable[[str], str]:
     """family -> the `hf:` spec of a random tiny transformers checkpoint of that family (made once)."""
-    from clipsearch.core.tiny import write_tiny_hf_model
+    from tests.tiny import write_tiny_hf_model
 
     made: dict[str, str] = {}
 

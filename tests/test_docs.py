@@ -6,7 +6,7 @@ import inspect
 from pathlib import Path
 
 from clipsearch.cli import serve
-from service.settings import Settings, configuration_doc
+from clipsearch.service.settings import Settings, configuration_doc
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV_ONLY = {"admin_token", "api_keys"}  # secrets do not belong on a command line
@@ -14,7 +14,7 @@ ENV_ONLY = {"admin_token", "api_keys"}  # secrets do not belong on a command lin
 
 def test_the_configuration_page_is_generated_from_the_settings() -> None:
     page = (ROOT / "docs/configuration.md").read_text()
-    assert page == configuration_doc(), "docs/configuration.md is stale: python -m service.settings > it"
+    assert page == configuration_doc(), "docs/configuration.md is stale: python -m clipsearch.service.settings > it"
     missing = [n for n in Settings.model_fields if f"`CLIPSEARCH_{n.upper()}`" not in page]
     assert not missing
 

@@ -14,7 +14,7 @@ if [ -z "${BENCH_REHEARSAL:-}" ]; then
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || exit 1
 fi
-export PYTHONPATH=/tmp/site:$PWD PATH=$PWD/.bin:$PATH LD_LIBRARY_PATH=$PWD/.bin:${LD_LIBRARY_PATH:-} PYTHONUNBUFFERED=1
+export PYTHONPATH=/tmp/site:$PWD:$PWD/client PATH=$PWD/.bin:$PATH LD_LIBRARY_PATH=$PWD/.bin:${LD_LIBRARY_PATH:-} PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/clipsearch-gpu-out}
 W=${W:-6}  # server processes for the multi-process runs
 mkdir -p "$OUT"
@@ -24,7 +24,7 @@ if [ -n "${BENCH_REHEARSAL:-}" ]; then model=(--model clipsearch-tiny --device c
 case "${1:-}" in
   a)
     echo "== GPU tests"
-    timeout 180 $PY -m pytest -q -p no:cacheprovider -m gpu tests/core tests/service tests/index_builder 2>&1 | tee "$OUT/gpu-tests.log"
+    timeout 180 $PY -m pytest -q -p no:cacheprovider -m gpu tests 2>&1 | tee "$OUT/gpu-tests.log"
     echo "== index builder, nvJPEG per batch"
     timeout 180 $PY bench/build_bench.py "${model[@]}" --n 20000 --workers 14 --image-decode torch 2>&1 \
       | tee "$OUT/build.log"
@@ -60,7 +60,7 @@ case "${1:-}" in
     # One call (a fresh machine takes a minute to start): tests, decode stages, the index
     # builder, the suite with several server processes, then the full suite in one process.
     echo "== GPU tests"
-    timeout 90 $PY -m pytest -q -p no:cacheprovider -m gpu tests/core tests/service tests/index_builder 2>&1 | tee "$OUT/gpu-tests.log"
+    timeout 90 $PY -m pytest -q -p no:cacheprovider -m gpu tests 2>&1 | tee "$OUT/gpu-tests.log"
     echo "== decode stages"
     timeout 30 $PY bench/decode_probe.py --device "${model[-1]}" --batches 64,256 2>&1 | tee "$OUT/decode-probe.log"
     echo "== index builder, nvJPEG per batch, 8 encoder processes"

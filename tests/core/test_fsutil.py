@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from clipsearch.core.fsutil import atomic_dir, atomic_file, atomic_write_bytes
-from clipsearch.core.index_format import ModelRef, write_index_from_vectors
-from clipsearch.core.tiny import write_tiny_model
-from finetune.synth import write_tsv
+from clipsearch.finetune.synth import write_tsv
+from clipsearch.index.format import ModelRef
+from tests.tiny import write_index_from_vectors, write_tiny_model
 
 
 @pytest.fixture

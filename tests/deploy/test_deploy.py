@@ -14,7 +14,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from service.settings import Settings
+from clipsearch.service.settings import Settings
 from tests.deploy.kustomize_lite import render
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -25,7 +25,7 @@ OVERLAYS = ["base", "overlays/gpu", "overlays/cpu"]
 
 
 def app_paths() -> set[str]:
-    from service.http.app import create_app
+    from clipsearch.service.http.app import create_app
 
     return set(create_app(Settings()).openapi()["paths"])
 

@@ -14,9 +14,9 @@ import httpx
 import numpy as np
 import pytest
 
-from service.http.app import create_app
-from service.settings import Settings
-from service.state import ServiceState
+from clipsearch.service.http.app import create_app
+from clipsearch.service.settings import Settings
+from clipsearch.service.state import ServiceState
 from tests.conftest import live_server
 
 ROOT = Path(__file__).resolve().parents[2]

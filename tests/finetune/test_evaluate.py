@@ -6,7 +6,7 @@ import itertools
 
 import numpy as np
 
-from finetune.evaluate import recall_at_k
+from clipsearch.finetune.evaluate import recall_at_k
 
 
 def brute_force(img: np.ndarray, txt: np.ndarray, pairs: list[tuple[int, int]], k: int) -> tuple[float, float]:

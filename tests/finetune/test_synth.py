@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from finetune.synth import synth_rows, write_tsv
+from clipsearch.finetune.synth import synth_rows, write_tsv
 
 
 def test_deterministic_and_captions_match_scenes(tmp_path) -> None:

@@ -14,9 +14,9 @@ import pydantic
 import pytest
 from starlette.routing import Mount, Route
 
-from service.http.app import create_app
-from service.settings import Settings
-from service.state import ServiceState
+from clipsearch.service.http.app import create_app
+from clipsearch.service.settings import Settings
+from clipsearch.service.state import ServiceState
 from tests.conftest import live_server
 
 KEYS = "key-one-8f2c, key-two-77ad"

@@ -14,9 +14,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from service.http.app import create_app
-from service.settings import Settings
-from service.state import ServiceState
+from clipsearch.service.http.app import create_app
+from clipsearch.service.settings import Settings
+from clipsearch.service.state import ServiceState
 from tests.conftest import image_bytes, live_server, make_image
 from tests.service.test_ui import built  # noqa: F401  (a fixture)
 

@@ -12,10 +12,10 @@ import pytest
 import torch
 from PIL import ExifTags, Image, ImageOps
 
-from clipsearch.core.decoder import upright
-from clipsearch.core.images import _PIL_ORIENT
-from service.engine import Engine
-from service.settings import Settings
+from clipsearch.images.codec import _PIL_ORIENT
+from clipsearch.images.decoder import upright
+from clipsearch.service.engine import Engine
+from clipsearch.service.settings import Settings
 
 TORCH_PIXEL_MAE = 0.004  # as tests/service/test_fast_images.py
 DRAFT_PIXEL_MAE = 0.012

@@ -10,9 +10,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from starlette.testclient import TestClient
 
-from service.http.app import create_app
-from service.settings import Settings
-from service.state import ServiceState
+from clipsearch.service.http.app import create_app
+from clipsearch.service.settings import Settings
+from clipsearch.service.state import ServiceState
 from tests.conftest import encode_image, make_image
 
 json_values = st.recursive(

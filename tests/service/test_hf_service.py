@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from clipsearch.builder.build import BuildOptions, run_build
 from clipsearch.core.errors import IndexMismatch
-from clipsearch.core.model import load_model
-from clipsearch.core.search import load_index_set
-from finetune.synth import write_tsv
-from index_builder.build import BuildOptions, run_build
+from clipsearch.finetune.synth import write_tsv
+from clipsearch.index.search import load_index_set
+from clipsearch.model.clip import load_model
 from tests.conftest import HF_FAMILIES, image_bytes, make_image
-from tests.core.test_hf_models import Direct
+from tests.model.test_hf_models import Direct
 
 TEXTS = ["a small red circle", "白色背景有两个绿色星形", "three blue squares on the left"]
 

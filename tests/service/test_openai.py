@@ -11,9 +11,9 @@ import numpy as np
 import openai
 import pytest
 
-from service.http.app import create_app
-from service.settings import Settings
-from service.state import ServiceState
+from clipsearch.service.http.app import create_app
+from clipsearch.service.settings import Settings
+from clipsearch.service.state import ServiceState
 from tests.conftest import encode_image, live_server, make_image
 
 TEXTS = ["a red circle", "two blue squares on a grey background", "日本語のテキスト"]

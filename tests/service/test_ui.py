@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from clipsearch.core.index_format import ModelRef, current_version_dir, read_manifest, write_index_from_vectors
-from finetune.synth import write_tsv
-from index_builder.build import BuildOptions, run_build
+from clipsearch.builder.build import BuildOptions, run_build
+from clipsearch.finetune.synth import write_tsv
+from clipsearch.index.format import ModelRef, current_version_dir, read_manifest
 from tests.conftest import image_bytes, make_image
+from tests.tiny import write_index_from_vectors
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +55,7 @@ async def test_thumbnails_are_served_immutable_per_version(make_client, tiny_mod
 
 
 async def test_more_like_this_equals_brute_force_by_the_stored_vector(make_client, tiny_model, built) -> None:
-    from clipsearch.core.search import load_index_set
+    from clipsearch.index.search import load_index_set
 
     served = load_index_set(current_version_dir(built), fingerprint=tiny_model.info.fingerprint, dim=tiny_model.dim)
     index = served.get("image")
@@ -75,7 +76,7 @@ async def test_more_like_this_equals_brute_force_by_the_stored_vector(make_clien
 async def test_image_search_in_either_index(make_client, tiny_model, built) -> None:
     photo = image_bytes(make_image(3), "PNG")
     query = tiny_model.encode_images([Image.open(io.BytesIO(photo))])[0]
-    from clipsearch.core.search import load_index_set
+    from clipsearch.index.search import load_index_set
 
     served = load_index_set(current_version_dir(built), fingerprint=tiny_model.info.fingerprint, dim=tiny_model.dim)
     async with make_client(tiny_model, index_dir=built) as client:

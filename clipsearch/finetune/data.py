@@ -1,0 +1,44 @@
+"""Training batches: (pixels, tokens) per pair row, bad rows dropped."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from clipsearch.core.errors import ClipsearchError
+from clipsearch.inputs.pairs import PairFile, decode_offline_image
+
+log = logging.getLogger(__name__)
+
+
+class PairDataset(torch.utils.data.Dataset):
+    """(pixels, tokens) per row; a row whose image does not decode yields None (dropped by `collate`)."""
+
+    def __init__(self, pairs: PairFile, transform: Any, tokenizer: Any) -> None:
+        self.pairs = pairs
+        self.transform = transform
+        self.tokenizer = tokenizer
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        row = self.pairs.row(i)
+        if not row.text.strip():
+            return None
+        try:
+            image = decode_offline_image(row.image_b64)
+            pixels = self.transform(image)
+        except (ClipsearchError, OSError, ValueError) as exc:
+            log.warning("%s:%d skipped: %s", self.pairs.path.name, row.line, exc)
+            return None
+        return pixels, self.tokenizer([row.text])[0]
+
+
+def collate(batch: list[tuple[torch.Tensor, torch.Tensor] | None]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    good = [b for b in batch if b is not None]
+    if not good:
+        return None
+    return torch.stack([b[0] for b in good]), torch.stack([b[1] for b in good])

@@ -1,0 +1,1 @@
+"""Image bytes to model input: base64 and data: URIs, header checks, decoding, thumbnails."""

@@ -1,0 +1,1 @@
+"""Index versions on disk (format, manifest, items, thumbnails), metadata filters and search."""

@@ -1,0 +1,1 @@
+"""Readers of corpora and training pairs, shared by the index builder and fine-tuning."""

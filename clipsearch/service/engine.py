@@ -1,0 +1,330 @@
+"""The embedding engine: the model seam behind one pipeline per modality.
+
+Knows nothing of HTTP. Texts and images each run the batcher's stages (prepare -> collate ->
+forward -> post); a search is the post step of its query's encode. Input limits are checked
+here, before anything is queued, and raise typed errors that name the offending item
+(``texts[3]``, ``images[0]``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+import torch
+
+from clipsearch.core.errors import InvalidInput, PayloadTooLarge, ShuttingDown
+from clipsearch.images.codec import image_input_bytes
+from clipsearch.images.decoder import ImageDecoder, Jpeg
+from clipsearch.index.search import Hit, LoadedIndex, SearchParams, Selection
+from clipsearch.model.clip import ClipModel
+from clipsearch.model.cuda_wait import to_numpy
+from clipsearch.service.batcher import Collated, DynamicBatcher, Stages
+from clipsearch.service.fetch import ImageFetcher
+from clipsearch.service.metrics import Metrics
+from clipsearch.service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+Disconnected = Callable[[], Awaitable[Any]]
+
+
+@dataclass(frozen=True)
+class SearchJob:
+    """What one query searches: the index is part of the job (search is stateless), so a hot
+    reload never mixes versions inside a request."""
+
+    index: LoadedIndex
+    k: int
+    params: SearchParams
+    selection: Selection | None = None  # a filter's rows; None: all
+
+
+_HIT = np.dtype([("id", np.int64), ("score", np.float32)])
+
+
+def search_rows(jobs: Sequence[SearchJob], queries: np.ndarray | torch.Tensor) -> np.ndarray:
+    """Rows of (id, score), -1 padded to the largest k, for query row i searched as `jobs[i]`
+    says: one backend call per (index, params)."""
+    out = np.zeros((len(jobs), max(job.k for job in jobs)), _HIT)
+    out["id"] = -1
+    groups: dict[tuple[int, SearchParams, int], list[int]] = {}
+    for row, job in enumerate(jobs):
+        groups.setdefault((id(job.index), job.params, id(job.selection)), []).append(row)
+    for rows in groups.values():
+        index, params, selection = jobs[rows[0]].index, jobs[rows[0]].params, jobs[rows[0]].selection
+        group = queries if len(rows) == len(jobs) else queries[rows]  # the usual case: one group, no gather
+        scores, ids = index.raw_search(group, max(jobs[r].k for r in rows), params, selection)
+        out["id"][rows, : ids.shape[1]] = ids
+        out["score"][rows, : ids.shape[1]] = scores
+    return out
+
+
+class SearchThread:
+    """FAISS on the CPU, in a thread of its own: every query waiting when it is free is
+    searched in one call, up to `max_rows` (a flat scan costs nearly as much for one query
+    as for dozens, so queries from many model batches are merged, greedily)."""
+
+    def __init__(self, max_rows: int) -> None:
+        self._max_rows = max_rows
+        self._pending: deque[tuple[SearchJob, np.ndarray, Future[np.ndarray]]] = deque()
+        self._cond = threading.Condition()
+        self._closed = False
+        threading.Thread(target=self._run, name="clip-search", daemon=True).start()
+
+    def submit(self, queries: list[tuple[SearchJob, np.ndarray]]) -> list[Future[np.ndarray]]:
+        """A Future of its (id, score) row for each one-row query."""
+        futures: list[Future[np.ndarray]] = [Future() for _ in queries]
+        with self._cond:
+            if self._closed:
+                raise ShuttingDown("search thread is shutting down")
+            self._pending.extend((job, q, f) for (job, q), f in zip(queries, futures, strict=True))
+            self._cond.notify()
+        return futures
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._pending and not self._closed:
+                    self._cond.wait()
+                if self._closed:
+                    return
+                batch: list[tuple[SearchJob, np.ndarray, Future[np.ndarray]]] = []
+                while self._pending and len(batch) < self._max_rows:
+                    item = self._pending.popleft()
+                    if item[2].set_running_or_notify_cancel():  # False: its request has ended, skip it
+                        batch.append(item)
+            if not batch:
+                continue
+            try:
+                rows = search_rows([job for job, _, _ in batch], np.concatenate([q for _, q, _ in batch]))
+            except Exception as exc:
+                for _, _, future in batch:
+                    future.set_exception(exc)
+                continue
+            for j, (_, _, future) in enumerate(batch):
+                future.set_result(rows[j : j + 1])
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            left = list(self._pending)
+            self._pending.clear()
+            self._cond.notify_all()
+        for _, _, future in left:
+            if future.set_running_or_notify_cancel():
+                future.set_exception(ShuttingDown("search thread is shutting down"))
+
+
+def item_name(field: str, i: int) -> str:
+    """How errors name an item: `texts[3]` in a list field, plain `image` in a single-item one.
+
+    List fields of the API are plural (texts, images, labels), or OpenAI's `input`.
+    """
+    return f"{field}[{i}]" if field.endswith("s") or field == "input" else field  # input: OpenAI's list
+
+
+class Engine:
+    def __init__(self, model: ClipModel, settings: Settings, metrics: Metrics | None = None) -> None:
+        self.model = model
+        self.settings = settings
+        self.metrics = metrics
+        self.decoder = ImageDecoder.create(model.preprocess_transform, settings.image_decode, model.image_size,
+                                           settings.max_image_pixels, exif=settings.exif_orientation,
+                                           device=model.device)
+        if settings.image_decode == "torch" and self.decoder.torch_path is None:
+            log.warning("image_decode=torch: %s has a preprocessing transform other than open_clip's "
+                        "standard one, or torchvision has no JPEG decoder; images decode exactly", model.info.spec)
+        # One model thread: text and image batches take turns on the device instead of
+        # fighting over it (and over CPU cores when there is no GPU).
+        self._model_executor = ThreadPoolExecutor(1, thread_name_prefix="clip-model")
+        self._prepare_executor = ThreadPoolExecutor(settings.preprocess_workers, thread_name_prefix="clip-prep")
+        self.fetcher = ImageFetcher(settings.image_urls, settings.image_url_networks,
+                                    max_bytes=settings.max_image_bytes, timeout_s=settings.image_url_timeout_s)
+        # FAISS on the CPU searches in a thread of its own, so a search never holds up an encode.
+        self._searches = SearchThread(settings.max_batch_size)
+        self.text = self._batcher("text", Stages(
+            forward=lambda tokens: self.model.text_vectors(tokens),
+            collate=self._tokenize,  # per batch: cheaper than a thread hop per request
+            post=self._post,
+        ))
+        self.image = self._batcher("image", Stages(
+            forward=lambda pixels: self.model.image_vectors(pixels),
+            prepare=self._prepare_images,
+            prepare_in_batch=lambda images: self.decoder.prepares_cheaply(images),
+            collate=self._collate_images,
+            post=self._post,
+        ))
+
+    def _batcher(self, modality: str, stages: Stages) -> DynamicBatcher:
+        hooks: dict[str, Any] = {}
+        if self.metrics is not None:
+            batch = self.metrics.batch_size.labels(modality)
+            items = self.metrics.items.labels(modality)
+
+            def on_batch(n: int) -> None:
+                batch.observe(n)
+                items.inc(n)
+
+            hooks = {"on_batch": on_batch, "on_queue_depth": self.metrics.queue_depth.labels(modality).set}
+        s = self.settings
+        return DynamicBatcher(modality, stages, model_executor=self._model_executor,
+                              prepare_executor=self._prepare_executor, max_batch_size=s.max_batch_size,
+                              max_wait_ms=s.max_wait_ms, max_queue=s.max_queue,
+                              overload_wait_ms=s.overload_wait_ms,
+                              # a quarter of the pool per request: several requests decode side by side
+                              prepare_window=max(1, s.preprocess_workers // 4), **hooks)
+
+    async def start(self) -> None:
+        await self.text.start()
+        await self.image.start()
+
+    async def stop(self) -> None:
+        await self.text.stop()
+        await self.image.stop()
+        self._prepare_executor.shutdown(wait=False, cancel_futures=True)
+        self._model_executor.shutdown(wait=True, cancel_futures=True)
+        self._searches.close()
+        await self.fetcher.aclose()
+
+    @property
+    def dim(self) -> int:
+        return self.model.dim
+
+    # -- stages -------------------------------------------------------------------
+    def _tokenize(self, texts: list[list[str]]) -> torch.Tensor:
+        return self.model.tokenize([text for chunk in texts for text in chunk])
+
+    def _prepare_images(self, images: Sequence[str | bytes], field: str, start: int) -> list[torch.Tensor | Jpeg]:
+        names = [item_name(field, start + i) for i in range(len(images))]
+        limit = self.settings.max_image_bytes
+        raws = [image_input_bytes(data, field=name, max_bytes=limit) for data, name in zip(images, names, strict=True)]
+        return self.decoder.prepare(raws, names)
+
+    def prepare_images(self, images: Sequence[str | bytes], field: str = "images") -> torch.Tensor:
+        """What the image pipeline makes of images (base64 or bytes) before the model: the
+        pixels (N, 3, H, W)."""
+        payload = self._collate_images([self._prepare_images(images, field, 0)])
+        if isinstance(payload, Collated):
+            raise next(iter(payload.failed.values()))
+        return payload
+
+    def _collate_images(self, requests: list[list[torch.Tensor | Jpeg]]) -> torch.Tensor | Collated:
+        pixels, failed = self.decoder.collate(requests)
+        return Collated(pixels, dict(failed)) if failed else pixels
+
+    def _post(self, vectors: torch.Tensor, chunks: list[tuple[SearchJob | None, int]]) -> list[Any]:
+        """Per batch, in the model thread: each chunk's vectors to the host, or its query
+        searched: here, where the index takes the vectors on their device; else by FAISS
+        in the search thread (a Future). One wait for the device per batch and kind."""
+        starts = np.cumsum([0, *(rows for _, rows in chunks)])[:-1].tolist()
+        out: list[Any] = [None] * len(chunks)
+        here = [i for i, (job, _) in enumerate(chunks) if job is not None and job.index.searches_on(self.model.device)]
+        if here:
+            jobs = [job for i in here if (job := chunks[i][0]) is not None]
+            rows = search_rows(jobs, _take(vectors, [starts[i] for i in here], len(chunks)))
+            for j, i in enumerate(here):
+                out[i] = rows[j : j + 1]
+        rest = [i for i in range(len(chunks)) if out[i] is None]
+        if not rest:
+            return out
+        host = to_numpy(vectors) if len(rest) == len(chunks) else to_numpy(
+            vectors[[r for i in rest for r in range(starts[i], starts[i] + chunks[i][1])]])
+        offset = 0
+        later: list[tuple[int, SearchJob, np.ndarray]] = []
+        for i in rest:
+            job, n = chunks[i]
+            part = host[offset : offset + n]
+            offset += n
+            if job is None:
+                out[i] = part
+            else:
+                later.append((i, job, part))
+        if later:
+            futures = self._searches.submit([(job, query) for _, job, query in later])
+            for (i, _, _), future in zip(later, futures, strict=True):
+                out[i] = future
+        return out
+
+    # -- public API (event loop) ------------------------------------------------------
+    def check_texts(self, texts: Sequence[str], field: str = "texts") -> None:
+        limit = self.settings.max_text_chars
+        for i, text in enumerate(texts):
+            if len(text) > limit:
+                name = item_name(field, i)
+                raise PayloadTooLarge(f"{name}: text has {len(text)} characters, the limit is {limit}", field=name)
+
+    def check_count(self, n: int) -> None:
+        limit = self.settings.max_items_per_request
+        if n > limit:
+            raise PayloadTooLarge(f"{n} items in one request, the limit is {limit}")
+        if n == 0:
+            raise InvalidInput("no texts or images given: send at least one", field="texts")
+
+    async def embed_texts(
+        self, texts: Sequence[str], *, field: str = "texts", disconnected: Disconnected | None = None
+    ) -> np.ndarray:
+        """L2-normalized float32 vectors, one row per text, in input order."""
+        self.check_texts(texts, field)
+        return await self.text.submit(texts, field=field, timeout=self.settings.request_timeout_s,
+                                      disconnected=disconnected)
+
+    async def _fetched(self, images: Sequence[str | bytes], field: str) -> Sequence[str | bytes]:
+        return await self.fetcher.resolve(images, lambda i: item_name(field, i))
+
+    async def embed_images(
+        self, images: Sequence[str | bytes], *, field: str = "images", disconnected: Disconnected | None = None
+    ) -> np.ndarray:
+        """Images (base64, data: URIs, allowed URLs, or bytes) -> L2-normalized float32 vectors, in input order."""
+        images = await self._fetched(images, field)
+        return await self.image.submit(images, field=field, timeout=self.settings.request_timeout_s,
+                                       disconnected=disconnected)
+
+    async def search_text(
+        self, job: SearchJob, text: str, *, field: str = "text", disconnected: Disconnected | None = None,
+    ) -> list[Hit]:
+        """Top-k hits for a text, batched with concurrent text requests."""
+        self.check_texts([text], field)
+        rows = await self.text.submit([text], field=field, post=job, timeout=self.settings.request_timeout_s,
+                                      disconnected=disconnected)
+        return _hits(job.index, rows, job.k)
+
+    async def search_vector(self, job: SearchJob, vector: np.ndarray) -> list[Hit]:
+        """Top-k hits for a given (1, dim) vector, searched with concurrent queries; no model call."""
+        rows = await asyncio.wrap_future(self._searches.submit([(job, np.ascontiguousarray(vector, np.float32))])[0])
+        return _hits(job.index, rows, job.k)
+
+    async def search_similar(self, job: SearchJob, row: int) -> list[Hit]:
+        """Top-k hits for a stored item's own vector ("more like this"), the item itself left out."""
+        wider = replace(job, k=min(job.k + 1, job.index.count))
+        return _drop(await self.search_vector(wider, job.index.vector(row)), row, job.k)
+
+    async def search_image(
+        self, job: SearchJob, image: str | bytes, *, field: str = "image", disconnected: Disconnected | None = None,
+    ) -> list[Hit]:
+        """Top-k hits for an image, batched with concurrent image requests."""
+        images = await self._fetched([image], field)
+        rows = await self.image.submit(images, field=field, post=job, timeout=self.settings.request_timeout_s,
+                                       disconnected=disconnected)
+        return _hits(job.index, rows, job.k)
+
+
+def _drop(hits: list[Hit], row: int, k: int) -> list[Hit]:
+    return [h for h in hits if h.row != row][:k]
+
+
+def _take(vectors: torch.Tensor, rows: list[int], total: int) -> torch.Tensor:
+    """`vectors[rows]`, without a gather when the rows are all of them in order."""
+    return vectors if len(rows) == total == len(vectors) else vectors[rows]
+
+
+def _hits(index: LoadedIndex, rows: np.ndarray, k: int) -> list[Hit]:
+    row = rows[0][:k]
+    return index.to_hits(row["score"][None], row["id"][None])[0]

@@ -1,3 +1,0 @@
-from index_builder.cli import app
-
-app(prog_name="python -m index_builder")
