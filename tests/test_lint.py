@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
@@ -15,6 +17,7 @@ def test_ruff_clean() -> None:
     assert r.returncode == 0, r.stdout + r.stderr
 
 
+@pytest.mark.slow
 def test_mypy_clean() -> None:
     r = subprocess.run([sys.executable, "-m", "mypy", "--cache-dir", "/tmp/clipsearch-mypy-cache"], cwd=ROOT,
                        capture_output=True, text=True, timeout=600)

@@ -15,12 +15,12 @@ import pytest
 import torch
 from PIL import Image
 
-from clipsearch.core.model import load_model
-from finetune.data import PairFile
-from finetune.evaluate import evaluate
-from finetune.predict import load_features, predict
-from finetune.synth import write_tsv
-from finetune.train import TrainOptions, clip_loss, train
+from clipsearch.finetune.evaluate import evaluate
+from clipsearch.finetune.predict import load_features, predict
+from clipsearch.finetune.synth import write_tsv
+from clipsearch.finetune.train import TrainOptions, clip_loss, train
+from clipsearch.inputs.pairs import PairFile
+from clipsearch.model.clip import load_model
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -45,6 +45,7 @@ def read_log(out: Path) -> list[dict]:
     return [orjson.loads(line) for line in (out / "metrics.jsonl").read_bytes().splitlines()]
 
 
+@pytest.mark.slow
 def test_loss_falls_and_recall_beats_chance(trained, data) -> None:
     out, result = trained
     log = read_log(out)
@@ -78,7 +79,7 @@ def test_evaluate_cli_json_matches(trained, data) -> None:
 
 async def test_best_checkpoint_serves_the_trainers_vectors(trained, make_client) -> None:
     out, _ = trained
-    from clipsearch.core.model import load_for_training
+    from clipsearch.model.clip import load_for_training
 
     trainer_view = load_for_training(f"local-dir:{out / 'best'}", device="cpu").as_clip_model()
     served = load_model(f"local-dir:{out / 'best'}", device="cpu")
@@ -105,8 +106,9 @@ def test_predict_rows_match_embed(trained, data, tmp_path) -> None:
     assert np.isnan(feats["image"][6]).all() and not np.isnan(feats["text"][6]).any()
 
 
+@pytest.mark.slow
 def test_resume_continues_from_saved_step(data, tmp_path, monkeypatch) -> None:
-    import finetune.train as train_mod
+    import clipsearch.finetune.train as train_mod
 
     opts = {"train": data / "train.tsv", "valid": None, "batch_size": 64, "lr": 1e-3, "warmup_steps": 2,
             "progress": False, "seed": 5, "logging_steps": 1, "epochs": 2}
@@ -137,7 +139,7 @@ def test_resume_continues_from_saved_step(data, tmp_path, monkeypatch) -> None:
 
 
 def test_freeze_vision_trains_text_only(data, tmp_path) -> None:
-    from clipsearch.core.model import load_for_training
+    from clipsearch.model.clip import load_for_training
 
     before = load_for_training("clipsearch-tiny", device="cpu", seed=9).model.state_dict()
     train(TrainOptions(train=data / "train.tsv", valid=None, output=tmp_path, epochs=1, batch_size=64,
@@ -159,6 +161,7 @@ def test_clip_loss_is_symmetric_cross_entropy() -> None:
     assert torch.allclose(clip_loss(img, txt, scale), expected)
 
 
+@pytest.mark.slow
 def test_chinese_captions_train_and_search(tmp_path, make_client) -> None:
     import asyncio
 
@@ -167,7 +170,7 @@ def test_chinese_captions_train_and_search(tmp_path, make_client) -> None:
     result = train(TrainOptions(train=tmp_path / "zh.tsv", valid=tmp_path / "zh_valid.tsv", output=tmp_path / "o",
                                 epochs=4, batch_size=64, lr=2e-3, warmup_steps=10, progress=False))
     assert result["best"]["t2i"]["r10"] > 2 * 100 * 10 / result["best"]["counts"]["images"]  # > 2x chance
-    from index_builder.build import BuildOptions, run_build
+    from clipsearch.builder.build import BuildOptions, run_build
 
     spec = f"local-dir:{tmp_path / 'o' / 'best'}"
     model = load_model(spec, device="cpu")
@@ -192,9 +195,10 @@ def test_chinese_captions_train_and_search(tmp_path, make_client) -> None:
     assert [h["text"] for h in hits] == [caps[i] for i in order]
 
 
+@pytest.mark.slow
 def test_offline_classify_and_similarity_cli(trained, tmp_path) -> None:
     out, _ = trained
-    from finetune.synth import Scene, render
+    from clipsearch.finetune.synth import Scene, render
 
     render(Scene("circle", "red", "large", "center", "white", 1), np.random.default_rng(0)).save(tmp_path / "r.png")
     spec = f"local-dir:{out / 'best'}"
@@ -205,7 +209,7 @@ def test_offline_classify_and_similarity_cli(trained, tmp_path) -> None:
     labels = json.loads(r.stdout)["labels"]
     assert abs(sum(x["probability"] for x in labels) - 1) < 1e-5
     model = load_model(spec, device="cpu")
-    from clipsearch.core import zeroshot
+    from clipsearch.model import zeroshot
 
     names = ["red circle", "blue square", "green star"]
     expected = zeroshot.classify(model.encode_images([Image.open(tmp_path / "r.png")])[0],
@@ -219,6 +223,7 @@ def test_offline_classify_and_similarity_cli(trained, tmp_path) -> None:
     assert np.array(body["cosine"]).shape == (1, 2) and abs(sum(body["probabilities"][0]) - 1) < 1e-4
 
 
+@pytest.mark.slow
 def test_useless_input_is_refused_and_writes_no_model(tmp_path, tiny_spec) -> None:
     """A TSV of bad images: train stops with a reason (no untrained `best/`), evaluate
     too (not a NaN recall), each as one line and a non-zero exit."""

@@ -13,13 +13,13 @@ import pytest
 import torch
 from PIL import Image
 
-from clipsearch.core.model import load_model
-from finetune.data import PairFile
-from finetune.evaluate import evaluate
-from finetune.predict import load_features, predict
-from finetune.synth import COLOURS, synth_rows, write_tsv
-from finetune.train import TrainOptions, contrastive_loss, sigmoid_loss, train
-from tests.core.test_hf_models import Direct
+from clipsearch.finetune.evaluate import evaluate
+from clipsearch.finetune.predict import load_features, predict
+from clipsearch.finetune.synth import COLOURS, synth_rows, write_tsv
+from clipsearch.finetune.train import TrainOptions, contrastive_loss, sigmoid_loss, train
+from clipsearch.inputs.pairs import PairFile
+from clipsearch.model.clip import load_model
+from tests.model.test_hf_models import Direct
 
 
 def _images(tsv: Path) -> tuple[list[str], list[Image.Image]]:
@@ -27,11 +27,12 @@ def _images(tsv: Path) -> tuple[list[str], list[Image.Image]]:
     return [t for t, _ in rows], [Image.open(io.BytesIO(base64.urlsafe_b64decode(b + "=="))) for _, b in rows]
 
 
+@pytest.mark.slow
 def test_chinese_clip_fine_tunes_indexes_and_finds_images_by_chinese_query(tmp_path: Path, make_client) -> None:
     import asyncio
 
-    from clipsearch.core.tiny import write_tiny_hf_model
-    from index_builder.build import BuildOptions, run_build
+    from clipsearch.builder.build import BuildOptions, run_build
+    from tests.tiny import write_tiny_hf_model
 
     write_tsv(tmp_path / "train.tsv", 3000, seed=4, lang="zh")
     write_tsv(tmp_path / "valid.tsv", 100, seed=5, lang="zh")

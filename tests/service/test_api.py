@@ -15,10 +15,11 @@ import torch
 from PIL import Image
 
 from clipsearch.core.errors import ClientGone
-from clipsearch.core.index_format import ModelRef, write_index_from_vectors
-from clipsearch.core.model import ClipModel
-from service.engine import SearchJob
+from clipsearch.index.format import ModelRef
+from clipsearch.model.clip import ClipModel
+from clipsearch.service.engine import SearchJob
 from tests.conftest import encode_image, gate_model_call, image_bytes, make_image
+from tests.tiny import write_index_from_vectors
 
 TEXTS = ["a red circle", "a photo of a dog", "", "二只小猫", "x" * 300]
 
@@ -120,7 +121,7 @@ async def test_concurrent_requests_batch_and_match_sequential(make_client, tiny_
     np.testing.assert_allclose(concurrent, sequential, atol=1e-5)
     assert cosines(concurrent, ref_text(reference, texts)).min() >= 0.9999
     assert text_calls < len(texts)  # merged into fewer model calls
-    assert max(state.engine.text.stats.batch_sizes) > 1
+    assert state.engine.text.stats.largest_batch > 1
     assert 'clipsearch_batch_size_count{modality="text"}' in metrics
     assert 'clipsearch_requests_total{method="POST",route="/embed",status="200"}' in metrics
 
@@ -214,7 +215,7 @@ async def test_a_search_is_the_post_step_of_its_query_encode(make_client, tiny_m
 async def test_text_search_on_the_gpu_equals_brute_force(make_client, tiny_spec, index_dir) -> None:
     """On a GPU (fp16, CUDA graphs, torch index in fp16): the one-step text search returns the
     brute-force top-k of the service's own query vector, within fp16 rounding."""
-    from clipsearch.core.model import load_model
+    from clipsearch.model.clip import load_model
 
     path, img_vecs, _, _ = index_dir
     model = load_model(tiny_spec, device="cuda", dtype="fp16")
@@ -237,8 +238,8 @@ async def test_text_searches_of_two_index_versions_share_a_batch(make_client, ti
                                                                   index_dir) -> None:
     """A hot reload while text searches are batched: each query is searched in the index it
     was given (one backend call per index)."""
-    from clipsearch.core.index_format import current_version_dir
-    from clipsearch.core.search import SearchParams, load_index_set
+    from clipsearch.index.format import current_version_dir
+    from clipsearch.index.search import SearchParams, load_index_set
 
     path, img_vecs, _, _ = index_dir
     other_vecs = img_vecs[::-1].copy()
@@ -268,7 +269,7 @@ async def test_text_search_whose_client_left_is_dropped_from_its_batch(make_clie
                                                                       index_dir, monkeypatch) -> None:
     """A text search that ends while its batch waits for the model: its row is cut from the
     collated batch (tokens and search jobs together), its batch-mate gets exactly its hits."""
-    from clipsearch.core.search import SearchParams
+    from clipsearch.index.search import SearchParams
 
     path, img_vecs, _, _ = index_dir
     gate, rows = gate_model_call(monkeypatch, tiny_model, "text_vectors")
@@ -297,7 +298,7 @@ async def test_cpu_search_whose_client_left_while_queued_for_faiss_is_not_search
                                                                                    reference, index_dir) -> None:
     """A query already encoded and waiting for the FAISS thread is withdrawn when its client
     leaves (a load generator that stops leaves hundreds of such queries behind)."""
-    from clipsearch.core.search import SearchParams
+    from clipsearch.index.search import SearchParams
 
     path, img_vecs, _, _ = index_dir
     async with make_client(tiny_model, index_dir=path, search_backend="faiss-cpu", warmup=False) as client:
@@ -515,7 +516,7 @@ async def test_local_dir_written_without_clipsearch_serves_open_clips_vectors(tm
 
     from safetensors.torch import save_file
 
-    from clipsearch.core.model import load_model
+    from clipsearch.model.clip import load_model
 
     cfg = {"embed_dim": 48, "vision_cfg": {"image_size": 48, "layers": 1, "width": 48, "patch_size": 12,
                                            "head_width": 24},
@@ -537,8 +538,8 @@ async def test_local_dir_written_without_clipsearch_serves_open_clips_vectors(tm
 def test_cpu_searches_waiting_together_are_one_index_call() -> None:
     """Queries handed to the search thread by several model batches while it is busy are
     merged into one call (up to its row limit), and each gets its own rows back."""
-    from clipsearch.core.search import SearchParams
-    from service.engine import SearchJob, SearchThread
+    from clipsearch.index.search import SearchParams
+    from clipsearch.service.engine import SearchJob, SearchThread
 
     started, release, calls = threading.Event(), threading.Event(), []
 

@@ -17,12 +17,13 @@ import numpy as np
 import pytest
 from starlette.testclient import TestClient
 
-from clipsearch.core.index_format import ModelRef, write_index_from_vectors
-from service.http.app import create_app
-from service.http.protocol import PROTOCOL
-from service.settings import Settings
-from service.state import ServiceState
+from clipsearch.index.format import ModelRef
+from clipsearch.service.http.app import create_app
+from clipsearch.service.http.protocol import PROTOCOL
+from clipsearch.service.settings import Settings
+from clipsearch.service.state import ServiceState
 from tests.conftest import live_server
+from tests.tiny import write_index_from_vectors
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -44,6 +45,7 @@ def _schemathesis(cli: str, schema: str, *extra: str) -> None:
     assert " passed" in r.stdout and "generated" in r.stdout
 
 
+@pytest.mark.slow
 def test_schemathesis_finds_nothing_with_all_checks(tiny_model, both_indexes, tmp_path) -> None:
     cli = shutil.which("schemathesis", path=str(Path(sys.executable).parent))
     assert cli, "schemathesis is a dev dependency"
