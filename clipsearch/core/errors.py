@@ -1,7 +1,7 @@
 """Typed domain errors.
 
 The engine, batcher and index raise these; the HTTP layer maps each class to a
-status code in exactly one place (`service.http.errors`). Nothing here knows
+status code in exactly one place (`clipsearch.service.http.errors`). Nothing here knows
 about HTTP.
 """
 
@@ -89,6 +89,12 @@ class ModelLoadError(ClipsearchError):
     """The model spec cannot be loaded. Raised at start-up; the service does not start."""
 
     code = "model_load_error"
+
+
+class PortInUse(ClipsearchError):
+    """The address `serve` should listen on is taken. Raised at start-up, before the model loads."""
+
+    code = "port_in_use"
 
 
 class IndexLoadError(ClipsearchError):

@@ -16,11 +16,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.http.app import create_app
-from service.settings import Settings
-from service.state import ServiceState
+from clipsearch.index.format import ModelRef
+from clipsearch.service.http.app import create_app
+from clipsearch.service.settings import Settings
+from clipsearch.service.state import ServiceState
 from tests.conftest import image_bytes, live_server, make_image
 from tests.service.test_api import index_dir, ref_image, reference  # noqa: F401  (fixtures)
+from tests.tiny import write_index_from_vectors
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -120,12 +122,17 @@ def _readme_curl_lines() -> list[str]:
 @pytest.mark.skipif(shutil.which("curl") is None, reason="needs curl")
 def test_the_readmes_curl_lines_work_with_a_5_mb_photo(tiny_model, index_dir, tmp_path) -> None:  # noqa: F811
     lines = _readme_curl_lines()
-    assert len(lines) >= 8 and sum("@photo.jpg" in line for line in lines) >= 3
-    (tmp_path / "photo.jpg").write_bytes(big_photo())
-    Image.open(io.BytesIO(image_bytes(make_image(4), "PNG"))).save(tmp_path / "cat.png")
-    path, _, _, _ = index_dir
+    assert len(lines) >= 8 and sum("@demo-output/photo.jpg" in line for line in lines) >= 3
+    (tmp_path / "demo-output").mkdir()
+    (tmp_path / "demo-output/photo.jpg").write_bytes(big_photo())
+    Image.open(io.BytesIO(image_bytes(make_image(4), "PNG"))).save(tmp_path / "demo-output/shape.png")
+    _, img_vecs, txt_vecs, captions = index_dir
+    path = tmp_path / "numbered"  # ids as the demo's index has them: line numbers
+    write_index_from_vectors(path, model=ModelRef(spec=tiny_model.info.spec, fingerprint=tiny_model.info.fingerprint),
+                             image=(img_vecs, [{"id": str(i + 1)} for i in range(len(img_vecs))]),
+                             text=(txt_vecs, [{"id": str(i + 1), "text": c} for i, c in enumerate(captions)]))
     settings = Settings(model=tiny_model.info.spec, device="cpu", index_dir=path, warmup=False,
-                        served_model_name="clipsearch-tiny")
+                        served_model_name="clipsearch-demo")
     app = create_app(settings, state=ServiceState.build(settings, model=tiny_model))
     with live_server(app) as port:
         for line in lines:
