@@ -131,8 +131,20 @@ def _probe(data: bytes, field: str, max_pixels: int) -> Image.Image:
     return image
 
 
+# The longest side over the shortest that is decoded. Preprocessing scales the short side
+# to the model's input, so the work (and memory) of an image grows with this ratio, not with
+# its pixel count: a 200000x1 PNG of a few hundred bytes would become a 200000-wide strip.
+MAX_ASPECT_RATIO = 32
+
+
 def _check_size(size: tuple[int, int], field: str, max_pixels: int) -> None:
     width, height = size
+    if width and height and max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        raise InvalidImage(
+            f"{field}: image is {width}x{height} pixels, too narrow to process (the longest side may be at most "
+            f"{MAX_ASPECT_RATIO} times the shortest)",
+            field=field,
+        )
     if width * height > max_pixels:
         raise PayloadTooLarge(
             f"{field}: image has {width}x{height} pixels, too many pixels (the limit is {max_pixels})",

@@ -15,6 +15,7 @@ import asyncio
 import ipaddress
 import logging
 import socket
+import urllib.parse
 from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
@@ -68,6 +69,44 @@ class Allowed:
         if self.scheme is not None and url.scheme != self.scheme:
             return False
         return not self.path or url.path == self.path or url.path.startswith(self.path + "/")
+
+
+_NAT64 = (ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("64:ff9b:1::/48"))
+_IPV4_TRANSLATED = ipaddress.ip_network("::ffff:0:0:0/96")  # ::ffff:0:a.b.c.d (RFC 2765)
+_IPV4_COMPATIBLE = ipaddress.ip_network("::/96")  # ::a.b.c.d (deprecated, still routed by some stacks)
+
+
+def embedded_ipv4(address: Address) -> list[ipaddress.IPv4Address]:
+    """The IPv4 addresses an IPv6 address carries: IPv4-mapped, IPv4-translated, IPv4-compatible,
+    NAT64 (well-known and local-use prefixes), 6to4 and Teredo (server and client)."""
+    if not isinstance(address, ipaddress.IPv6Address):
+        return []
+    low32 = ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    found: list[ipaddress.IPv4Address] = []
+    if address.ipv4_mapped is not None:
+        found.append(address.ipv4_mapped)
+    if address in _IPV4_TRANSLATED or any(address in net for net in _NAT64):
+        found.append(low32)
+    if address in _IPV4_COMPATIBLE and int(address) > 1:  # not :: or ::1
+        found.append(low32)
+    if address.sixtofour is not None:
+        found.append(address.sixtofour)
+    if address.teredo is not None:
+        found.extend(address.teredo)
+    return found
+
+
+def _path_problem(url: httpx.URL) -> str | None:
+    """Why a URL's path cannot be compared with an allowed prefix as it will be sent: encoded
+    slashes or backslashes, or dot segments (an origin that decodes and normalizes them would
+    serve a path outside the prefix). Literal dot segments httpx has already removed."""
+    raw = url.raw_path.split(b"?", 1)[0].decode("ascii", "replace")
+    lowered = raw.lower()
+    if "%2f" in lowered or "%5c" in lowered or "\\" in raw:
+        return "an encoded slash or a backslash in the path"
+    if any(urllib.parse.unquote(segment) in (".", "..") for segment in raw.split("/")):
+        return "a dot segment in the path"
+    return None
 
 
 def _port(url: httpx.URL) -> int:
@@ -140,6 +179,8 @@ class ImageFetcher:
             raise ImageFetchFailed(f"{name}: only http and https image URLs are fetched", field=name)
         if url.userinfo:
             raise ImageFetchFailed(f"{name}: image URLs with credentials are not fetched", field=name)
+        if problem := _path_problem(url):
+            raise ImageFetchFailed(f"{name}: image URLs with {problem} are not fetched", field=name)
         if not any(entry.matches(url) for entry in self.allowed):
             raise ImageFetchFailed(f"{name}: {url.scheme}://{url.netloc.decode()} is not an allowed image source "
                                    "(CLIPSEARCH_IMAGE_URLS)", field=name)
@@ -153,13 +194,26 @@ class ImageFetcher:
                                        field=name) from None
             addresses = [ipaddress.ip_address(info[4][0]) for info in infos]
         for address in addresses:
-            plain = address.ipv4_mapped if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped \
-                else address
-            if not plain.is_global and not any(plain in net for net in self.networks):
-                raise ImageFetchFailed(f"{name}: the image URL's host {url.host} resolves to {plain}, a private or "
+            if refused := self._refused(address):
+                raise ImageFetchFailed(f"{name}: the image URL's host {url.host} resolves to {refused}, a private or "
                                        "local address, which is not fetched (CLIPSEARCH_IMAGE_URL_NETWORKS allows "
                                        "such networks)", field=name)
         return addresses[0]
+
+    def _allowed_network(self, address: Address) -> bool:
+        return any(address.version == net.version and address in net for net in self.networks)
+
+    def _refused(self, address: Address) -> Address | None:
+        """The non-global address that `address` is, or the one an IPv6 address carries (each
+        IPv4 address embedded in it is checked), unless an allowed network holds it; None if it
+        may be fetched."""
+        if self._allowed_network(address):
+            return None
+        carried: list[Address] = list(embedded_ipv4(address))
+        for plain in carried or [address]:
+            if not plain.is_global and not self._allowed_network(plain):
+                return plain
+        return None
 
     def _send(self, url: httpx.URL, address: Address) -> AbstractAsyncContextManager[httpx.Response]:
         """GET `url` from `address`: the checked address, with the URL's own Host header and,

@@ -29,6 +29,7 @@ class ServiceState:
     metrics: Metrics
     backend: str
     started: bool = field(default=False)
+    last_refusal: str | None = field(default=None)  # the index error last logged
 
     @classmethod
     def build(cls, settings: Settings, model: ClipModel | None = None, metrics: Metrics | None = None
@@ -81,11 +82,14 @@ class ServiceState:
         before = self.indexes.current
         try:
             loaded = self.indexes.load(fingerprint=self.model.info.fingerprint, dim=self.model.dim,
-                                       backend=self.backend, device=self.model.info.device, force=force)
+                                       backend=self.backend, device=self.model.info.device, force=force,
+                                       verify=self.settings.index_verify)
         except IndexLoadError as exc:
             self.metrics.index_load_failures.inc()
             served = f"; still serving {before.version}" if before is not None else ""
-            log.error("index version refused: %s%s", exc.message, served)
+            if exc.message != self.last_refusal:  # once, then again only when the reason changes
+                log.error("index version refused: %s%s", exc.message, served)
+                self.last_refusal = exc.message
             if self.indexes.current is None:
                 self.indexes.error = f"index refused: {exc.message}"
             if force:
@@ -93,6 +97,7 @@ class ServiceState:
             if fatal and exc.code != "index_mismatch":
                 raise
             return self.indexes.current
+        self.last_refusal = None
         if loaded is not None and loaded is not before:
             log.info("serving index version %s from %s", loaded.version, loaded.path)
             self.metrics.set_index(loaded.version, str(loaded.path))

@@ -116,3 +116,23 @@ async def test_page_and_docs_are_served_from_the_package(make_client, tiny_model
         assert "cdn" not in docs.text and "https://" not in docs.text
         for asset in assets:
             assert (await client.get(asset)).status_code == 200, asset
+
+
+async def test_thumbnails_under_api_keys_are_private_to_caches(make_client, tiny_model, built) -> None:
+    for keys, cache in ((None, "public"), ("k1", "private")):
+        headers = {"authorization": "Bearer k1"} if keys else {}
+        async with make_client(tiny_model, index_dir=built, api_keys=keys) as client:
+            r = await client.post("/search/text", json={"text": "a red circle", "k": 1}, headers=headers)
+            url = r.json()["results"][0]["thumbnail"]
+            got = await client.get(url, headers=headers)
+            assert got.status_code == 200 and got.headers["cache-control"].startswith(f"{cache}, "), got.headers
+            assert ("authorization" in got.headers.get("vary", "").lower()) == bool(keys)
+            assert (await client.get(url)).status_code == (401 if keys else 200)
+
+
+async def test_thumbnail_rows_are_digits_only(make_client, tiny_model, built) -> None:
+    async with make_client(tiny_model, index_dir=built) as client:
+        version = (await client.get("/readyz")).json()["index_version"]
+        assert (await client.get(f"/thumbnails/{version}/5")).status_code == 200
+        for row in ("+5", "5.0", " 5", "05e0", "1" * 13):
+            assert (await client.get(f"/thumbnails/{version}/{row}")).status_code == 422, row

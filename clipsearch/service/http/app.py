@@ -15,7 +15,7 @@ from fastapi_offline import FastAPIOffline
 
 from clipsearch.model.clip import ClipModel
 from clipsearch.service.http import protocol
-from clipsearch.service.http.auth import ApiKeyMiddleware, ApiKeys
+from clipsearch.service.http.auth import ApiKeys, CredentialMiddleware
 from clipsearch.service.http.errors import install_error_handlers
 from clipsearch.service.http.middleware import BodyLimitMiddleware, MetricsMiddleware
 from clipsearch.service.http.openai import router as openai_router
@@ -95,9 +95,8 @@ def create_app(settings: Settings, *, state: ServiceState | None = None, model: 
 
     app.openapi = openapi  # type: ignore[method-assign]
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.body_limit, timeout_s=settings.body_timeout_s)
-    keys = ApiKeys.from_settings(settings)
-    if keys is not None:  # outside the body limit: a request without a key is refused before its body is read
-        app.add_middleware(ApiKeyMiddleware, keys=keys)
+    # outside the body limit: a request without its credential is refused before its body is read
+    app.add_middleware(CredentialMiddleware, keys=ApiKeys.from_settings(settings), admin_token=settings.admin_token)
     protocol.configure(settings.max_connections or protocol.default_max_connections(), settings.header_timeout_s,
                        metrics.connections_refused.inc)
     app.add_middleware(MetricsMiddleware, metrics=metrics)

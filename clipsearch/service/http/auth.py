@@ -17,8 +17,10 @@ import os
 import time
 from pathlib import Path
 
+from pydantic import SecretStr
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from clipsearch.core.errors import ClipsearchError, Forbidden, Unauthorized
 from clipsearch.core.fsutil import read_list_file
 from clipsearch.service.http.errors import OPENAI_PREFIX, error_response
 from clipsearch.service.settings import Settings
@@ -47,7 +49,7 @@ class ApiKeys:
         """None when no key is configured: the service is open."""
         keys = [] if settings.api_keys is None else \
             [k.strip() for k in settings.api_keys.get_secret_value().split(",") if k.strip()]
-        if not keys and settings.api_keys_file is None:
+        if not settings.has_api_keys:
             return None
         return cls(keys, settings.api_keys_file)
 
@@ -88,26 +90,59 @@ def _digest(key: str) -> bytes:
     return hashlib.sha256(key.encode()).digest()
 
 
-class ApiKeyMiddleware:
-    """401 for a request without a valid `Authorization: Bearer <key>`, but for the health
-    probes and /admin routes."""
+def admin_refusal(authorization: str, token: SecretStr | None) -> ClipsearchError | None:
+    """Why a request may not use the /admin routes (None: it may): they are off without a
+    token (403), and need `Authorization: Bearer <token>` (401)."""
+    if token is None or not token.get_secret_value():
+        return Forbidden("admin routes are disabled: set CLIPSEARCH_ADMIN_TOKEN")
+    scheme, _, given = authorization.partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.encode(), token.get_secret_value().encode()):
+        return Unauthorized("missing or wrong admin token (Authorization: Bearer <token>)")
+    return None
 
-    def __init__(self, app: ASGIApp, keys: ApiKeys) -> None:
+
+def _has_body(scope: Scope) -> bool:
+    for name, value in scope.get("headers", ()):
+        if name == b"transfer-encoding" or (name == b"content-length" and value.strip() not in (b"", b"0")):
+            return True
+    return False
+
+
+class CredentialMiddleware:
+    """Every credential is checked before a body is read (this runs outside the body limit):
+    the API key on every route but the probes, the search page and /admin (when keys are
+    configured), the admin token on /admin routes. The search page's routes take no body and
+    refuse one at once."""
+
+    def __init__(self, app: ASGIApp, keys: ApiKeys | None, admin_token: SecretStr | None) -> None:
         self.app = app
         self.keys = keys
+        self.admin_token = admin_token
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "")
-        if scope["type"] != "http" or path in PUBLIC_PATHS or path.startswith(ADMIN_PREFIX) or \
-                path == PAGE_PREFIX or path.startswith(PAGE_PREFIX + "/"):
+        if scope["type"] != "http" or path in PUBLIC_PATHS:
             await self.app(scope, receive, send)
             return
-        header = next((v for k, v in scope.get("headers", ()) if k == b"authorization"), b"")
-        scheme, _, given = header.decode("latin-1").partition(" ")
-        if scheme.lower() == "bearer" and given.strip() and self.keys.accepts(given.strip()):
-            await self.app(scope, receive, send)
-            return
-        message = ("invalid API key" if header else "missing API key") + ": send Authorization: Bearer <key>"
-        await error_response(401, "invalid_api_key" if header else "missing_api_key", message, "authorization",
-                             headers={"www-authenticate": "Bearer"},
-                             openai=path.startswith(OPENAI_PREFIX))(scope, receive, send)
+        header = next((v for k, v in scope.get("headers", ()) if k == b"authorization"), b"").decode("latin-1")
+        if path.startswith(ADMIN_PREFIX):
+            refused = admin_refusal(header, self.admin_token)
+            if refused is not None:
+                status = 403 if isinstance(refused, Forbidden) else 401
+                await error_response(status, refused.code, refused.message, "authorization",
+                                     headers={"connection": "close"})(scope, receive, send)
+                return
+        elif path == PAGE_PREFIX or path.startswith(PAGE_PREFIX + "/"):
+            if _has_body(scope):
+                await error_response(413, "payload_too_large", "the search page takes no request body", None,
+                                     headers={"connection": "close"})(scope, receive, send)
+                return
+        elif self.keys is not None:
+            scheme, _, given = header.partition(" ")
+            if not (scheme.lower() == "bearer" and given.strip() and self.keys.accepts(given.strip())):
+                message = ("invalid API key" if header else "missing API key") + ": send Authorization: Bearer <key>"
+                await error_response(401, "invalid_api_key" if header else "missing_api_key", message,
+                                     "authorization", headers={"www-authenticate": "Bearer", "connection": "close"},
+                                     openai=path.startswith(OPENAI_PREFIX))(scope, receive, send)
+                return
+        await self.app(scope, receive, send)

@@ -8,13 +8,13 @@ loop time (docs/benchmarks.md). The other routes use the `State` alias.
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import Awaitable, Callable
 from typing import Annotated
 
 from fastapi import Depends, Request
 
-from clipsearch.core.errors import Forbidden, NotReady, Unauthorized
+from clipsearch.core.errors import NotReady
+from clipsearch.service.http.auth import admin_refusal
 from clipsearch.service.state import ServiceState
 
 
@@ -41,13 +41,10 @@ def client_gone(request: Request) -> Callable[[], Awaitable[None]]:
 
 
 async def require_admin(request: Request, state: Annotated[ServiceState, Depends(get_state)]) -> None:
-    """Bearer-token check for /admin routes; disabled (403) when no admin token is configured."""
-    token = state.settings.admin_token
-    if token is None or not token.get_secret_value():
-        raise Forbidden("admin routes are disabled: set CLIPSEARCH_ADMIN_TOKEN")
-    scheme, _, given = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not secrets.compare_digest(given.encode(), token.get_secret_value().encode()):
-        raise Unauthorized("missing or wrong admin token (Authorization: Bearer <token>)")
+    """The /admin token check (CredentialMiddleware makes it first, before the body is read)."""
+    refused = admin_refusal(request.headers.get("authorization", ""), state.settings.admin_token)
+    if refused is not None:
+        raise refused
 
 
 State = Annotated[ServiceState, Depends(get_state)]

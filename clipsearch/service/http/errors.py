@@ -54,10 +54,21 @@ STATUS_BY_ERROR: tuple[tuple[type[ClipsearchError], int], ...] = (
 OPENAI_PREFIX = "/v1/"  # routes that answer in OpenAI's shapes, errors included
 
 
+MAX_MESSAGE = 1000  # characters of an error message; past it, what a client sent is not echoed back whole
+MAX_FIELD = 200
+
+
+def _capped(text: str, limit: int) -> str:
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text) - limit} more characters)"
+
+
 def error_response(status: int, type_: str, message: str, field: str | None = None,
                    headers: dict[str, str] | None = None, *, openai: bool = False) -> Response:
     """The one error body: `{"error": {"type", "message", "field"}}`, or on the OpenAI-compatible
-    routes OpenAI's `{"error": {"message", "type", "param", "code"}}`."""
+    routes OpenAI's `{"error": {"message", "type", "param", "code"}}`. Messages and field names
+    are capped: they may quote what the client sent."""
+    message = _capped(message, MAX_MESSAGE)
+    field = None if field is None else _capped(field, MAX_FIELD)
     if openai:
         body: dict[str, Any] = {"error": {"message": message, "type": type_, "param": field, "code": type_}}
     else:

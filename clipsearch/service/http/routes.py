@@ -241,7 +241,7 @@ async def readyz(state: State) -> Response:
     body = {
         "ready": reason is None,
         "reason": reason,
-        "model": state.model.info.spec,
+        "model": state.model.info.spec if state.settings.expose_internals else state.settings.public_model_name,
         "index_version": current.version if current else None,
     }
     return json_response(body, status_code=200 if reason is None else 503)

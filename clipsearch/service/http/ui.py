@@ -4,8 +4,9 @@ and the thumbnails it shows (`/thumbnails/{version}/{row}`, immutable per index 
 from __future__ import annotations
 
 from importlib import resources
+from typing import Annotated
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Path
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -44,18 +45,24 @@ async def page_file(name: str) -> Response:
 
 
 @router.get("/thumbnails/{version}/{row}")
-async def thumbnail(version: str, row: int, request: Request, state: State) -> Response:
+async def thumbnail(version: str, row: Annotated[str, Path(pattern=r"^[0-9]{1,12}$", description="the item's row")],
+                    request: Request, state: State) -> Response:
     """One image item's thumbnail. A version's thumbnails never change, so the URL names the
     version and is cached for good; once the version is no longer served it is 404."""
     current = state.indexes.current
     index = current.get("image") if current is not None and current.version == version else None
     if index is None:
         raise NotFound(f"index version {version!r} is not served (search again for current results)")
-    tag = f'"{version}-{row}"'
-    headers = {"etag": tag, "cache-control": "public, max-age=31536000, immutable"}
-    if request.headers.get("if-none-match") == tag and index.has_thumbnail(row):
+    number = int(row)  # digits only: "+5" or "5.0" is a 422, not another spelling of row 5
+    tag = f'"{version}-{number}"'
+    # Under API keys a shared cache must not hand a thumbnail to a caller without one.
+    cache = "private" if state.settings.has_api_keys else "public"
+    headers = {"etag": tag, "cache-control": f"{cache}, max-age=31536000, immutable"}
+    if state.settings.has_api_keys:
+        headers["vary"] = "authorization"
+    if request.headers.get("if-none-match") == tag and index.has_thumbnail(number):
         return Response(status_code=304, headers=headers)
-    data = index.thumbnail(row)
+    data = index.thumbnail(number)
     if not data:
         raise NotFound(f"no thumbnail for row {row} of version {version}")
     return Response(data, media_type=Thumbnails.MEDIA_TYPE, headers=headers)
