@@ -66,6 +66,7 @@ def job_key(opts: BuildOptions, inputs: list[dict[str, Any]], fingerprint: str,
         **({"image_decode": opts.image_decode} if opts.image_decode != "exact" else {}),  # old keys stay valid
         **({"exif_orientation": True} if opts.exif_orientation else {}),
         **({"thumbnails": True} if opts.thumbnails else {}),
+        **({"confine": True} if opts.confine else {}),
         **({"base": base_version} if base_version else {}),
     }
     return hashlib.sha256(orjson.dumps(desc, option=orjson.OPT_SORT_KEYS)).hexdigest()[:16]
@@ -205,7 +206,8 @@ def encode(opts: BuildOptions, model: ClipModel, plan: BuildPlan) -> tuple[list[
             _encode_in_processes(opts, spans, plan.todo, store.dir, model.info.fingerprint, finished, store.read)
         else:
             for i in plan.todo:
-                shard = encoder.encode(read_span(opts.inputs, spans[i], opts.fmt, opts.schema, opts.base))
+                shard = encoder.encode(read_span(opts.inputs, spans[i], opts.fmt, opts.schema, opts.base,
+                                                     opts.confine))
                 store.write(i, shard)
                 finished(i, shard)
     finally:
@@ -445,5 +447,5 @@ def _encode_span(index: int, span: Span) -> None:
                           max_image_pixels=opts.max_image_pixels, image_decode=opts.image_decode,
                           exif_orientation=opts.exif_orientation, thumbnails=opts.thumbnails)
         _SPAN_WORKER = (opts, work_dir, fingerprint, encoder)
-    shard = encoder.encode(read_span(opts.inputs, span, opts.fmt, opts.schema, opts.base))
+    shard = encoder.encode(read_span(opts.inputs, span, opts.fmt, opts.schema, opts.base, opts.confine))
     write_shard(shard_path(work_dir, index), shard)

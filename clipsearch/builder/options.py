@@ -42,6 +42,7 @@ class BuildOptions:
     exif_orientation: bool = False  # turn images upright by their EXIF orientation, as CLIPSEARCH_EXIF_ORIENTATION
     progress: bool = True
     hash_inputs: bool = True
+    confine: bool = False  # refuse image paths outside each input's folder (inputs from untrusted hands)
     thumbnails: bool = True  # a small JPEG per image item, for the search page
     base: bool = False  # extend the published version: reuse its vectors, encode only the inputs
     delete: Path | None = None  # with base: a file of ids to leave out of the new version

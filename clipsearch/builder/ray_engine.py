@@ -90,7 +90,8 @@ class SpanEncoder:
         for index in batch["span"]:
             i = int(index)
             opts = self.opts
-            shard = self.encoder.encode(read_span(opts.inputs, self.spans[i], opts.fmt, opts.schema, opts.base))
+            shard = self.encoder.encode(read_span(opts.inputs, self.spans[i], opts.fmt, opts.schema, opts.base,
+                                                          opts.confine))
             write_shard(shard_path(self.work_dir, i), shard)
             done.append(i)
         return {"span": done}

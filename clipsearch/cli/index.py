@@ -82,6 +82,9 @@ def build(
     = False,
     thumbnails: Annotated[bool, typer.Option(
         help="store a small JPEG of every image (longest side 256 px) for the search page")] = True,
+    confine: Annotated[bool, typer.Option(
+        help="refuse image paths in JSONL/Parquet inputs that lead outside the input's folder (absolute, ../, "
+        "file:// or another URL, a symlink out), as bad records: for inputs you did not write yourself")] = False,
     engine: Annotated[str, typer.Option(
         help="local: this machine (--processes); ray: actors on a Ray cluster, one per GPU (or per two CPUs), "
         "each loading the model once; inputs and DIR must be on storage every node sees")] = "local",
@@ -119,6 +122,7 @@ def build(
             memory_budget=parse_bytes(memory_budget), flat_max=flat_max, progress=progress and not quiet,
             image_decode=image_decode, exif_orientation=exif_orientation, thumbnails=thumbnails,
             base=base, delete=delete, dedup=dedup, engine=engine, ray_address=ray_address, ray_actors=ray_actors,
+            confine=confine,
         )
         summary = run_build(opts)
     except (BuildError, BaseError, InputError, ClipsearchError, ValueError, OSError) as exc:
@@ -148,8 +152,31 @@ def info(directory: Annotated[Path, typer.Argument(help="index directory or vers
     typer.echo(json.dumps(out, indent=2, ensure_ascii=False))
 
 
-@app.command(help="Publish the served version again with its items rewritten as a memory-mapped Arrow file, for "
-             "versions written before that format (items.jsonl, read into memory by the service). The index, "
+@app.command(help="Check every file of the version DIR serves (or of a version directory) against the checksums "
+             "its manifest recorded at publish time, reading every byte (a service checks large files by sample "
+             "when it loads a version). Exits 1 naming the first damaged file.")
+def verify(directory: Annotated[Path, typer.Argument(help="index directory or version directory")]) -> None:
+    from clipsearch.core.errors import IndexLoadError
+    from clipsearch.index.format import current_version_dir, read_manifest, verify_files
+
+    try:
+        version_dir = current_version_dir(directory)
+        if version_dir is None:
+            raise IndexLoadError(f"{directory}: no version published yet")
+        manifest = read_manifest(version_dir)
+        if not manifest.files:
+            raise IndexLoadError(f"{version_dir}: no checksums recorded (an older version): "
+                                 "`clipsearch index upgrade` records them")
+        verify_files(version_dir, manifest, "full")
+    except IndexLoadError as exc:
+        typer.echo(f"clipsearch index verify: {exc.message}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"{version_dir}: {len(manifest.files)} files match their checksums")
+
+
+@app.command(help="Publish the served version again with its items rewritten as a memory-mapped Arrow file and "
+             "its files' checksums recorded, for versions written before those (items.jsonl, read into memory "
+             "by the service; no checksums). The index, "
              "its lists and thumbnails are hard-linked into the new version; nothing is re-encoded. A running "
              "service swaps to it as to any new version.")
 def upgrade(

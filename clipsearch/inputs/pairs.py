@@ -9,7 +9,14 @@ from pathlib import Path
 from typing import Any
 
 from clipsearch.images.codec import decode_image
-from clipsearch.inputs.readers import InputError, column_count, default_columns, parse_schema, tsv_record
+from clipsearch.inputs.readers import (
+    InputError,
+    column_count,
+    default_columns,
+    parse_schema,
+    strip_bom,
+    tsv_record,
+)
 
 MAX_IMAGE_BYTES = 20 * 1024 * 1024
 MAX_IMAGE_PIXELS = 100_000_000
@@ -59,6 +66,8 @@ class PairFile:
         with open(self.path, "rb") as f:
             f.seek(offset)
             raw = f.readline()
+        if line_no == 1:
+            raw = strip_bom(raw)
         columns = self._columns(column_count(raw)) or []
         rec = tsv_record(raw, columns, f"{self.path.name}:{line_no}", str(line_no))
         return PairRow(line_no, rec.id, rec.text or "", rec.image_b64 or "")

@@ -147,7 +147,7 @@ def _looks_like_base64_image(value: str) -> bool:
 
 
 def _default_schema(path: InputPath) -> list[str]:
-    with open_input(path, "r", encoding="utf-8", errors="replace") as f:
+    with open_input(path, "r", encoding="utf-8-sig", errors="replace") as f:
         for line in f:
             line = line.rstrip("\r\n")
             if not line.strip():
@@ -175,6 +175,8 @@ def read_tsv(path: InputPath, schema: list[str] | None, id_prefix: str, span: Sp
         for line_no, line in _numbered_lines(f, span):
             if not line or line.isspace():  # stops at the first other byte: no copy of the line
                 continue
+            if line_no == 1:
+                line = strip_bom(line)
             yield tsv_record(line, columns, f"{path.name}:{line_no}", f"{id_prefix}{line_no}")
 
 
@@ -193,6 +195,11 @@ def tsv_record(line: bytes, columns: list[str], source: str, default_id: str) ->
         elif name == "image":
             rec.image_b64 = str(value, "latin-1").strip()
     return rec
+
+
+def strip_bom(line: bytes) -> bytes:
+    """The first line of a file without a UTF-8 byte order mark (spreadsheet exports start with one)."""
+    return line[3:] if line.startswith(b"\xef\xbb\xbf") else line
 
 
 def default_columns(count: int) -> list[str] | None:
@@ -470,10 +477,44 @@ def read_inputs(inputs: Sequence[InputPath], fmt: str = "auto", schema: str | No
 
 
 def read_span(inputs: Sequence[InputPath], span: Span, fmt: str = "auto", schema: str | None = None,
-              prefix_ids: bool = False) -> Iterator[Record]:
+              prefix_ids: bool = False, confine: bool = False) -> Iterator[Record]:
     """The records of one span of `plan_spans(inputs, fmt, ...)`. Line ids carry their file's
-    stem (`corpus:17`) with several inputs, or with `prefix_ids` (an incremental build)."""
-    return _read(inputs, span.input, span, fmt, schema, prefix_ids)
+    stem (`corpus:17`) with several inputs, or with `prefix_ids` (an incremental build). With
+    `confine`, an image path that leads outside the input's folder is the record's error."""
+    records = _read(inputs, span.input, span, fmt, schema, prefix_ids)
+    return confined(records, inputs[span.input]) if confine else records
+
+
+def confined(records: Iterator[Record], source: InputPath) -> Iterator[Record]:
+    """`records` with every image path outside `source`'s folder (absolute, `../`, a symlink
+    out, another URL or scheme) refused: for inputs written by someone the operator does not
+    trust, whose paths would otherwise be read and published as thumbnails."""
+    folder = source if _is_dir(source) else source.parent
+    for rec in records:
+        if rec.image_path is not None and rec.error is None and not _inside(rec.image_path, folder):
+            rec.error = f"image path {rec.image_path[:200]!r} is outside the input's folder (--confine)"
+            rec.image_path = None
+        yield rec
+
+
+def _is_dir(path: InputPath) -> bool:
+    try:
+        return path.is_dir()
+    except OSError:
+        return False
+
+
+def _inside(location: str, folder: InputPath) -> bool:
+    if isinstance(folder, Path):  # a local input: only local paths, after resolving links and ../
+        if is_url(location):
+            return False
+        return Path(location).resolve().is_relative_to(folder.resolve())
+    if not is_url(location):
+        return False
+    given, root = UPath(location), folder
+    if given.protocol != root.protocol or any(part in ("..", ".") for part in PurePosixPath(given.path).parts):
+        return False
+    return PurePosixPath(given.path).is_relative_to(PurePosixPath(root.path))
 
 
 def _read(inputs: Sequence[InputPath], i: int, span: Span | None, fmt: str, schema: str | None,

@@ -152,3 +152,42 @@ def test_a_new_plan_lists_a_changed_directory_afresh(tmp_path: Path) -> None:
     make_image(3).save(tmp_path / "3.png")
     spans = readers.plan_spans([tmp_path], size=2)
     assert [r.id for s in spans for r in readers.read_span([tmp_path], s)] == ["0.png", "1.png", "2.png", "3.png"]
+
+
+def test_a_byte_order_mark_does_not_reach_the_first_caption(tmp_path: Path) -> None:
+    from clipsearch.inputs.pairs import PairFile
+
+    image = encode_image(make_image(1))
+    path = tmp_path / "bom.tsv"
+    path.write_bytes(b"\xef\xbb\xbf" + f"a red circle\t{image}\nа blue square\t{image}\n".encode())
+    records = list(read_inputs([path]))
+    assert records[0].text == "a red circle" and records[0].image_b64 == image
+    assert PairFile(path).row(0).text == "a red circle"
+    one_column = tmp_path / "texts.tsv"
+    one_column.write_bytes(b"\xef\xbb\xbfsolo caption\n")
+    assert [r.text for r in read_inputs([one_column])] == ["solo caption"]
+
+
+def _span_records(inputs: list[Path], confine: bool) -> list[readers.Record]:
+    spans = readers.plan_spans(inputs)
+    return [r for span in spans for r in readers.read_span(inputs, span, confine=confine)]
+
+
+def test_confine_refuses_image_paths_outside_the_inputs_folder(tmp_path: Path) -> None:
+    inside, outside = tmp_path / "corpus", tmp_path / "private"
+    (inside / "img").mkdir(parents=True)
+    outside.mkdir()
+    make_image(1).save(inside / "img" / "ok.jpg")
+    make_image(2).save(outside / "secret.jpg")
+    (inside / "img" / "link.jpg").symlink_to(outside / "secret.jpg")
+    paths = ["img/ok.jpg", str(outside / "secret.jpg"), "../private/secret.jpg", f"file://{outside}/secret.jpg",
+             "img/link.jpg", "img/../img/ok.jpg"]
+    jsonl = inside / "items.jsonl"
+    jsonl.write_text("".join(json.dumps({"id": str(i), "image": p}) + "\n" for i, p in enumerate(paths)))
+    trusted = _span_records([jsonl], confine=False)
+    assert [r.error for r in trusted] == [None] * len(paths)  # the operator's own input: read as written
+    confined = _span_records([jsonl], confine=True)
+    refused = [r.id for r in confined if r.error]
+    assert refused == ["1", "2", "3", "4"], [(r.id, r.error) for r in confined]
+    assert all("outside the input's folder" in r.error for r in confined if r.error)
+    assert all(r.image_path is None for r in confined if r.error)
