@@ -73,6 +73,78 @@ class IndexEntry(BaseModel):
     data: str | None = Field(None, pattern=_FILE_NAME)  # on-disk inverted lists (ivfpq-disk), beside `file`
 
 
+class FileSum(BaseModel):
+    """A version file's size and xxh3-128 checksum; `sampled` covers SAMPLE_BLOCKS blocks spread
+    over a file larger than FULL_VERIFY_BYTES, which a reload checks instead of the whole file."""
+
+    size: int = Field(ge=0)
+    xxh3_128: str
+    sampled: str | None = None
+
+
+VerifyMode = Literal["auto", "full", "off"]
+FULL_VERIFY_BYTES = 1 << 30  # larger files are checked by sample on load (`auto`): a reload stays seconds
+SAMPLE_BLOCKS = 256
+SAMPLE_BLOCK_BYTES = 256 << 10
+_HASH_CHUNK = 8 << 20
+
+
+def file_sum(path: Path) -> FileSum:
+    """The checksum a manifest records for `path` (and its sample, for a large file)."""
+    import xxhash
+
+    whole = xxhash.xxh3_128()
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            whole.update(chunk)
+    size = path.stat().st_size
+    return FileSum(size=size, xxh3_128=whole.hexdigest(),
+                   sampled=_sampled_sum(path, size) if size > FULL_VERIFY_BYTES else None)
+
+
+def _sampled_sum(path: Path, size: int) -> str:
+    import xxhash
+
+    digest = xxhash.xxh3_128(str(size).encode())
+    step = max(SAMPLE_BLOCK_BYTES, size // SAMPLE_BLOCKS)
+    with open(path, "rb") as f:
+        for offset in range(0, size, step):
+            f.seek(offset)
+            digest.update(f.read(SAMPLE_BLOCK_BYTES))
+        f.seek(max(0, size - SAMPLE_BLOCK_BYTES))
+        digest.update(f.read(SAMPLE_BLOCK_BYTES))
+    return digest.hexdigest()
+
+
+def verify_files(version_dir: Path, manifest: Manifest, mode: VerifyMode = "auto") -> None:
+    """Check every file of a version against its manifest's checksums, or raise IndexLoadError
+    naming the file. `auto` checks files up to FULL_VERIFY_BYTES whole and larger ones by their
+    sample (with their size); `full` checks everything whole; `off` checks nothing. A version
+    written before checksums were recorded has none to check."""
+    if mode == "off":
+        return
+    for name, want in manifest.files.items():
+        path = version_dir / name
+        try:
+            size = path.stat().st_size
+        except OSError as exc:
+            raise IndexLoadError(f"{path}: {exc.strerror}; the version is incomplete") from None
+        if size != want.size:
+            raise IndexLoadError(f"{path}: {size} bytes, the manifest says {want.size}; the version is damaged")
+        if mode == "auto" and want.sampled is not None:
+            ok = _sampled_sum(path, size) == want.sampled
+        else:
+            ok = file_sum(path).xxh3_128 == want.xxh3_128
+        if not ok:
+            raise IndexLoadError(f"{path}: its checksum differs from the manifest's; the version is damaged "
+                                 "(rebuild it, or publish another)")
+
+
+def file_sums(version_dir: Path) -> dict[str, FileSum]:
+    """Checksums of every file of a version directory but its manifest."""
+    return {p.name: file_sum(p) for p in sorted(version_dir.iterdir()) if p.is_file() and p.name != MANIFEST_NAME}
+
+
 class Manifest(BaseModel):
     format_version: int = FORMAT_VERSION
     version: str
@@ -83,6 +155,7 @@ class Manifest(BaseModel):
     indexes: dict[Modality, IndexEntry]
     created_at: str
     build: dict[str, Any] = Field(default_factory=dict)  # builder info: inputs, timings, errors
+    files: dict[str, FileSum] = Field(default_factory=dict)  # every other file of the version, checked on load
 
     def check_compatible(self, fingerprint: str, dim: int) -> None:
         """Raise `IndexMismatch` unless this index was built by the served model."""
@@ -192,9 +265,9 @@ def read_items(path: Path, expected: int) -> list[dict[str, Any]]:
 
 def upgrade_items(index_dir: str | os.PathLike[str], keep: int | None = None) -> Path | None:
     """Publish the served version again with its JSON-lines items (older versions) rewritten
-    as memory-mapped Arrow files; its index, lists and thumbnails are hard-linked (copied
-    where the file system cannot link), nothing is re-encoded. Returns the new version, or
-    None when the served one needs nothing."""
+    as memory-mapped Arrow files and its files' checksums recorded; its index, lists and
+    thumbnails are hard-linked (copied where the file system cannot link), nothing is
+    re-encoded. Returns the new version, or None when the served one needs nothing."""
     root = Path(index_dir)
     current = current_version_dir(root)
     if current is None:
@@ -204,7 +277,7 @@ def upgrade_items(index_dir: str | os.PathLike[str], keep: int | None = None) ->
                              "(CURRENT + versions/), such as the builder writes")
     manifest = read_manifest(current)
     old = {m: e for m, e in manifest.indexes.items() if e.items.endswith(".jsonl")}
-    if not old:
+    if not old and manifest.files:
         return None
     name, staged = new_version_name(), staging_dir(root)
     try:
@@ -219,7 +292,8 @@ def upgrade_items(index_dir: str | os.PathLike[str], keep: int | None = None) ->
             write_items(staged / f"{modality}.items.arrow", read_jsonl_items(current / entry.items, entry.count))
             entries[modality] = entry.model_copy(update={"items": f"{modality}.items.arrow"})
         upgraded = manifest.model_copy(update={
-            "version": name, "indexes": entries, "build": {**manifest.build, "items_upgraded_from": manifest.version}})
+            "version": name, "indexes": entries, "build": {**manifest.build, "items_upgraded_from": manifest.version},
+            "files": file_sums(staged)})
         atomic_write_text(staged / MANIFEST_NAME, upgraded.model_dump_json(indent=2))
         return publish_version(root, staged, name, keep=keep)
     except BaseException:
@@ -364,6 +438,7 @@ def write_version(
         indexes=entries,
         created_at=datetime.now(timezone.utc).isoformat(),
         build=build or {},
+        files=file_sums(out_dir),
     )
     # The manifest goes last: a version directory with a manifest is complete.
     atomic_write_text(out_dir / MANIFEST_NAME, manifest.model_dump_json(indent=2))

@@ -31,9 +31,11 @@ from clipsearch.index.format import (
     Manifest,
     Modality,
     Thumbnails,
+    VerifyMode,
     faiss_module,
     read_faiss_index,
     read_manifest,
+    verify_files,
 )
 from clipsearch.index.items import ItemTable, open_items
 
@@ -421,13 +423,19 @@ def load_index_set(
     dim: int,
     backend: str = "faiss-cpu",
     device: str = "cpu",
+    verify: VerifyMode = "auto",
 ) -> IndexSet:
-    """Load and check one version directory. Raises IndexLoadError / IndexMismatch."""
+    """Load and check one version directory: its manifest, the model it was built with, and
+    its files' checksums (`verify`). Raises IndexLoadError / IndexMismatch."""
     manifest = read_manifest(version_dir)
     if version_dir.parent.name == VERSIONS_DIR and manifest.version != version_dir.name:
         raise IndexLoadError(f"{version_dir}: its manifest says version {manifest.version!r}; a published "
                              "version's directory and manifest name it alike")
     manifest.check_compatible(fingerprint, dim)
+    if not manifest.files and verify != "off":
+        log.warning("index version %s has no checksums (written by an older clipsearch): its files are not "
+                    "verified; `clipsearch index upgrade` or a rebuild records them", manifest.version)
+    verify_files(version_dir, manifest, verify)
     indexes: dict[Modality, LoadedIndex] = {}
     for modality in MODALITIES:
         entry = manifest.indexes.get(modality)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
-from clipsearch.index.format import current_version_dir
+from clipsearch.index.format import VerifyMode, current_version_dir
 from clipsearch.index.search import IndexSet, load_index_set
 
 
@@ -32,8 +32,8 @@ class IndexHolder:
             return None
         return version_dir
 
-    def load(self, *, fingerprint: str, dim: int, backend: str, device: str, force: bool = False
-             ) -> IndexSet | None:
+    def load(self, *, fingerprint: str, dim: int, backend: str, device: str, force: bool = False,
+             verify: VerifyMode = "auto") -> IndexSet | None:
         """Load the published version of `index_dir` if it is new.
 
         On failure the served IndexSet stays and the exception propagates; the refused
@@ -53,7 +53,7 @@ class IndexHolder:
                 return self.current
             try:
                 loaded = load_index_set(version_dir, fingerprint=fingerprint, dim=dim, backend=backend,
-                                        device=device)
+                                        device=device, verify=verify)
             except Exception:
                 self.refused = version_dir
                 raise

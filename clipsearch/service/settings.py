@@ -39,6 +39,10 @@ class Settings(BaseSettings):
 
     # index
     index_dir: Path | None = Field(None, description="index directory (a version, or a root with CURRENT)")
+    index_verify: Literal["auto", "full", "off"] = Field(
+        "auto", description="check a version's files against its manifest's checksums before serving it: auto "
+        "checks files up to 1 GiB whole and larger ones by 256 sampled blocks (a reload stays seconds), full "
+        "reads every byte, off trusts the disk; `clipsearch index verify` checks everything offline")
     index_poll_s: float = Field(
         5.0, ge=0, description="how often to look for a newly published index version; 0 = only /admin/reload"
     )
@@ -56,8 +60,8 @@ class Settings(BaseSettings):
     log_level: str = Field("info", description="Python log level")
     access_log: bool = Field(False, description="log every request (metrics count them anyway)")
     api_keys: SecretStr | None = Field(
-        None, description="comma-separated API keys: when set (or with api_keys_file), every route but /healthz "
-        "and /readyz needs `Authorization: Bearer <key>`")
+        None, description="comma-separated API keys: when set (or with api_keys_file), every route but /healthz, "
+        "/readyz and the search page's files (/ui, public by design) needs `Authorization: Bearer <key>`")
     api_keys_file: Path | None = Field(
         None, description="a file of API keys, one per line (# comments), read again when it changes")
     admin_token: SecretStr | None = Field(None, description="token for /admin routes; unset disables them")
@@ -165,9 +169,26 @@ class Settings(BaseSettings):
         return self
 
     @property
+    def has_api_keys(self) -> bool:
+        """Whether the API needs a key (keys given, or a key file)."""
+        given = self.api_keys is not None and any(k.strip() for k in self.api_keys.get_secret_value().split(","))
+        return given or self.api_keys_file is not None
+
+    @property
     def served_name(self) -> str:
         """The model's name on the OpenAI-compatible routes."""
         return self.served_model_name or self.model
+
+    @property
+    def public_model_name(self) -> str:
+        """The model's name for routes anyone may call: with internals hidden, no disk path
+        (a directory spec shows as its last part)."""
+        if self.expose_internals or self.served_model_name:
+            return self.served_name
+        kind, sep, rest = self.model.partition(":")
+        if sep and (kind == "local-dir" or rest.startswith("/")):
+            return f"{kind}:{Path(rest).name}"
+        return self.model
 
     @property
     def body_limit(self) -> int:

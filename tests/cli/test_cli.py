@@ -32,8 +32,9 @@ def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120)
                           timeout=timeout, cwd=ROOT, env={**os.environ, **(env or {})})
 
 
-COMMANDS = [(), ("serve",), ("index",), ("index", "build"), ("index", "info"), ("train",), ("evaluate",),
-            ("predict",), ("classify",), ("similarity",), ("data",), ("data", "synth"), ("demo",)]
+COMMANDS = [(), ("serve",), ("index",), ("index", "build"), ("index", "info"), ("index", "verify"),
+            ("index", "upgrade"), ("train",), ("evaluate",), ("predict",), ("classify",), ("similarity",), ("data",),
+            ("data", "synth"), ("demo",)]
 
 
 def _click_command(path: tuple[str, ...]):
