@@ -27,7 +27,7 @@ import logging
 import os
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -442,41 +442,21 @@ def load_model(spec: str, pretrained: str | None = None, device: str = "auto", d
     """
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
-    spec = spec.strip()
-    if not spec:
-        raise ModelLoadError("model spec is empty")
-    source = transformers_source(spec)
-    if source is not None:
-        _no_pretrained(spec, pretrained)
-        wrapped, transform, text_tokenizer, fingerprint = hf.load(source)
+    resolved = resolve_spec(spec, pretrained)
+    spec = resolved.spec
+    if resolved.source is not None:
+        wrapped, transform, text_tokenizer, fingerprint = hf.load(resolved.source)
         wrapped = wrapped.to(device=dev, dtype=torch_dtype).eval()
         log.info("loaded %s (transformers %s) on %s as %s", spec, wrapped.family, dev, torch_dtype)
-        return ClipModel(wrapped, transform, text_tokenizer, spec=_normalized(spec, source), pretrained=None,
+        return ClipModel(wrapped, transform, text_tokenizer, spec=spec, pretrained=None,
                          fingerprint=fingerprint, device=dev, dtype=torch_dtype)
-    kwargs: dict[str, Any] = {}
-    random_weights = False
-    if spec.startswith(LOCAL_DIR):
-        directory = Path(spec[len(LOCAL_DIR) :]).expanduser()
-        if not (directory / CONFIG_NAME).is_file():
-            raise ModelLoadError(f"{spec}: {directory / CONFIG_NAME} not found")
-        if _find_weights(directory) is None:
-            raise ModelLoadError(f"{spec}: no weights file in {directory}")
-        spec = LOCAL_DIR + str(directory.resolve())
-        kwargs.update(local_text_tower(directory))
-    elif not spec.startswith(HF_HUB):
-        if spec.replace("/", "-") not in open_clip.list_models():
-            raise ModelLoadError(unknown_model(spec))
-        if pretrained is None or pretrained.strip().lower() in _RANDOM:
-            random_weights = True
-            kwargs["pretrained_text"] = False
-        else:
-            kwargs["pretrained"] = pretrained
     try:
         fingerprint = model_fingerprint(spec, pretrained)
         with torch.random.fork_rng(devices=[]):
-            if random_weights:
+            if resolved.random_weights:
                 torch.manual_seed(RANDOM_SEED)
-            model, _, preprocess = open_clip.create_model_and_transforms(spec, device="cpu", **kwargs)
+            model, _, preprocess = open_clip.create_model_and_transforms(spec, device="cpu",
+                                                                         **resolved.create_kwargs)
         tokenizer = open_clip.get_tokenizer(spec)
     except ModelLoadError:
         raise
@@ -494,6 +474,42 @@ def load_model(spec: str, pretrained: str | None = None, device: str = "auto", d
         device=dev,
         dtype=torch_dtype,
     )
+
+
+@dataclass(frozen=True)
+class ResolvedSpec:
+    """A model spec resolved once, for inference and training alike: a transformers checkpoint
+    (`source` set) or an open_clip one (`spec` normalized, with open_clip's load arguments)."""
+
+    spec: str
+    source: str | None = None  # what transformers loads (a hub id or a directory)
+    create_kwargs: dict[str, Any] = field(default_factory=dict)
+    random_weights: bool = False
+
+
+def resolve_spec(spec: str, pretrained: str | None) -> ResolvedSpec:
+    """Check `spec` (and `pretrained`) and say how to load it; raises `ModelLoadError` naming it."""
+    spec = spec.strip()
+    if not spec:
+        raise ModelLoadError("model spec is empty")
+    source = transformers_source(spec)
+    if source is not None:
+        _no_pretrained(spec, pretrained)
+        return ResolvedSpec(_normalized(spec, source), source=source)
+    if spec.startswith(LOCAL_DIR):
+        directory = Path(spec[len(LOCAL_DIR) :]).expanduser()
+        if not (directory / CONFIG_NAME).is_file():
+            raise ModelLoadError(f"{spec}: {directory / CONFIG_NAME} not found")
+        if _find_weights(directory) is None:
+            raise ModelLoadError(f"{spec}: no weights file in {directory}")
+        return ResolvedSpec(LOCAL_DIR + str(directory.resolve()), create_kwargs=local_text_tower(directory))
+    if spec.startswith(HF_HUB):
+        return ResolvedSpec(spec)
+    if spec.replace("/", "-") not in open_clip.list_models():
+        raise ModelLoadError(unknown_model(spec))
+    if pretrained is None or pretrained.strip().lower() in _RANDOM:
+        return ResolvedSpec(spec, create_kwargs={"pretrained_text": False}, random_weights=True)
+    return ResolvedSpec(spec, create_kwargs={"pretrained": pretrained})
 
 
 def transformers_source(spec: str) -> str | None:
@@ -636,34 +652,18 @@ def load_for_training(spec: str, pretrained: str | None = None, device: str = "a
                       ) -> TrainableClip:
     """Load a spec for fine-tuning (fp32, train transforms too). Random specs are seeded by `seed`."""
     dev = resolve_device(device)
-    spec = spec.strip()
-    source = transformers_source(spec)
-    if source is not None:
-        _no_pretrained(spec, pretrained)
+    resolved = resolve_spec(spec, pretrained)
+    spec = resolved.spec
+    if resolved.source is not None:
         # The family's processor has no training augmentation: both transforms are the same.
-        wrapped, transform, text_tokenizer, _ = hf.load(source)
-        return TrainableClip(wrapped.to(dev), transform, transform, text_tokenizer, None, {}, _normalized(spec, source),
-                             None)
-    kwargs: dict[str, Any] = {}
-    if spec.startswith(LOCAL_DIR):
-        directory = Path(spec[len(LOCAL_DIR) :]).expanduser()
-        if not (directory / CONFIG_NAME).is_file() or _find_weights(directory) is None:
-            raise ModelLoadError(f"{spec}: needs {CONFIG_NAME} and a weights file")
-        spec = LOCAL_DIR + str(directory.resolve())
-        kwargs.update(local_text_tower(directory))
-    elif not spec.startswith(HF_HUB):
-        if spec.replace("/", "-") not in open_clip.list_models():
-            raise ModelLoadError(unknown_model(spec))
-        if pretrained is not None and pretrained.strip().lower() not in _RANDOM:
-            kwargs["pretrained"] = pretrained
-        else:
-            kwargs["pretrained_text"] = False
+        wrapped, transform, text_tokenizer, _ = hf.load(resolved.source)
+        return TrainableClip(wrapped.to(dev), transform, transform, text_tokenizer, None, {}, spec, None)
     try:
         model_cfg, pp_cfg = _model_config(spec)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(spec, device="cpu",
-                                                                                            **kwargs)
+            model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
+                spec, device="cpu", **resolved.create_kwargs)
         tokenizer = open_clip.get_tokenizer(spec)
     except ModelLoadError:
         raise
