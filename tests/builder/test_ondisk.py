@@ -82,8 +82,10 @@ def test_ondisk_index_equals_in_memory_and_serves_mapped(tmp_path: Path, monkeyp
     np.testing.assert_allclose(served.vectors_of(np.array([3, 9000])), reconstruct_all(memory)[[3, 9000]],
                                atol=1e-6)
     (moved / "image.ivfdata").unlink()
+    with pytest.raises(IndexLoadError, match=r"image\.ivfdata: No such file .* the version is incomplete"):
+        load_index_set(moved, fingerprint="sha256:abc", dim=32)  # its manifest lists the file
     with pytest.raises(IndexLoadError, match="on-disk lists are missing"):
-        load_index_set(moved, fingerprint="sha256:abc", dim=32)
+        load_index_set(moved, fingerprint="sha256:abc", dim=32, verify="off")
 
 
 @pytest.mark.slow

@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz"})  # probes: a kubelet sends no key
 PAGE_PREFIX = "/ui"  # the search page's static files (no data: the page asks for a key, then sends it)
 ADMIN_PREFIX = "/admin/"  # their own token (CLIPSEARCH_ADMIN_TOKEN)
+ADMIN_METHODS = frozenset({"POST"})  # what the /admin routes take
+PAGE_METHODS = frozenset({"GET", "HEAD"})  # what the page's routes take
 
 
 class ApiKeys:
@@ -125,6 +127,13 @@ class CredentialMiddleware:
             await self.app(scope, receive, send)
             return
         header = next((v for k, v in scope.get("headers", ()) if k == b"authorization"), b"").decode("latin-1")
+        page = path == PAGE_PREFIX or path.startswith(PAGE_PREFIX + "/")
+        allowed = ADMIN_METHODS if path.startswith(ADMIN_PREFIX) else PAGE_METHODS if page else None
+        if allowed is not None and scope["method"] not in allowed:
+            await error_response(405, "method_not_allowed", f"{path} takes {', '.join(sorted(allowed))}", None,
+                                 headers={"allow": ", ".join(sorted(allowed)), "connection": "close"}
+                                 )(scope, receive, send)
+            return
         if path.startswith(ADMIN_PREFIX):
             refused = admin_refusal(header, self.admin_token)
             if refused is not None:
@@ -132,7 +141,7 @@ class CredentialMiddleware:
                 await error_response(status, refused.code, refused.message, "authorization",
                                      headers={"connection": "close"})(scope, receive, send)
                 return
-        elif path == PAGE_PREFIX or path.startswith(PAGE_PREFIX + "/"):
+        elif page:
             if _has_body(scope):
                 await error_response(413, "payload_too_large", "the search page takes no request body", None,
                                      headers={"connection": "close"})(scope, receive, send)
