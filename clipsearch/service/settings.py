@@ -124,8 +124,9 @@ class Settings(BaseSettings):
         json_schema_extra=TUNING,
     )
     overload_wait_ms: float = Field(
-        200.0, ge=0, le=5000, description="a request that finds the queue full waits this long for room before "
-        "its 429: clients that retry at once are paced instead of spinning the event loop",
+        1000.0, ge=0, le=5000, description="a request that finds the queue full waits this long for room before "
+        "its 429 (as long as the Retry-After it then gets): clients that retry at once are paced instead of "
+        "spinning the event loop; raise it when storms are many times the capacity",
         json_schema_extra=TUNING,
     )
     warmup: bool = Field(True, description="run the model on dummy input before serving",
