@@ -37,12 +37,13 @@ from typing import Any
 import numpy as np
 import orjson
 
-from clipsearch.builder.encoder import Encoder, ItemError, ShardResult, concat_vectors, exit_with_parent
+from clipsearch.builder.encoder import Encoder, ItemError, ShardResult, concat_vectors
 from clipsearch.builder.incremental import Base, Part, dedup, load_base, merge
 from clipsearch.builder.indexing import BuiltIndex, build_and_tune
 from clipsearch.builder.options import ENGINES, BuildError, BuildOptions, BuildSummary
 from clipsearch.builder.writer import ShardInfo, ShardStore, shard_info, shard_path, write_shard
 from clipsearch.core.fsutil import read_list_file, sha256_file
+from clipsearch.core.orphans import init_after_watch, watched
 from clipsearch.index.format import (
     Manifest,
     Modality,
@@ -392,8 +393,9 @@ def _encode_in_processes(opts: BuildOptions, spans: list[Span], todo: list[int],
     threads = max(1, (os.cpu_count() or 1) // opts.processes)
     # spawn, not fork: forking a process that already runs torch's thread pools can hang.
     pool = ProcessPoolExecutor(opts.processes, mp_context=multiprocessing.get_context("spawn"),
-                               initializer=_init_span_worker,
-                               initargs=(replace(opts, progress=False), work_dir, fingerprint, threads))
+                               initializer=init_after_watch,
+                               initargs=watched(f"{__name__}:_init_span_worker", replace(opts, progress=False),
+                                                work_dir, fingerprint, threads))
     # Ctrl-C is the main process's to handle: the encoder processes are started (during
     # submit) with SIGINT blocked, a mask that survives spawn's exec, so none dies mid-import
     # with a traceback or keeps taking queued spans; on an interrupt or a failure the main
@@ -427,7 +429,6 @@ def _init_span_worker(opts: BuildOptions, work_dir: Path, fingerprint: str, thre
     global _SPAN_WORKER
     import torch
 
-    exit_with_parent()
     torch.set_num_threads(threads)
     _SPAN_WORKER = (opts, work_dir, fingerprint, None)
 

@@ -14,8 +14,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import multiprocessing
-import os
-import threading
 from collections.abc import Iterable, Sequence
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -25,6 +23,7 @@ import numpy as np
 import torch
 
 from clipsearch.core.errors import ClipsearchError, InvalidImage
+from clipsearch.core.orphans import init_after_watch, watched
 from clipsearch.images.codec import decode_base64
 from clipsearch.images.decoder import ImageDecoder, Jpeg
 from clipsearch.inputs.readers import Record, open_input
@@ -37,25 +36,6 @@ _THUMBNAILS = True
 _CPU = torch.device("cpu")
 
 Decoded = tuple[np.ndarray | Jpeg | None, str | None, bytes, str]  # pixels, why not, thumbnail, sha256
-
-
-def exit_with_parent() -> None:
-    """In a worker process: exit as soon as the process that started it is gone, also when
-    that one was killed outright (SIGKILL leaves it no chance to stop its children)."""
-    parent = multiprocessing.parent_process()
-    if parent is None:
-        return
-
-    def watch() -> None:
-        parent.join()  # returns when the parent's end of the spawn pipe closes
-        os._exit(1)
-
-    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
-
-
-def _init_worker_process(decoder: ImageDecoder, max_bytes: int, defer_jpegs: bool, thumbnails: bool) -> None:
-    exit_with_parent()
-    _init_worker(decoder, max_bytes, defer_jpegs, thumbnails)
 
 
 def _init_worker(decoder: ImageDecoder, max_bytes: int, defer_jpegs: bool, thumbnails: bool) -> None:
@@ -157,8 +137,10 @@ class Encoder:
         if workers > 0 and not self.jpegs_per_batch:
             # spawn, not fork: forking a process that already runs torch's thread pools can hang.
             ctx = multiprocessing.get_context("spawn")
-            self._pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker_process,
-                                             initargs=(decoder, max_image_bytes, self.jpegs_per_batch, thumbnails))
+            self._pool = ProcessPoolExecutor(
+                workers, mp_context=ctx, initializer=init_after_watch,
+                initargs=watched(f"{__name__}:_init_worker", decoder, max_image_bytes, self.jpegs_per_batch,
+                                 thumbnails))
         else:
             # JPEGs decoded on the device leave only base64 and a header check per image, less
             # than shipping the image to a process and back costs: threads here do it.
