@@ -9,7 +9,6 @@ take the port while the model loads.
 from __future__ import annotations
 
 import errno
-import logging
 import os
 import shutil
 import socket
@@ -26,7 +25,6 @@ from clipsearch.service.settings import Settings
 if TYPE_CHECKING:
     from clipsearch.model.clip import ClipModel
 
-log = logging.getLogger(__name__)
 
 WORKER_APP = "clipsearch.service.http.app:app_from_env"  # each worker builds its app from CLIPSEARCH_* variables
 

@@ -22,7 +22,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from clipsearch.core.errors import ClipsearchError, Forbidden, Unauthorized
 from clipsearch.core.fsutil import read_list_file
-from clipsearch.service.http.errors import OPENAI_PREFIX, error_response
+from clipsearch.service.http.errors import OPENAI_PREFIX, error_response, status_for
 from clipsearch.service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -137,8 +137,7 @@ class CredentialMiddleware:
         if path.startswith(ADMIN_PREFIX):
             refused = admin_refusal(header, self.admin_token)
             if refused is not None:
-                status = 403 if isinstance(refused, Forbidden) else 401
-                await error_response(status, refused.code, refused.message, "authorization",
+                await error_response(status_for(refused), refused.code, refused.message, "authorization",
                                      headers={"connection": "close"})(scope, receive, send)
                 return
         elif page:
