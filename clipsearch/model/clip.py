@@ -124,6 +124,10 @@ class ModelInfo:
     family: str = "open_clip"  # or a transformers model_type: clip, chinese_clip, siglip
 
 
+CHARS_PER_TOKEN = 32  # see ClipModel.context_text
+_WORD = re.compile(r"\S+")
+
+
 class ClipModel:
     """A loaded open_clip model with its own tokenizer and inference preprocessing.
 
@@ -182,6 +186,52 @@ class ClipModel:
     def count_tokens(self, texts: Sequence[str]) -> int:
         """How many tokens the texts take (start and end tokens included, padding not)."""
         return int((self.tokenize(texts) != self.pad_id).sum())
+
+    def context_text(self, text: str) -> str:
+        """`text` cut to the part the tokenizer can use, so that a long text costs what it
+        yields: its first `context_length` x 32 non-space characters, in whole words but the
+        last. The tokenizer keeps `context_length` tokens anyway; a token is one character or
+        more, so the vector is the whole text's unless its tokens average more than 32."""
+        budget = self.context_length * CHARS_PER_TOKEN
+        if len(text) <= budget:
+            return text
+        words: list[str] = []
+        left = budget
+        for match in _WORD.finditer(text):
+            word = match.group()
+            words.append(word[:left])
+            left -= len(word)
+            if left <= 0:
+                break
+        return " ".join(words)
+
+    def text_of_ids(self, ids: Sequence[int]) -> str | None:
+        """The text that token `ids` stand for, if they are this model's tokenizer's ids: decoded
+        and tokenized again they come back the same (start, end and padding tokens aside). Else
+        None: another tokenizer's ids (tiktoken's, say) are not this model's text."""
+        tok = self.tokenizer
+        if isinstance(tok, open_clip.tokenizer.SimpleTokenizer):
+            body = list(ids)
+            if body and body[0] == tok.sot_token_id:
+                body = body[1:]
+            if tok.eot_token_id in body:  # what follows the end token may only be padding
+                end = body.index(tok.eot_token_id)
+                if any(body[end + 1 :]):
+                    return None
+                body = body[:end]
+            if not body or any(not 0 <= i < len(tok.encoder) for i in body):
+                return None
+            text = str(tok.decode(body)).strip()
+            return text if list(tok.encode(text)) == body else None
+        inner = getattr(tok, "tokenizer", None)
+        if inner is None or not hasattr(inner, "all_special_ids"):
+            return None
+        special = set(inner.all_special_ids)
+        body = [i for i in ids if i not in special]
+        if not body or any(not 0 <= i < len(inner) for i in body):
+            return None
+        text = str(inner.decode(body)).strip()
+        return text if list(inner(text, add_special_tokens=False)["input_ids"]) == body else None
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         """open_clip's own inference transform: (3, H, W) float32 on the CPU."""

@@ -120,6 +120,7 @@ class _Job:
     post: Any
     n: int
     future: asyncio.Future[np.ndarray]
+    offset: int = 0  # where these items start in their request (errors name them by it)
     prepared: Any = None  # rows from the prepare pool; None: prepared in the batch (or not at all)
     out: np.ndarray | None = None
     done_rows: int = 0
@@ -292,8 +293,10 @@ class DynamicBatcher:
         post: Any = None,
         timeout: float,
         disconnected: Callable[[], Awaitable[Any]] | None = None,
+        offset: int = 0,
     ) -> Any:
         """Run `items` through the stages and wait for their rows (what `post` made of them).
+        `offset`: where the items start in their request, for errors that name one (`field[offset + i]`).
 
         `disconnected`, if given, is awaited alongside once the request has waited
         `watch_after_s`; when it returns first the request is dropped (its rows never reach
@@ -315,13 +318,13 @@ class DynamicBatcher:
             )
         loop = asyncio.get_running_loop()
         guard = _Guard(self.name, loop, timeout, disconnected, self.watch_after)
-        job = _Job(items, field, post, n, loop.create_future())
+        job = _Job(items, field, post, n, loop.create_future(), offset)
         prepare = self.stages.prepare
         self._reserved_rows += n
         try:
             try:
                 if prepare is not None and not self.stages.prepare_in_batch(items):
-                    job.prepared = await self._prepare(prepare, items, field, guard)
+                    job.prepared = await self._prepare(prepare, items, field, guard, offset)
             finally:
                 self._reserved_rows -= n
             with self._cond:
@@ -337,7 +340,7 @@ class DynamicBatcher:
             guard.close()
 
     async def _prepare(self, prepare: Callable[[Sequence[Any], str, int], Any], items: Sequence[Any], field: str,
-                       guard: _Guard) -> Any:
+                       guard: _Guard, offset: int = 0) -> Any:
         """A request's items through the prepare pool, `prepare_window` at a time, one item
         each: requests take turns in the pool (one with many large images cannot hold it for
         the others), and a request that ends (client gone, deadline) stops after the items
@@ -345,7 +348,7 @@ class DynamicBatcher:
         loop = asyncio.get_running_loop()
         parts: list[Any] = []
         for start in range(0, len(items), self.prepare_window):
-            calls = [loop.run_in_executor(self._prepare_executor, prepare, items[i : i + 1], field, i)
+            calls = [loop.run_in_executor(self._prepare_executor, prepare, items[i : i + 1], field, offset + i)
                      for i in range(start, min(start + self.prepare_window, len(items)))]
             done = await guard.wait(asyncio.gather(*calls, return_exceptions=True), cancel_on_exit=False)
             for part in done:
@@ -450,7 +453,7 @@ class DynamicBatcher:
             return job.prepared if whole else job.prepared[chunk.lo : chunk.hi]
         items = job.items if whole else job.items[chunk.lo : chunk.hi]
         prepare = self.stages.prepare
-        return items if prepare is None else prepare(items, job.field, chunk.lo)
+        return items if prepare is None else prepare(items, job.field, job.offset + chunk.lo)
 
     def _stage(self, batch: list[_Chunk]) -> tuple[Any, dict[int, Exception]]:
         """Prepare (where still to do) and collate a batch; requests that fail alone are

@@ -19,10 +19,12 @@ from typing import Any
 
 import numpy as np
 import torch
+from clipsearch_client.aio import gather_or_cancel
 
 from clipsearch.core.errors import InvalidInput, PayloadTooLarge, ShuttingDown
 from clipsearch.images.codec import image_input_bytes
 from clipsearch.images.decoder import ImageDecoder, Jpeg
+from clipsearch.index.format import Modality
 from clipsearch.index.search import Hit, LoadedIndex, SearchParams, Selection
 from clipsearch.model.clip import ClipModel
 from clipsearch.model.cuda_wait import to_numpy
@@ -254,38 +256,69 @@ class Engine:
         return out
 
     # -- public API (event loop) ------------------------------------------------------
-    def check_texts(self, texts: Sequence[str], field: str = "texts") -> None:
+    def check_texts(self, texts: Sequence[str], field: str = "texts", offset: int = 0) -> None:
         limit = self.settings.max_text_chars
         for i, text in enumerate(texts):
             if len(text) > limit:
-                name = item_name(field, i)
+                name = item_name(field, offset + i)
                 raise PayloadTooLarge(f"{name}: text has {len(text)} characters, the limit is {limit}", field=name)
 
-    def check_count(self, n: int) -> None:
-        limit = self.settings.max_items_per_request
+    def check_count(self, n: int, limit: int | None = None, field: str = "texts") -> None:
+        limit = self.settings.max_items_per_request if limit is None else limit
         if n > limit:
             raise PayloadTooLarge(f"{n} items in one request, the limit is {limit}")
         if n == 0:
-            raise InvalidInput("no texts or images given: send at least one", field="texts")
+            raise InvalidInput("no texts or images given: send at least one", field=field)
 
     async def embed_texts(
-        self, texts: Sequence[str], *, field: str = "texts", disconnected: Disconnected | None = None
+        self, texts: Sequence[str], *, field: str = "texts", disconnected: Disconnected | None = None,
+        offset: int = 0, checked: bool = False,
     ) -> np.ndarray:
-        """L2-normalized float32 vectors, one row per text, in input order."""
-        self.check_texts(texts, field)
+        """L2-normalized float32 vectors, one row per text, in input order. `offset`: where
+        the texts start in their request (errors name them by it); `checked`: their length
+        was bounded by the caller (a route that truncates)."""
+        if not checked:
+            self.check_texts(texts, field, offset)
         return await self.text.submit(texts, field=field, timeout=self.settings.request_timeout_s,
-                                      disconnected=disconnected)
+                                      disconnected=disconnected, offset=offset)
 
-    async def _fetched(self, images: Sequence[str | bytes], field: str) -> Sequence[str | bytes]:
-        return await self.fetcher.resolve(images, lambda i: item_name(field, i))
+    async def _fetched(self, images: Sequence[str | bytes], field: str, offset: int = 0) -> Sequence[str | bytes]:
+        return await self.fetcher.resolve(images, lambda i: item_name(field, offset + i))
 
     async def embed_images(
-        self, images: Sequence[str | bytes], *, field: str = "images", disconnected: Disconnected | None = None
+        self, images: Sequence[str | bytes], *, field: str = "images", disconnected: Disconnected | None = None,
+        offset: int = 0,
     ) -> np.ndarray:
         """Images (base64, data: URIs, allowed URLs, or bytes) -> L2-normalized float32 vectors, in input order."""
-        images = await self._fetched(images, field)
+        images = await self._fetched(images, field, offset)
         return await self.image.submit(images, field=field, timeout=self.settings.request_timeout_s,
-                                       disconnected=disconnected)
+                                       disconnected=disconnected, offset=offset)
+
+    async def embed_many(
+        self, items: Sequence[Any], modality: Modality, *, field: str, disconnected: Disconnected | None = None,
+        checked: bool = False,
+    ) -> np.ndarray:
+        """A request of more items than one batch takes (the OpenAI-style routes' 2,048): run
+        `max_items_per_request` at a time, two parts in flight, so that it holds at most two
+        parts' images in memory and other clients' requests queue between its parts. One
+        answer in input order, or the first error, naming the item by its place in the request."""
+        part = self.settings.max_items_per_request
+        if len(items) <= part:
+            return await self._embed(items, modality, field, disconnected, 0, checked)
+        window = asyncio.Semaphore(2)
+
+        async def run(lo: int) -> np.ndarray:
+            async with window:
+                return await self._embed(items[lo : lo + part], modality, field, disconnected, lo, checked)
+
+        parts = await gather_or_cancel(*(run(lo) for lo in range(0, len(items), part)))
+        return np.concatenate(parts)
+
+    async def _embed(self, items: Sequence[Any], modality: Modality, field: str, disconnected: Disconnected | None,
+                     offset: int, checked: bool) -> np.ndarray:
+        if modality == "image":
+            return await self.embed_images(items, field=field, disconnected=disconnected, offset=offset)
+        return await self.embed_texts(items, field=field, disconnected=disconnected, offset=offset, checked=checked)
 
     async def search_text(
         self, job: SearchJob, text: str, *, field: str = "text", disconnected: Disconnected | None = None,

@@ -93,6 +93,25 @@ class Settings(BaseSettings):
     max_queue: int = Field(2048, ge=1, description="most items waiting per modality before 429")
     request_timeout_s: float = Field(30.0, gt=0, description="a request waiting longer gets 504")
 
+    # other clients' APIs (docs/api.md, "Use it from ...")
+    openai_api: bool = Field(True, description="the OpenAI embeddings API: /v1/embeddings, /v1/models")
+    infinity_api: bool = Field(True, description="infinity's routes: /embeddings, /models, /rerank")
+    clip_retrieval_api: bool = Field(
+        True, description="clip-retrieval's back end: /knn-service, /metadata, /indices-list (ClipClient, "
+        "clip-front)")
+    weaviate_api: bool = Field(
+        True, description="Weaviate's multi2vec-clip inference API: /vectorize, /meta, /.well-known/live|ready")
+    immich_api: bool = Field(True, description="immich's machine-learning API: /predict (CLIP), /ping")
+    immich_model_names: Listed = Field(
+        [], description="comma-separated model names immich may ask /predict for (its CLIP model setting, e.g. "
+        "`ViT-B-32__openai`), answered by the served model; the served name is always accepted")
+    openai_max_inputs: int = Field(
+        2048, ge=1, le=65536, description="inputs in one OpenAI-style embeddings call (/v1/embeddings, "
+        "/embeddings), as OpenAI takes; run max_items_per_request at a time, long texts cut to the model's context")
+    cors_origins: Listed = Field(
+        [], description="comma-separated origins (`https://app.example.com`) whose pages may call the API from "
+        "a browser; `*` for any; empty: no cross-origin calls. API keys apply as ever")
+
     # images
     image_decode: Literal["exact", "draft", "torch"] = Field(
         "exact",
@@ -146,7 +165,7 @@ class Settings(BaseSettings):
         json_schema_extra=TUNING,
     )
 
-    @field_validator("image_urls", "image_url_networks", mode="before")
+    @field_validator("image_urls", "image_url_networks", "immich_model_names", "cors_origins", mode="before")
     @classmethod
     def _split(cls, value: Any) -> Any:
         return [part.strip() for part in value.split(",") if part.strip()] if isinstance(value, str) else value
@@ -190,6 +209,12 @@ class Settings(BaseSettings):
         if sep and (kind == "local-dir" or rest.startswith("/")):
             return f"{kind}:{Path(rest).name}"
         return self.model
+
+    @property
+    def wide_body_limit(self) -> int:
+        """Largest body of the OpenAI-style embeddings routes (up to `openai_max_inputs` items):
+        `max_body_bytes`, or 32 MiB."""
+        return self.max_body_bytes if self.max_body_bytes is not None else max(self.body_limit, DEFAULT_BODY_CAP)
 
     @property
     def body_limit(self) -> int:

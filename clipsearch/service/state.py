@@ -112,13 +112,18 @@ class ServiceState:
             return self.indexes.error or "index not loaded"
         return None
 
-    def index_for(self, modality: Modality) -> tuple[IndexSet, LoadedIndex]:
-        """The served index of one modality, or NotReady saying why there is none."""
+    def current_index(self) -> IndexSet:
+        """The served index set, or NotReady saying why there is none."""
         current = self.indexes.current
         if current is None:
             if self.indexes.index_dir is None:
                 raise NotReady("no index configured (set CLIPSEARCH_INDEX_DIR)")
             raise NotReady(self.indexes.error or "index not loaded")
+        return current
+
+    def index_for(self, modality: Modality) -> tuple[IndexSet, LoadedIndex]:
+        """The served index of one modality, or NotReady saying why there is none."""
+        current = self.current_index()
         index = current.get(modality)
         if index is None:
             raise NotReady(f"index version {current.version} has no {modality} index")

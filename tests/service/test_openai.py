@@ -36,7 +36,7 @@ def test_sdk_embeddings_equal_embed_for_texts_and_images(server, tiny_model) -> 
     assert [m.id for m in client.models.list()] == ["clip-tiny"]
     want = np.asarray(_embed(server, texts=TEXTS)["texts"])
     floats = client.embeddings.create(model="clip-tiny", input=TEXTS, encoding_format="float")
-    np.testing.assert_array_equal(np.asarray([d.embedding for d in floats.data]), want.astype(np.float32))
+    np.testing.assert_array_equal(np.asarray([d.embedding for d in floats.data], np.float32), want.astype(np.float32))
     assert [d.index for d in floats.data] == [0, 1, 2] and floats.model == "clip-tiny"
     tokens = (tiny_model.tokenize(TEXTS) != 0).sum().item()
     assert floats.usage.prompt_tokens == floats.usage.total_tokens == tokens > 3 * 2

@@ -12,13 +12,13 @@ from typing import Any
 
 from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
+from starlette.middleware.cors import CORSMiddleware
 
 from clipsearch.model.clip import ClipModel
-from clipsearch.service.http import protocol
+from clipsearch.service.http import compat, protocol
 from clipsearch.service.http.auth import ApiKeys, CredentialMiddleware
 from clipsearch.service.http.errors import install_error_handlers
 from clipsearch.service.http.middleware import BodyLimitMiddleware, MetricsMiddleware
-from clipsearch.service.http.openai import router as openai_router
 from clipsearch.service.http.routes import router
 from clipsearch.service.http.schemas import apply_limits
 from clipsearch.service.http.ui import router as ui_router
@@ -84,7 +84,8 @@ def create_app(settings: Settings, *, state: ServiceState | None = None, model: 
     )
     install_error_handlers(app)
     app.include_router(router)
-    app.include_router(openai_router)
+    for compat_router in compat.routers(settings):
+        app.include_router(compat_router)
     app.include_router(ui_router)
     generate = app.openapi
 
@@ -94,11 +95,17 @@ def create_app(settings: Settings, *, state: ServiceState | None = None, model: 
         return app.openapi_schema  # type: ignore[return-value]
 
     app.openapi = openapi  # type: ignore[method-assign]
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.body_limit, timeout_s=settings.body_timeout_s)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.body_limit, timeout_s=settings.body_timeout_s,
+                       wide=compat.many_items(settings), wide_bytes=settings.wide_body_limit)
     # outside the body limit: a request without its credential is refused before its body is read
     app.add_middleware(CredentialMiddleware, keys=ApiKeys.from_settings(settings), admin_token=settings.admin_token)
     protocol.configure(settings.max_connections or protocol.default_max_connections(), settings.header_timeout_s,
                        metrics.connections_refused.inc)
+    if settings.cors_origins:
+        # outside the credential check: a browser's preflight carries no key, and gets its
+        # answer here; the request that follows still needs one
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
+                           allow_headers=["authorization", "content-type"], max_age=600)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     return app
 

@@ -22,12 +22,13 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from clipsearch.core.errors import ClipsearchError, Forbidden, Unauthorized
 from clipsearch.core.fsutil import read_list_file
-from clipsearch.service.http.errors import OPENAI_PREFIX, error_response, status_for
+from clipsearch.service.http.errors import error_response, shape_for, status_for
 from clipsearch.service.settings import Settings
 
 log = logging.getLogger(__name__)
 
-PUBLIC_PATHS = frozenset({"/healthz", "/readyz"})  # probes: a kubelet sends no key
+# probes, which send no key: a kubelet's, Weaviate's (of its inference container), immich's
+PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/.well-known/live", "/.well-known/ready", "/ping"})
 PAGE_PREFIX = "/ui"  # the search page's static files (no data: the page asks for a key, then sends it)
 ADMIN_PREFIX = "/admin/"  # their own token (CLIPSEARCH_ADMIN_TOKEN)
 ADMIN_METHODS = frozenset({"POST"})  # what the /admin routes take
@@ -151,6 +152,6 @@ class CredentialMiddleware:
                 message = ("invalid API key" if header else "missing API key") + ": send Authorization: Bearer <key>"
                 await error_response(401, "invalid_api_key" if header else "missing_api_key", message,
                                      "authorization", headers={"www-authenticate": "Bearer", "connection": "close"},
-                                     openai=path.startswith(OPENAI_PREFIX))(scope, receive, send)
+                                     shape=shape_for(path))(scope, receive, send)
                 return
         await self.app(scope, receive, send)

@@ -8,32 +8,41 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from clipsearch.service.http.errors import OPENAI_PREFIX, error_response
+from clipsearch.service.http.errors import error_response, shape_for
 from clipsearch.service.metrics import Metrics
 
 
 class BodyLimitMiddleware:
-    """Reads the whole request body first, answering 413 past `max_bytes` before any parsing."""
+    """Reads the whole request body first, answering 413 past its path's limit before any
+    parsing: `max_bytes`, or `wide_bytes` on the `wide` paths (those that take many items)."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float = 60.0) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float = 60.0, *,
+                 wide: Callable[[str], bool] | None = None, wide_bytes: int = 0) -> None:
         self.app = app
         self.max_bytes = max_bytes
         self.timeout_s = timeout_s
+        self.wide = wide
+        self.wide_bytes = wide_bytes
+
+    def limit(self, path: str) -> int:
+        return self.wide_bytes if self.wide is not None and self.wide(path) else self.max_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit = self.limit(scope["path"])
         for name, value in scope.get("headers", ()):
             if name == b"content-length":
                 try:
                     declared = int(value)
                 except ValueError:
                     declared = 0
-                if declared > self.max_bytes:
+                if declared > limit:
                     await self._too_large(scope, receive, send)
                     return
         chunks: list[bytes] = []
@@ -45,13 +54,13 @@ class BodyLimitMiddleware:
             except asyncio.TimeoutError:
                 await error_response(408, "request_timeout", f"request body not received within {self.timeout_s:g} s",
                                      headers={"connection": "close"},
-                                     openai=scope["path"].startswith(OPENAI_PREFIX))(scope, receive, send)
+                                     shape=shape_for(scope["path"]))(scope, receive, send)
                 return
             if message["type"] == "http.disconnect":
                 return
             body = message.get("body", b"")
             size += len(body)
-            if size > self.max_bytes:
+            if size > limit:
                 await self._too_large(scope, receive, send)
                 return
             chunks.append(body)
@@ -69,9 +78,8 @@ class BodyLimitMiddleware:
         await self.app(scope, replay, send)
 
     async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
-        limit = f"request body is larger than the limit of {self.max_bytes} bytes"
-        await error_response(413, "payload_too_large", limit, openai=scope["path"].startswith(OPENAI_PREFIX))(
-            scope, receive, send)
+        message = f"request body is larger than the limit of {self.limit(scope['path'])} bytes"
+        await error_response(413, "payload_too_large", message, shape=shape_for(scope["path"]))(scope, receive, send)
 
 
 class MetricsMiddleware:

@@ -110,6 +110,31 @@ class ErrorResponse(BaseModel):
     error: ErrorDetail
 
 
+class OpenAIErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class OpenAIError(BaseModel):
+    """Errors of the OpenAI and infinity routes."""
+
+    error: OpenAIErrorDetail
+
+
+class MessageError(BaseModel):
+    """Errors of the Weaviate and clip-retrieval routes."""
+
+    error: str
+
+
+class DetailError(BaseModel):
+    """Errors of the immich routes (FastAPI's own shape)."""
+
+    detail: str
+
+
 class ClassifyRequest(_Request):
     image: Image = Field(description="image to classify")
     labels: list[str] = Field(min_length=1, description="candidate labels")
