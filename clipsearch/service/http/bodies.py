@@ -27,7 +27,7 @@ Body = TypeVar("Body", bound=BaseModel)
 
 _INTEGER = re.compile(r"^-?[0-9]{1,4000}$")  # Python reads up to 4300 digits
 _ABSENT = object()
-FORM_TYPES = ("multipart/form-data",)
+FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
 
 
 async def read_body(request: Request, model: type[Body], settings: Settings) -> Body:
@@ -71,10 +71,16 @@ def _kinds(model: type[BaseModel], name: str, *, items: bool = False) -> set[Any
         annotation = typing.get_args(annotation)[0]
     if typing.get_origin(annotation) is typing.Annotated:
         annotation = typing.get_args(annotation)[0]
-    options = typing.get_args(annotation) if isinstance(annotation, types.UnionType) or \
-        typing.get_origin(annotation) is typing.Union else (annotation,)
-    plain = (typing.get_args(o)[0] if typing.get_origin(o) is typing.Annotated else o for o in options)
-    return {typing.get_origin(o) or o for o in plain}
+    return {typing.get_origin(o) or o for o in _options(annotation)}
+
+
+def _options(annotation: Any) -> list[Any]:
+    """The plain types of an annotation: unions and Annotated unwrapped, nested ones too."""
+    if typing.get_origin(annotation) is typing.Annotated:
+        return _options(typing.get_args(annotation)[0])
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        return [plain for option in typing.get_args(annotation) for plain in _options(option)]
+    return [annotation]
 
 
 def _takes_files(model: type[BaseModel], name: str) -> bool:
