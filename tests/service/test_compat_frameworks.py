@@ -52,7 +52,7 @@ def test_openai_sdk_takes_2048_inputs_as_openai_does(server, tiny_model, referen
     _close([d.embedding for d in got.data[330:660]], reference)
     assert got.usage.prompt_tokens == int((tiny_model.tokenize(many) != 0).sum())
     with pytest.raises(openai.APIStatusError) as err:
-        client.embeddings.create(model=NAME, input=many + ["one more"])
+        client.embeddings.create(model=NAME, input=[*many, "one more"])
     assert err.value.status_code == 413 and "2049 items" in err.value.body["message"]
 
 

@@ -222,7 +222,8 @@ def test_immich_predict_textual_and_visual(server, tiny_model, corpus) -> None:
                            (b"{not json", "entries")):
         r = httpx.post(f"{server}/predict", data={"entries": entries.decode(), "text": "x"})
         assert r.status_code == 400 and field in r.json()["detail"], r.text
-    r = httpx.post(f"{server}/predict", data={"entries": orjson.dumps({"clip": {"visual": {"modelName": NAME}}}).decode()})
+    visual = orjson.dumps({"clip": {"visual": {"modelName": NAME}}}).decode()
+    r = httpx.post(f"{server}/predict", data={"entries": visual})
     assert r.status_code == 400 and r.json()["detail"].startswith("image:")
 
 
