@@ -56,7 +56,7 @@ def test_schemathesis_finds_nothing_with_all_checks(tiny_model, both_indexes, tm
         spec = httpx.get(f"{base}/openapi.json").json()
         forms = sum("multipart/form-data" in op.get("requestBody", {}).get("content", {})
                     for path in spec["paths"].values() for op in path.values())
-        assert forms == 4  # /embed, /search/image, /classify, /similarity take uploads
+        assert forms == 5  # /embed, /search/image, /classify, /similarity and immich's /predict take uploads
         _schemathesis(cli, f"{base}/openapi.json", "--mode", "positive")
         for path in spec["paths"].values():
             for op in path.values():

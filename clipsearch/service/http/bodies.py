@@ -117,7 +117,10 @@ async def _read_form(request: Request, model: type[BaseModel], settings: Setting
     data: dict[str, Any] = {}
     async with request.form(max_files=items, max_fields=items + 16,
                             max_part_size=_largest_text_part(settings)) as form:
+        ignored = model.model_config.get("extra") == "ignore"
         for name, value in form.multi_items():
+            if ignored and name not in model.model_fields:
+                continue  # a field this form does not know, as its JSON body would ignore it
             listed = _is_list(model, name)
             if not listed and name in data:
                 raise _refuse(name, "given more than once; a form gives this field once")

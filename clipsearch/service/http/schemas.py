@@ -24,6 +24,11 @@ def _integer(value: Any) -> Any:
 
 
 Integer = Annotated[int, BeforeValidator(_integer)]
+# JSON integers with bounds the OpenAPI document states (the bound before the validator)
+Positive = Annotated[int, Field(ge=1), BeforeValidator(_integer)]
+NonNegative = Annotated[int, Field(ge=0), BeforeValidator(_integer)]
+TokenId = Annotated[int, Field(ge=0, le=2**31 - 1), BeforeValidator(_integer)]
+Count = Annotated[int, Field(ge=1, le=1_000_000), BeforeValidator(_integer)]
 Probes = Annotated[int, Field(ge=1, le=65536), BeforeValidator(_integer)]
 def _image(value: Any) -> Any:
     """A base64 string, a data: URI or an image URL (JSON), or an uploaded file's bytes (multipart)."""
@@ -164,27 +169,29 @@ class SimilarityResponse(BaseModel):
     logit_bias: float | None = Field(None, description="set for SigLIP models (sigmoid probabilities)")
 
 
-def apply_limits(node: Any, settings: Any) -> None:
+def apply_limits(document: dict[str, Any], settings: Any) -> None:
     """Write the settings' limits into an OpenAPI document, so that it describes what the
-    service accepts: most items, longest text, largest image, largest k."""
-    image_chars = (settings.max_image_bytes + 2) // 3 * 4 + 256  # base64, padding and a data: URI prefix
+    service accepts: most items, longest text, largest image, largest k. The routes of other
+    services' APIs get theirs (they cut long texts instead of refusing them)."""
+    from clipsearch.service.http.errors import shape_for
+
+    for path, operations in document.get("paths", {}).items():
+        (_limit if shape_for(path) == "native" else _limit_compat)(operations, settings)
+
+
+def _image_chars(settings: Any) -> int:
+    return (settings.max_image_bytes + 2) // 3 * 4 + 256  # base64, padding and a data: URI prefix
+
+
+def _limit(node: Any, settings: Any) -> None:
+    image_chars = _image_chars(settings)
     if isinstance(node, list):
         for child in node:
-            apply_limits(child, settings)
+            _limit(child, settings)
         return
     if not isinstance(node, dict):
         return
     for name, prop in (node.get("properties") or {}).items():
-        if node.get("title") == "EmbeddingsRequest" and name in ("model", "input"):
-            if name == "model":
-                prop["enum"] = [settings.served_name]
-            else:
-                for form in prop.get("anyOf", []):
-                    form.update({"maxItems": settings.max_items_per_request} if form.get("type") == "array"
-                                else {"maxLength": image_chars})
-                    if form.get("type") == "array":
-                        form.setdefault("items", {})["maxLength"] = image_chars
-            continue
         if name == "k":
             prop["maximum"] = settings.max_k
         elif name in ("texts", "images", "labels"):
@@ -195,4 +202,32 @@ def apply_limits(node: Any, settings: Any) -> None:
         elif name == "image":
             prop["maxLength"] = image_chars
     for child in node.values():
-        apply_limits(child, settings)
+        _limit(child, settings)
+
+
+def _limit_compat(node: Any, settings: Any) -> None:
+    image_chars = _image_chars(settings)
+    if isinstance(node, list):
+        for child in node:
+            _limit_compat(child, settings)
+        return
+    if not isinstance(node, dict):
+        return
+    title = node.get("title", "")
+    for name, prop in (node.get("properties") or {}).items():
+        if title.endswith("EmbeddingsRequest") and name == "model":
+            prop["enum"] = [settings.served_name]
+        elif title.endswith("EmbeddingsRequest") and name == "input":
+            for form in prop.get("anyOf", []):
+                if form.get("type") == "array":
+                    form["maxItems"] = settings.openai_max_inputs
+                else:
+                    form["maxLength"] = image_chars
+        elif name == "documents":
+            prop["maxItems"] = settings.openai_max_inputs
+        elif name in ("texts", "images"):
+            prop["maxItems"] = settings.max_items_per_request
+            if name == "images":
+                prop.setdefault("items", {})["maxLength"] = image_chars
+    for child in node.values():
+        _limit_compat(child, settings)

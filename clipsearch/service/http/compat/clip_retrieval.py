@@ -22,7 +22,7 @@ from typing import Annotated, Any, Literal
 
 import numpy as np
 from fastapi import APIRouter
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -34,7 +34,7 @@ from clipsearch.service.engine import SearchJob
 from clipsearch.service.http.bodies import body_schema, read_body
 from clipsearch.service.http.deps import State, client_gone, service_state
 from clipsearch.service.http.routes import json_response, thumbnail_url
-from clipsearch.service.http.schemas import Image, MessageError
+from clipsearch.service.http.schemas import Count, Image, Integer, MessageError, NonNegative
 from clipsearch.service.state import ServiceState
 
 router = APIRouter(tags=["clip-retrieval API"])
@@ -42,7 +42,6 @@ router = APIRouter(tags=["clip-retrieval API"])
 INDEX_NAME = "clipsearch"
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": MessageError} for code in (400, 401, 404, 408, 413, 422, 429, 503, 504)}
-Count = Annotated[int, Field(ge=1, le=1_000_000)]
 Blank = Literal[""]  # what clip-front sends for "not set"
 
 
@@ -52,17 +51,17 @@ class KnnRequest(BaseModel):
     text: str | None = Field(None, description="a query text")
     image: Image | None = Field(None, description="a query image, base64")
     image_url: str | None = Field(None, description="a query image's URL (hosts allowed by CLIPSEARCH_IMAGE_URLS)")
-    embedding_input: list[float] | None = Field(None, description="a query vector")
+    embedding_input: list[StrictFloat] | None = Field(None, description="a query vector")
     modality: Literal["image", "text"] = Field("image", description="search the image index or the text index")
     num_images: Count = Field(40, description="hits returned with their metadata")
     num_result_ids: Count | None = Field(None, description="hits returned in all [num_images; at most max_k]")
     indice_name: str | None = Field(None, description="accepted; the one index set served answers")
-    deduplicate: bool = Field(False, description="fold near-duplicate hits (cosine >= 0.94) into the best-ranked")
-    use_mclip: bool = Field(False, description="true is refused: one model is served")
-    use_safety_model: bool = Field(False, description="accepted and ignored (no safety model)")
-    use_violence_detector: bool = Field(False, description="accepted and ignored (no violence detector)")
-    aesthetic_score: int | Blank | None = Field(None, description="accepted and ignored")
-    aesthetic_weight: float | str | None = Field(None, description="accepted and ignored")
+    deduplicate: StrictBool = Field(False, description="fold near-duplicate hits (cosine >= 0.94) into the best-ranked")
+    use_mclip: StrictBool = Field(False, description="true is refused: one model is served")
+    use_safety_model: StrictBool = Field(False, description="accepted and ignored (no safety model)")
+    use_violence_detector: StrictBool = Field(False, description="accepted and ignored (no violence detector)")
+    aesthetic_score: Integer | Blank | None = Field(None, description="accepted and ignored")
+    aesthetic_weight: StrictFloat | str | None = Field(None, description="accepted and ignored")
 
 
 @router.get("/indices-list", responses=ERRORS)
@@ -142,7 +141,7 @@ async def knn_service(request: Request) -> Response:
 class MetadataRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    ids: Annotated[list[Annotated[int, Field(ge=0)]], Field(max_length=1000)] = Field(
+    ids: Annotated[list[NonNegative], Field(max_length=1000)] = Field(
         description="ids from /knn-service")
     indice_name: str | None = Field(None, description="accepted; the one index set served answers")
 

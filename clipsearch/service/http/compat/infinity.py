@@ -16,7 +16,7 @@ from typing import Annotated, Literal
 import numpy as np
 from clipsearch_client.aio import gather_or_cancel
 from fastapi import APIRouter
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
@@ -32,6 +32,7 @@ from clipsearch.service.http.compat.openai import (
 )
 from clipsearch.service.http.deps import State, client_gone, service_state
 from clipsearch.service.http.routes import json_response
+from clipsearch.service.http.schemas import Positive
 
 router = APIRouter(tags=["infinity API"])
 
@@ -58,9 +59,9 @@ class RerankRequest(BaseModel):
     documents: Annotated[list[str], Field(min_length=1)] = Field(
         description="texts, or with modality image, images (base64 or data: URIs); up to openai_max_inputs")
     model: str | None = Field(None, description="the served model's name, if given")
-    top_n: int | None = Field(None, ge=1, description="only the best this many")
-    return_documents: bool = Field(False, description="send each document back with its score")
-    raw_scores: bool = Field(False, description="the cosine instead of the model's probability")
+    top_n: Positive | None = Field(None, description="only the best this many")
+    return_documents: StrictBool = Field(False, description="send each document back with its score")
+    raw_scores: StrictBool = Field(False, description="the cosine instead of the model's probability")
     modality: Literal["text", "image"] = Field("text", description="what `documents` hold (an extension)")
 
 

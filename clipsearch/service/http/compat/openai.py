@@ -27,7 +27,7 @@ from clipsearch.core.errors import InvalidInput, NotFound
 from clipsearch.service.http.bodies import body_schema, read_body
 from clipsearch.service.http.deps import State, client_gone, service_state
 from clipsearch.service.http.routes import json_response
-from clipsearch.service.http.schemas import OpenAIError
+from clipsearch.service.http.schemas import OpenAIError, Positive, TokenId
 from clipsearch.service.state import ServiceState
 
 router = APIRouter(prefix="/v1", tags=["OpenAI API"])
@@ -35,7 +35,7 @@ router = APIRouter(prefix="/v1", tags=["OpenAI API"])
 OPENAI_ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": OpenAIError} for code in (400, 401, 404, 408, 413, 422, 429, 503, 504)}
 
-TokenIds = Annotated[list[Annotated[int, Field(ge=0, le=2**31 - 1)]], Field(min_length=1)]
+TokenIds = Annotated[list[TokenId], Field(min_length=1)]
 
 
 class EmbeddingsRequest(BaseModel):
@@ -48,7 +48,7 @@ class EmbeddingsRequest(BaseModel):
             "longer than the model's context is cut to it")
     model: str = Field(description="the served model's name (GET /v1/models)")
     encoding_format: Literal["float", "base64"] = Field("float", description="base64: little-endian float32")
-    dimensions: int | None = Field(None, ge=1, description="only the model's own dimension: vectors are not cut")
+    dimensions: Positive | None = Field(None, description="only the model's own dimension: vectors are not cut")
     user: str | None = Field(None, description="accepted and ignored")
     modality: Literal["text", "image"] = Field("text", description="what `input` holds (an extension, as infinity's)")
 
@@ -57,7 +57,7 @@ class InfinityEmbeddingsRequest(EmbeddingsRequest):
     """infinity's /embeddings: OpenAI's fields; litellm's `infinity/` provider sends `dimensions`
     as `output_dimension`."""
 
-    output_dimension: int | None = Field(None, ge=1, description="infinity's name for `dimensions`")
+    output_dimension: Positive | None = Field(None, description="infinity's name for `dimensions`")
 
 
 def _inputs(body: EmbeddingsRequest) -> tuple[list[str] | list[list[int]], bool]:
