@@ -208,30 +208,42 @@ class ClipModel:
     def text_of_ids(self, ids: Sequence[int]) -> str | None:
         """The text that token `ids` stand for, if they are this model's tokenizer's ids: decoded
         and tokenized again they come back the same (start, end and padding tokens aside). Else
-        None: another tokenizer's ids (tiktoken's, say) are not this model's text."""
+        None: another tokenizer's ids (tiktoken's, say) are not this model's text.
+
+        Only the first `context_length` ids are read (the model reads no further), so a long
+        array costs what it yields; of a cut array, all but the last id read must come back
+        (the cut may split a word)."""
         tok = self.tokenizer
         if isinstance(tok, open_clip.tokenizer.SimpleTokenizer):
-            body = list(ids)
+            body = list(ids[: self.context_length + 2])
             if body and body[0] == tok.sot_token_id:
                 body = body[1:]
             if tok.eot_token_id in body:  # what follows the end token may only be padding
                 end = body.index(tok.eot_token_id)
-                if any(body[end + 1 :]):
+                if any(body[end + 1 :]) or any(ids[self.context_length + 2 :]):
                     return None
                 body = body[:end]
-            if not body or any(not 0 <= i < len(tok.encoder) for i in body):
+            vocab, decode = len(tok.encoder), tok.decode
+            encode: Any = tok.encode
+        else:
+            inner = getattr(tok, "tokenizer", None)
+            if inner is None or not hasattr(inner, "all_special_ids"):
                 return None
-            text = str(tok.decode(body)).strip()
-            return text if list(tok.encode(text)) == body else None
-        inner = getattr(tok, "tokenizer", None)
-        if inner is None or not hasattr(inner, "all_special_ids"):
+            special = set(inner.all_special_ids)
+            body = [i for i in ids[: self.context_length + 2] if i not in special]
+            vocab, decode = len(inner), inner.decode
+
+            def encode(text: str) -> list[int]:
+                return list(inner(text, add_special_tokens=False)["input_ids"])
+
+        cut = len(ids) > self.context_length + 2
+        body = body[: self.context_length]
+        if not body or any(not 0 <= i < vocab for i in body):
             return None
-        special = set(inner.all_special_ids)
-        body = [i for i in ids if i not in special]
-        if not body or any(not 0 <= i < len(inner) for i in body):
-            return None
-        text = str(inner.decode(body)).strip()
-        return text if list(inner(text, add_special_tokens=False)["input_ids"]) == body else None
+        text = str(decode(body)).strip()
+        again = list(encode(text))
+        same = again[: len(body) - 1] == body[:-1] if cut else again == body
+        return text if same else None
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         """open_clip's own inference transform: (3, H, W) float32 on the CPU."""
