@@ -27,7 +27,8 @@ _SERVE_HELP = (
     "environment variable CLIPSEARCH_<OPTION> (e.g. CLIPSEARCH_MODEL); flags win over the environment.\n\n"
     "Model specs: a built-in open_clip name (ViT-B-32) with --pretrained TAG|PATH|none, hf-hub:org/repo, "
     "or local-dir:/path (open_clip_config.json + weights); transformers CLIP, Chinese-CLIP and SigLIP "
-    "checkpoints as hf:org/repo or hf:/path (pip install 'clipsearch[hf]'). The default, clipsearch-tiny with random "
+    "checkpoints as hf:org/repo or hf:/path (pip install 'clipsearch[hf]'); an export (clipsearch export) as "
+    "onnx:DIR or openvino:DIR. The default, clipsearch-tiny with random "
     "weights, needs no download and is only for trying things out."
 )
 
@@ -38,11 +39,13 @@ def _root() -> None:
 
 
 def _register_subcommands() -> None:
+    from clipsearch.cli.export import export
     from clipsearch.cli.finetune import register
     from clipsearch.cli.index import app as index_app
 
     app.add_typer(index_app, name="index")
     register(app)
+    app.command(help=export.__doc__)(export)
 
 
 _register_subcommands()

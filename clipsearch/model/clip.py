@@ -39,8 +39,9 @@ from PIL import Image
 
 from clipsearch.core.errors import ModelLoadError
 from clipsearch.core.fsutil import atomic_dir, sha256_file, umask
-from clipsearch.model import hf
+from clipsearch.model import exported, hf
 from clipsearch.model.cuda_wait import to_numpy
+from clipsearch.model.exported import ExportedClip
 from clipsearch.model.graphs import BucketedGraphs, Capture, batch_buckets, capture_cuda, length_buckets
 
 log = logging.getLogger(__name__)
@@ -122,6 +123,7 @@ class ModelInfo:
     device: str
     dtype: str
     family: str = "open_clip"  # or a transformers model_type: clip, chinese_clip, siglip
+    runtime: str = "torch"  # or onnx, openvino: an export (clipsearch.model.exported)
 
 
 CHARS_PER_TOKEN = 32  # see ClipModel.context_text
@@ -155,13 +157,17 @@ class ClipModel:
         self.dtype = dtype
         self.context_length = int(getattr(tokenizer, "context_length", 77) or 77)
         wrapped = model if isinstance(model, hf.HFClip) else None
-        self.is_open_clip = wrapped is None
+        exported = model if isinstance(model, ExportedClip) else None  # onnx: / openvino: (fixed-length graphs)
+        self.is_open_clip = wrapped is None and exported is None
         size = getattr(model.visual, "image_size", 224) if wrapped is None else wrapped.image_size
         self.image_size = (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
         # What a padded position holds: 0 for open_clip's BPE, the tokenizer's pad id for its HF
         # text towers, hf.PAD for transformers models (their mask rides in the ids).
-        self.pad_id = hf.PAD if not self.is_open_clip else _pad_id(tokenizer)
-        self.trims_padding = _supports_trimmed_text(model) if wrapped is None else wrapped.uses_mask
+        if exported is not None:
+            self.pad_id, self.trims_padding = exported.pad_id, False
+        else:
+            self.pad_id = hf.PAD if wrapped is not None else _pad_id(tokenizer)
+            self.trims_padding = _supports_trimmed_text(model) if wrapped is None else wrapped.uses_mask
         self._graphs: dict[str, BucketedGraphs] = {}  # tower -> its CUDA graphs (see `capture_graphs`)
         self.dim = int(self.encode_tokens(self.tokenize([""])).shape[1])
         self.info = ModelInfo(
@@ -173,7 +179,8 @@ class ClipModel:
             image_size=self.image_size,
             device=str(device),
             dtype=str(dtype).removeprefix("torch."),
-            family="open_clip" if wrapped is None else wrapped.family,
+            family=exported.family if exported is not None else "open_clip" if wrapped is None else wrapped.family,
+            runtime=exported.runtime if exported is not None else "torch",
         )
 
     # -- CPU side -----------------------------------------------------------------
@@ -504,6 +511,14 @@ def load_model(spec: str, pretrained: str | None = None, device: str = "auto", d
     """
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
+    export = exported.split_spec(spec.strip())
+    if export is not None:
+        _no_pretrained(spec, pretrained)
+        runtime, directory = export
+        model, transform, tokenizer, manifest = exported.load(runtime, directory, dev)
+        log.info("loaded %s:%s (an export of %s) on %s", runtime, directory, manifest.source_spec, runtime)
+        return ClipModel(model, transform, tokenizer, spec=f"{runtime}:{directory}", pretrained=None,
+                         fingerprint=manifest.source_fingerprint, device=torch.device("cpu"), dtype=torch.float32)
     resolved = resolve_spec(spec, pretrained)
     spec = resolved.spec
     if resolved.source is not None:

@@ -27,7 +27,8 @@ class Settings(BaseSettings):
     model: str = Field(
         "clipsearch-tiny",
         description="model spec: an open_clip name (ViT-B-32), hf-hub:org/repo or local-dir:/path; or a "
-        "transformers CLIP, Chinese-CLIP or SigLIP checkpoint: hf:org/repo or hf:/path",
+        "transformers CLIP, Chinese-CLIP or SigLIP checkpoint: hf:org/repo or hf:/path; or an export "
+        "(clipsearch export) run on ONNX Runtime or OpenVINO: onnx:DIR, openvino:DIR",
     )
     pretrained: str | None = Field(
         None, description="for built-in names: a pretrained tag, a checkpoint path, or none (random weights)"

@@ -1,0 +1,129 @@
+"""`clipsearch export`: a model the seam loads, written as two ONNX graphs (text ids ->
+vector, pixels -> vector, L2-normalized, any batch size) with what serving needs beside them:
+the tokenizer, the preprocessing config, and a manifest (`export.json`: family, dimension,
+context length, image size, logit scale and bias, the source model's spec and fingerprint,
+each file's SHA-256). Written atomically: a directory appears whole or not at all.
+
+`--quantize int8` quantizes the linear layers' weights dynamically (ONNX Runtime's
+`quantize_dynamic`); `--format openvino` writes OpenVINO's IR from the ONNX graphs as well.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+import open_clip
+import torch
+import torch.nn.functional as F
+
+from clipsearch.core.errors import ModelLoadError
+from clipsearch.core.fsutil import atomic_dir, sha256_file
+from clipsearch.model import hf
+from clipsearch.model.clip import ClipModel, load_model
+from clipsearch.model.exported import MANIFEST, OPSET, ExportManifest, Format, Quantize
+
+log = logging.getLogger(__name__)
+
+class _Text(torch.nn.Module):
+    def __init__(self, model: ClipModel) -> None:
+        super().__init__()
+        self.inner = model.model
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.inner.encode_text(ids).float(), dim=-1)
+
+
+class _Image(torch.nn.Module):
+    def __init__(self, model: ClipModel) -> None:
+        super().__init__()
+        self.inner = model.model
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.inner.encode_image(pixels).float(), dim=-1)
+
+
+def export(spec: str, output: str | Path, *, pretrained: str | None = None, fmt: Format = "onnx",
+           quantize: Quantize = "none") -> Path:
+    """Export `spec` to `output` (replaced whole if it exists); returns the directory."""
+    model = load_model(spec, pretrained, device="cpu", dtype="fp32")
+    output = Path(output)
+    manifest = ExportManifest(
+        family=model.info.family, dim=model.dim, context_length=model.context_length,
+        image_size=model.image_size, logit_scale=model.logit_scale, logit_bias=model.logit_bias,
+        pad_id=int(model.pad_id), source_spec=model.info.spec, source_fingerprint=model.info.fingerprint,
+        quantize=quantize, format=fmt)
+    with atomic_dir(output) as tmp:
+        _tokenizer_files(model, tmp, manifest)
+        examples = model.tokenize(["a photo of a dog", "two red circles"])
+        pixels = torch.zeros(2, 3, *model.image_size)
+        for name, module, example, input_name in (("text", _Text(model), examples, "ids"),
+                                                   ("image", _Image(model), pixels, "pixels")):
+            path = tmp / f"{name}.onnx"
+            _onnx(module.eval(), example, path, input_name, name)
+            if quantize == "int8":
+                _int8(path)
+            if fmt == "openvino":
+                _openvino(path, tmp / f"{name}.xml")
+        files = sorted(p for p in tmp.rglob("*") if p.is_file())
+        manifest.files = {p.relative_to(tmp).as_posix(): sha256_file(p) for p in files}
+        (tmp / MANIFEST).write_text(json.dumps(asdict(manifest), indent=2) + "\n")
+    log.info("exported %s to %s (%s%s)", model.info.spec, output, fmt, ", int8" if quantize == "int8" else "")
+    return output
+
+
+def _onnx(module: torch.nn.Module, example: torch.Tensor, path: Path, input_name: str, tower: str) -> None:
+    try:
+        # with autograd on: PyTorch's attention fast path (taken under no_grad) has no ONNX form
+        with torch.inference_mode(False), torch.enable_grad():
+            torch.onnx.export(module, (example,), str(path), input_names=[input_name], output_names=["vectors"],
+                              dynamic_axes={input_name: {0: "batch"}, "vectors": {0: "batch"}},
+                              opset_version=OPSET, dynamo=False)
+    except Exception as exc:  # the exporter's errors are long; the first line says what failed
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(f"cannot export the {tower} tower to ONNX: {first}") from exc
+
+
+def _int8(path: Path) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantized = path.with_suffix(".int8.onnx")
+    quantize_dynamic(str(path), str(quantized), weight_type=QuantType.QInt8)
+    quantized.replace(path)
+
+
+def _openvino(onnx_path: Path, xml: Path) -> None:
+    try:
+        import openvino as ov
+    except ImportError:
+        raise ModelLoadError("--format openvino needs the openvino package: pip install openvino") from None
+    ov.save_model(ov.convert_model(str(onnx_path)), str(xml))
+
+
+def _tokenizer_files(model: ClipModel, directory: Path, manifest: ExportManifest) -> None:
+    """The tokenizer and preprocessing, as files that rebuild them without the weights."""
+    tok = model.tokenizer
+    if isinstance(tok, open_clip.tokenizer.SimpleTokenizer):
+        manifest.tokenizer = "open_clip"
+        vocab = Path(open_clip.tokenizer.default_bpe())
+        shutil.copyfile(vocab, directory / "bpe_simple_vocab_16e6.txt.gz")
+    elif isinstance(tok, (open_clip.tokenizer.HFTokenizer, hf.TextTokenizer)):
+        manifest.tokenizer = "hf"
+        tok.tokenizer.save_pretrained(directory / "tokenizer")
+        if isinstance(tok, open_clip.tokenizer.HFTokenizer):  # an open_clip model's HF text tower
+            clean = getattr(getattr(tok, "clean_fn", None), "__name__", "_clean_whitespace")
+            manifest.tokenizer_options = {"open_clip": True, "clean": clean.removeprefix("_clean_"),
+                                          "strip_sep_token": bool(getattr(tok, "strip_sep_token", False))}
+    else:
+        raise ModelLoadError(f"cannot export {model.info.spec}: its tokenizer ({type(tok).__name__}) has no "
+                             "file form")
+    if isinstance(model.preprocess_transform, hf.ImageTransform):
+        model.preprocess_transform.processor.save_pretrained(directory / "processor")
+    else:
+        cfg = getattr(model.model.visual, "preprocess_cfg", None)
+        if not cfg:
+            raise ModelLoadError(f"cannot export {model.info.spec}: its preprocessing has no config")
+        manifest.preprocess = dict(cfg)
