@@ -116,3 +116,13 @@ def test_cli_export_fails_with_one_line(tmp_path) -> None:
     r = subprocess.run([sys.executable, "-m", "clipsearch", "export", "--model", "no-such-model", "-o",
                         str(tmp_path / "x")], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert r.returncode == 2 and "Traceback" not in r.stderr and r.stderr.strip().count("\n") == 0, r.stderr
+
+
+def test_openvino_runs_its_ir_and_an_onnx_export(tiny_spec, tiny_model, tmp_path) -> None:
+    pytest.importorskip("openvino")
+    ir = export(tiny_spec, tmp_path / "ir", fmt="openvino")
+    assert {"text.xml", "image.xml"} <= {p.name for p in ir.iterdir()}
+    for directory in (ir, export(tiny_spec, tmp_path / "onnx")):  # OpenVINO reads ONNX graphs as well
+        model = load_model(f"openvino:{directory}", device="cpu")
+        assert model.info.runtime == "openvino"
+        _check_same_vectors(tiny_model, model)

@@ -1,0 +1,108 @@
+"""The model's runtimes side by side, in one run on this machine: torch eager, ONNX Runtime
+fp32 and int8, and OpenVINO (each from `clipsearch export` of the same checkpoint).
+
+1. Bare towers: images/s and texts/s at batch 1, 8 and 32 (the ratio to torch eager beside).
+2. The service: `/embed` of one text or one JPEG per request at 1, 16 and 64 connections
+   (wrk), one server per runtime, alternated.
+
+    python bench/runtimes.py [--model ViT-B-32] [--pretrained none] [--seconds 3] [--wrk-seconds 8]
+        [--skip-service] [--threads N]
+
+ViT-B-32 with random weights needs no download: speed does not depend on the weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.common import Server, bench_texts, free_port, jpeg_b64, rate, wrk  # noqa: E402
+from clipsearch.model.clip import load_model  # noqa: E402
+from clipsearch.model.export import export  # noqa: E402
+
+
+def runtimes(spec: str, pretrained: str | None, workdir: Path) -> dict[str, tuple[str, str | None]]:
+    """runtime name -> (spec, pretrained) to load it."""
+    out = {"torch eager": (spec, pretrained)}
+    fp32 = export(spec, workdir / "fp32", pretrained=pretrained)
+    int8 = export(spec, workdir / "int8", pretrained=pretrained, quantize="int8")
+    out["onnxruntime fp32"] = (f"onnx:{fp32}", None)
+    out["onnxruntime int8"] = (f"onnx:{int8}", None)
+    try:
+        import openvino  # noqa: F401
+
+        out["openvino fp32"] = (f"openvino:{fp32}", None)
+    except ImportError:
+        print("openvino not installed: its rows are left out")
+    return out
+
+
+def towers(loaded: dict[str, tuple[str, str | None]], seconds: float) -> None:
+    texts = bench_texts(32)
+    print("\n| runtime | tower | batch 1 /s | batch 8 /s | batch 32 /s | × torch at 32 |")
+    print("|---|---|---:|---:|---:|---:|")
+    base: dict[str, float] = {}
+    for name, (spec, pretrained) in loaded.items():
+        model = load_model(spec, pretrained, device="cpu")
+        for tower in ("image", "text"):
+            rates = []
+            for batch in (1, 8, 32):
+                if tower == "image":
+                    pixels = torch.randn(batch, 3, *model.image_size)
+                    rates.append(rate(lambda p=pixels: model.encode_pixels(p), batch, seconds))
+                else:
+                    tokens = model.tokenize(texts[:batch])
+                    rates.append(rate(lambda t=tokens: model.encode_tokens(t), batch, seconds))
+            base.setdefault(tower, rates[-1])
+            print(f"| {name} | {tower} | {rates[0]:.1f} | {rates[1]:.1f} | {rates[2]:.1f} | "
+                  f"{rates[2] / base[tower]:.2f} |")
+
+
+def service(loaded: dict[str, tuple[str, str | None]], seconds: int) -> None:
+    image = jpeg_b64((640, 480))
+    bodies = {"texts": [{"texts": [t]} for t in bench_texts(256)], "images": {"images": [image]}}
+    print("\n| runtime | request | 1 conn req/s | 16 conn req/s | 64 conn req/s |")
+    print("|---|---|---:|---:|---:|")
+    for name, (spec, pretrained) in loaded.items():
+        port = free_port()
+        argv = [sys.executable, "-m", "clipsearch", "serve", "--port", str(port), "--host", "127.0.0.1",
+                "--device", "cpu", "--log-level", "warning", "--model", spec, "--image-decode", "draft"]
+        if pretrained:
+            argv += ["--pretrained", pretrained]
+        with Server(argv, dict(os.environ), port) as server:
+            for kind, body in bodies.items():
+                rps = [wrk(f"{server.base}/embed", body, connections=c, duration=seconds, threads=min(c, 2))["rps"]
+                       for c in (1, 16, 64)]
+                print(f"| {name} | one {kind[:-1]} | {rps[0]:.0f} | {rps[1]:.0f} | {rps[2]:.0f} |")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="ViT-B-32")
+    ap.add_argument("--pretrained", default=None)
+    ap.add_argument("--seconds", type=float, default=3.0, help="per bare-tower measurement")
+    ap.add_argument("--wrk-seconds", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=None, help="model threads (torch and the exports alike)")
+    ap.add_argument("--skip-service", action="store_true")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"model {args.model} (pretrained={args.pretrained}), {torch.get_num_threads()} model threads, "
+          f"{os.cpu_count()} cores")
+    with tempfile.TemporaryDirectory() as tmp:
+        loaded = runtimes(args.model, args.pretrained, Path(tmp))
+        towers(loaded, args.seconds)
+        if not args.skip_service:
+            service(loaded, args.wrk_seconds)
+
+
+if __name__ == "__main__":
+    main()
