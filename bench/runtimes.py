@@ -57,10 +57,10 @@ def towers(loaded: dict[str, tuple[str, str | None]], seconds: float) -> None:
             for batch in (1, 8, 32):
                 if tower == "image":
                     pixels = torch.randn(batch, 3, *model.image_size)
-                    rates.append(rate(lambda p=pixels: model.encode_pixels(p), batch, seconds))
+                    rates.append(rate(lambda p=pixels, m=model: m.encode_pixels(p), batch, seconds))
                 else:
                     tokens = model.tokenize(texts[:batch])
-                    rates.append(rate(lambda t=tokens: model.encode_tokens(t), batch, seconds))
+                    rates.append(rate(lambda t=tokens, m=model: m.encode_tokens(t), batch, seconds))
             base.setdefault(tower, rates[-1])
             print(f"| {name} | {tower} | {rates[0]:.1f} | {rates[1]:.1f} | {rates[2]:.1f} | "
                   f"{rates[2] / base[tower]:.2f} |")

@@ -90,8 +90,8 @@ def _crop_or_pad(image: Image.Image, size: tuple[int, int], fill: int) -> Image.
         w, h = image.size
         if (w, h) == (crop_w, crop_h):
             return image
-    top = int(round((h - crop_h) / 2.0))
-    left = int(round((w - crop_w) / 2.0))
+    top = round((h - crop_h) / 2.0)
+    left = round((w - crop_w) / 2.0)
     return image.crop((left, top, left + crop_w, top + crop_h))
 
 
