@@ -40,6 +40,7 @@ from PIL import Image
 from clipsearch.core.errors import ModelLoadError
 from clipsearch.core.fsutil import atomic_dir, sha256_file, umask
 from clipsearch.model import exported, hf
+from clipsearch.model.bpe import ClipBpe
 from clipsearch.model.cuda_wait import to_numpy
 from clipsearch.model.exported import ExportedClip
 from clipsearch.model.graphs import BucketedGraphs, Capture, batch_buckets, capture_cuda, length_buckets
@@ -188,7 +189,8 @@ class ClipModel:
         """Token ids, shape (n, context_length), on the CPU: exactly open_clip's tokenizer output."""
         if self._fast_tokenizer is not None:
             return self._fast_tokenizer(texts)
-        return self.tokenizer(list(texts))
+        ids = self.tokenizer(list(texts))
+        return torch.from_numpy(ids) if isinstance(ids, np.ndarray) else ids  # ClipBpe (exports) gives numpy
 
     def count_tokens(self, texts: Sequence[str]) -> int:
         """How many tokens the texts take (start and end tokens included, padding not)."""
@@ -221,7 +223,7 @@ class ClipModel:
         array costs what it yields; of a cut array, all but the last id read must come back
         (the cut may split a word)."""
         tok = self.tokenizer
-        if isinstance(tok, open_clip.tokenizer.SimpleTokenizer):
+        if isinstance(tok, (open_clip.tokenizer.SimpleTokenizer, ClipBpe)):
             body = list(ids[: self.context_length + 2])
             if body and body[0] == tok.sot_token_id:
                 body = body[1:]

@@ -24,6 +24,8 @@ import torch
 from clipsearch.core.errors import ModelLoadError
 from clipsearch.core.fsutil import sha256_file
 from clipsearch.model import hf
+from clipsearch.model.bpe import ClipBpe
+from clipsearch.model.pil_transform import PilTransform
 
 log = logging.getLogger(__name__)
 
@@ -159,8 +161,7 @@ def load(runtime: str, directory: Path, device: torch.device) -> tuple[ExportedC
 def _tokenizer(directory: Path, manifest: ExportManifest) -> Any:
     ctx = manifest.context_length
     if manifest.tokenizer == "open_clip":
-        return open_clip.tokenizer.SimpleTokenizer(bpe_path=str(directory / "bpe_simple_vocab_16e6.txt.gz"),
-                                                   context_length=ctx)
+        return ClipBpe(directory / "bpe_simple_vocab_16e6.txt.gz", context_length=ctx)
     options = manifest.tokenizer_options
     if options.get("open_clip"):
         return open_clip.tokenizer.HFTokenizer(str(directory / "tokenizer"), context_length=ctx,
@@ -174,8 +175,14 @@ def _transform(directory: Path, manifest: ExportManifest) -> Any:
     if not manifest.preprocess:
         transformers = hf._transformers()
         return hf.ImageTransform(transformers.AutoImageProcessor.from_pretrained(str(directory / "processor")))
-    from open_clip.transform import PreprocessCfg, image_transform_v2
+    return TensorOf(PilTransform.from_config(manifest.preprocess))
 
-    fields = set(PreprocessCfg.__dataclass_fields__)
-    cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in manifest.preprocess.items() if k in fields}
-    return image_transform_v2(PreprocessCfg(**cfg), is_train=False)
+
+class TensorOf:
+    """A preprocessing in numpy, as the seam's callers take it: a torch tensor."""
+
+    def __init__(self, transform: PilTransform) -> None:
+        self.transform = transform
+
+    def __call__(self, image: Any) -> torch.Tensor:
+        return torch.from_numpy(self.transform(image))

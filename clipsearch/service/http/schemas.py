@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -176,21 +177,27 @@ def apply_limits(document: dict[str, Any], settings: Any) -> None:
     from clipsearch.service.http.errors import shape_for
 
     for path, operations in document.get("paths", {}).items():
-        (_limit if shape_for(path) == "native" else _limit_compat)(operations, settings)
+        limit = _limit if shape_for(path) == "native" else _limit_compat
+        _walk(operations, functools.partial(limit, settings=settings))
+
+
+def _walk(node: Any, visit: Any) -> None:
+    """`visit` every object of a JSON document, depth first."""
+    if isinstance(node, list):
+        for child in node:
+            _walk(child, visit)
+    elif isinstance(node, dict):
+        visit(node)
+        for child in node.values():
+            _walk(child, visit)
 
 
 def _image_chars(settings: Any) -> int:
     return (settings.max_image_bytes + 2) // 3 * 4 + 256  # base64, padding and a data: URI prefix
 
 
-def _limit(node: Any, settings: Any) -> None:
+def _limit(node: dict[str, Any], settings: Any) -> None:
     image_chars = _image_chars(settings)
-    if isinstance(node, list):
-        for child in node:
-            _limit(child, settings)
-        return
-    if not isinstance(node, dict):
-        return
     for name, prop in (node.get("properties") or {}).items():
         if name == "k":
             prop["maximum"] = settings.max_k
@@ -201,15 +208,26 @@ def _limit(node: Any, settings: Any) -> None:
             prop["maxLength"] = settings.max_text_chars
         elif name == "image":
             prop["maxLength"] = image_chars
-    for child in node.values():
-        _limit(child, settings)
 
 
-def _limit_compat(node: Any, settings: Any) -> None:
+def _limit_compat(node: dict[str, Any], settings: Any) -> None:
     image_chars = _image_chars(settings)
-    if isinstance(node, list):
-        for child in node:
-            _limit_compat(child, settings)
+    title = node.get("title", "")
+    for name, prop in (node.get("properties") or {}).items():
+        if title.endswith("EmbeddingsRequest") and name == "model":
+            prop["enum"] = [settings.served_name]
+        elif title.endswith("EmbeddingsRequest") and name == "input":
+            for form in prop.get("anyOf", []):
+                if form.get("type") == "array":
+                    form["maxItems"] = settings.openai_max_inputs
+                else:
+                    form["maxLength"] = image_chars
+        elif name == "documents":
+            prop["maxItems"] = settings.openai_max_inputs
+        elif name in ("texts", "images"):
+            prop["maxItems"] = settings.max_items_per_request
+            if name == "images":
+                prop.setdefault("items", {})["maxLength"] = image_chars
         return
     if not isinstance(node, dict):
         return

@@ -1,7 +1,7 @@
 """open_clip's inference preprocessing (`open_clip.transform.image_transform_v2`, `is_train=False`)
 in PIL and numpy, without torch: the same PIL resize and crop calls torchvision makes on a PIL
 image, then to float32 and normalized as torchvision's ToTensor and Normalize do, so the
-result equals open_clip's bit for bit (tests/images/test_pil_transform.py).
+result equals open_clip's bit for bit (tests/model/test_pil_transform.py).
 
 Resize modes: `shortest` (the default: the short side to the size, then a centre crop),
 `squash` (both sides to the size) and `longest` (the long side to the size, then padded with

@@ -13,7 +13,7 @@ import torch
 from open_clip.transform import PreprocessCfg, image_transform_v2
 from PIL import Image
 
-from clipsearch.images.pil_transform import PilTransform
+from clipsearch.model.pil_transform import PilTransform
 from tests.conftest import make_image
 
 SIZES = [(96, 80), (224, 224), (30, 300), (2, 2), (513, 7), (640, 480), (50, 40)]
