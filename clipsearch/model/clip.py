@@ -165,7 +165,7 @@ class ClipModel:
         # What a padded position holds: 0 for open_clip's BPE, the tokenizer's pad id for its HF
         # text towers, hf.PAD for transformers models (their mask rides in the ids).
         if exported is not None:
-            self.pad_id, self.trims_padding = exported.pad_id, False
+            self.pad_id, self.trims_padding = exported.pad_id, exported.trims_padding
         else:
             self.pad_id = hf.PAD if wrapped is not None else _pad_id(tokenizer)
             self.trims_padding = _supports_trimmed_text(model) if wrapped is None else wrapped.uses_mask
@@ -296,7 +296,7 @@ class ClipModel:
     def _text_features(self, tokens: torch.Tensor) -> torch.Tensor:
         """Token ids on the device -> L2-normalized float32 vectors (what a text graph replays)."""
         trimmed = self.trims_padding and self.is_open_clip  # transformers models take any length
-        feats = _encode_text_trimmed(self.model, tokens) if trimmed else self.model.encode_text(tokens)
+        feats = encode_text_trimmed(self.model, tokens) if trimmed else self.model.encode_text(tokens)
         return F.normalize(feats.float(), dim=-1)
 
     def _image_features(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -477,7 +477,7 @@ def trim_padding(tokens: torch.Tensor, pad_id: int = 0) -> torch.Tensor:
     return tokens[:, :length] if length < tokens.shape[1] else tokens
 
 
-def _encode_text_trimmed(model: Any, tokens: torch.Tensor) -> torch.Tensor:
+def encode_text_trimmed(model: Any, tokens: torch.Tensor) -> torch.Tensor:
     # open_clip's CLIP.encode_text, with the positional embedding and causal mask cut to
     # the (trimmed) sequence length. tests/service/test_model.py checks it against
     # encode_text on full-context tokens.

@@ -10,6 +10,8 @@ each file's SHA-256). Written atomically: a directory appears whole or not at al
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import shutil
@@ -23,18 +25,23 @@ import torch.nn.functional as F
 from clipsearch.core.errors import ModelLoadError
 from clipsearch.core.fsutil import atomic_dir, sha256_file
 from clipsearch.model import hf
-from clipsearch.model.clip import ClipModel, load_model
+from clipsearch.model.clip import ClipModel, encode_text_trimmed, load_model, trim_padding
 from clipsearch.model.exported import MANIFEST, OPSET, ExportManifest, Format, Quantize
 
 log = logging.getLogger(__name__)
 
 class _Text(torch.nn.Module):
+    """Ids -> vectors; for a model whose padding can be cut (causal mask, pooling at the end
+    token), ids of any length up to the context, as the torch runtime trims them."""
+
     def __init__(self, model: ClipModel) -> None:
         super().__init__()
         self.inner = model.model
+        self.trimmed = model.trims_padding and model.is_open_clip
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.inner.encode_text(ids).float(), dim=-1)
+        features = encode_text_trimmed(self.inner, ids) if self.trimmed else self.inner.encode_text(ids)
+        return F.normalize(features.float(), dim=-1)
 
 
 class _Image(torch.nn.Module):
@@ -60,10 +67,14 @@ def export(spec: str, output: str | Path, *, pretrained: str | None = None, fmt:
         _tokenizer_files(model, tmp, manifest)
         examples = model.tokenize(["a photo of a dog", "two red circles"])
         pixels = torch.zeros(2, 3, *model.image_size)
-        for name, module, example, input_name in (("text", _Text(model), examples, "ids"),
-                                                   ("image", _Image(model), pixels, "pixels")):
+        text = _Text(model)
+        manifest.trims_padding = text.trimmed
+        for name, module, example, input_name in (
+                ("text", text, trim_padding(examples, model.pad_id) if text.trimmed else examples, "ids"),
+                ("image", _Image(model), pixels, "pixels")):
             path = tmp / f"{name}.onnx"
-            _onnx(module.eval(), example, path, input_name, name)
+            _onnx(module.eval(), example, path, input_name, name, model.context_length if module is text and
+                  text.trimmed else None)
             if quantize == "int8":
                 _int8(path)
             if fmt == "openvino":
@@ -75,8 +86,19 @@ def export(spec: str, output: str | Path, *, pretrained: str | None = None, fmt:
     return output
 
 
-def _onnx(module: torch.nn.Module, example: torch.Tensor, path: Path, input_name: str, tower: str) -> None:
+def _onnx(module: torch.nn.Module, example: torch.Tensor, path: Path, input_name: str, tower: str,
+          max_length: int | None) -> None:
+    """Any batch size; with `max_length`, any sequence length up to it too (torch.export's
+    exporter: the tracing one fixes the attention's reshapes to the example's length)."""
     try:
+        if max_length is not None:
+            batch = torch.export.Dim("batch", min=1, max=1 << 16)
+            length = torch.export.Dim("length", min=2, max=max_length)
+            with contextlib.redirect_stdout(io.StringIO()):  # its progress lines
+                torch.onnx.export(module, (example,), str(path), input_names=[input_name],
+                                  output_names=["vectors"], dynamic_shapes=({0: batch, 1: length},), dynamo=True,
+                                  verbose=False)
+            return
         # with autograd on: PyTorch's attention fast path (taken under no_grad) has no ONNX form
         with torch.inference_mode(False), torch.enable_grad():
             torch.onnx.export(module, (example,), str(path), input_names=[input_name], output_names=["vectors"],

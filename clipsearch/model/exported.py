@@ -56,6 +56,7 @@ class ExportManifest:
     tokenizer_options: dict[str, Any] = field(default_factory=dict)
     preprocess: dict[str, Any] = field(default_factory=dict)  # open_clip's PreprocessCfg, or {} (HF processor/)
     files: dict[str, str] = field(default_factory=dict)  # name -> sha256
+    trims_padding: bool = False  # the text graph takes ids cut after the batch's longest text
     format_version: int = FORMAT_VERSION
 
     @classmethod
@@ -86,6 +87,7 @@ class ExportedClip(torch.nn.Module):
         super().__init__()
         self.family = manifest.family
         self.pad_id = manifest.pad_id
+        self.trims_padding = manifest.trims_padding
         self.runtime = runtime
         self.visual = _Visual(manifest.image_size)
         self.logit_scale = torch.nn.Parameter(torch.tensor(math.log(manifest.logit_scale)), requires_grad=False)
