@@ -17,7 +17,7 @@ def export(
                                                         "path, or none (random weights)")] = None,
     format: Annotated[Literal["onnx", "openvino"], typer.Option(
         "--format", help="onnx: ONNX graphs (serve with --model onnx:DIR); openvino: OpenVINO IR as well "
-                         "(serve with --model openvino:DIR; pip install openvino)")] = "onnx",
+                         "(serve with --model openvino:DIR; pip install 'clipsearch[openvino]')")] = "onnx",
     quantize: Annotated[Literal["none", "int8"], typer.Option(
         help="int8: the linear layers' weights quantized to int8 (dynamic quantization): smaller and faster on "
              "CPUs, vectors within ~0.99 cosine of fp32")] = "none",
