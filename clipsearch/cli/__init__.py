@@ -46,6 +46,10 @@ def _register_subcommands() -> None:
     app.add_typer(index_app, name="index")
     register(app)
     app.command(help=export.__doc__)(export)
+    from clipsearch.cli.easynlp import HELP, easynlp
+
+    app.command(help=HELP, add_help_option=False,
+                context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(easynlp)
 
 
 _register_subcommands()
