@@ -90,28 +90,51 @@ def train(
 
 
 def evaluate(
-    data: Annotated[Path, typer.Option("--data", help="TSV of text<TAB>base64image pairs")],
+    data: Annotated[Path | None, typer.Option("--data", help="TSV of text<TAB>base64image pairs")] = None,
     model: Model = "clipsearch-tiny",
     pretrained: Pretrained = None,
     device: Device = "auto",
     input_schema: Annotated[str | None, typer.Option(help="TSV columns, e.g. id,text,image")] = None,
+    karpathy: Annotated[Path | None, typer.Option(
+        help="a Karpathy split JSON (dataset_flickr30k.json, dataset_coco.json); images from --images DIR")] = None,
+    split: Annotated[str, typer.Option(help="the Karpathy split to score")] = "test",
+    texts: Annotated[Path | None, typer.Option(
+        help="Chinese-CLIP/MUGE texts JSONL (text_id, text, image_ids); images from --images TSV (id<TAB>base64)")]
+    = None,
+    images: Annotated[Path | None, typer.Option(help="with --karpathy: the image folder; with --texts: the "
+                                                     "images TSV")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="one JSON object on stdout")] = False,
 ) -> None:
-    """R@1/5/10 text->image and image->text, and their mean. Duplicate images or texts across
-    rows are scored once, and any of their true partners counts."""
+    """R@1/5/10 text->image and image->text, and their mean, on a TSV of pairs (--data), a
+    Karpathy split (--karpathy, --images DIR) or Chinese-CLIP/MUGE's files (--texts, --images
+    TSV). Duplicate images or texts across rows are scored once, and any of their true
+    partners counts: an image is found when any of its captions ranks within k."""
     from clipsearch.finetune.evaluate import evaluate as run_eval
+    from clipsearch.finetune.evaluate import evaluate_set
     from clipsearch.inputs.pairs import PairFile
     from clipsearch.inputs.readers import InputError
+    from clipsearch.inputs.retrieval import read_karpathy, read_muge
 
     _logging(quiet=True)
+    given = [name for name, value in (("--data", data), ("--karpathy", karpathy), ("--texts", texts)) if value]
+    if len(given) != 1:
+        raise _fail("clipsearch evaluate: give one of --data, --karpathy (with --images) and --texts (with --images)")
+    if (karpathy or texts) and images is None:
+        raise _fail(f"clipsearch evaluate: {given[0]} needs --images")
     try:
-        res = run_eval(_load(model, pretrained, device), PairFile(data, input_schema))
+        if data is not None:
+            res = run_eval(_load(model, pretrained, device), PairFile(data, input_schema))
+        else:
+            dataset = read_karpathy(karpathy, images, split) if karpathy else read_muge(texts, images)  # type: ignore[arg-type]
+            res = evaluate_set(_load(model, pretrained, device), dataset)
     except InputError as exc:
         raise _fail(f"clipsearch evaluate: {exc}") from None
     if json_out:
         typer.echo(json.dumps({"t2i": res["t2i"], "i2t": res["i2t"], "mean_recall": res["mean_recall"]}))
         return
-    typer.echo(f"{res['counts']['rows']} rows, {res['counts']['images']} images, {res['counts']['texts']} texts")
+    counts = res["counts"]
+    rows = f"{counts['rows']} rows" if "rows" in counts else f"{counts['pairs']} pairs"
+    typer.echo(f"{rows}, {counts['images']} images, {counts['texts']} texts")
     for way in ("t2i", "i2t"):
         typer.echo(f"{way}: " + "  ".join(f"R@{k[1:]} {v:.2f}" for k, v in res[way].items()))
     typer.echo(f"mean recall: {res['mean_recall']:.2f}")

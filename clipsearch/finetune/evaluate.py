@@ -15,6 +15,7 @@ import torch
 
 from clipsearch.inputs.pairs import PairFile, decode_offline_image, image_key
 from clipsearch.inputs.readers import InputError
+from clipsearch.inputs.retrieval import RetrievalSet
 from clipsearch.model.clip import ClipModel
 
 KS = (1, 5, 10)
@@ -92,4 +93,19 @@ def evaluate(model: ClipModel, pairs: PairFile, batch_size: int = 256) -> dict[s
                          "texts): nothing to evaluate")
     res = recall_at_k(image_vecs, text_vecs, true_pairs)
     res["counts"] = {"rows": len(pairs), "images": len(image_vecs), "texts": len(text_vecs), "skipped": skipped}
+    return res
+
+
+def evaluate_set(model: ClipModel, data: RetrievalSet, batch_size: int = 256) -> dict[str, Any]:
+    """R@1/5/10 both ways on a standard test set (Karpathy's JSON, Chinese-CLIP's files): an
+    image is found when any of its captions ranks within k, a caption when its image does."""
+    if not data.pairs:
+        raise InputError("the test set has no image-caption pair")
+    parts = []
+    for start in range(0, len(data.images), batch_size):
+        pixels = torch.stack([model.preprocess(data.image(i)) for i in range(start, min(start + batch_size,
+                                                                                          len(data.images)))])
+        parts.append(model.encode_pixels(pixels))
+    res = recall_at_k(np.concatenate(parts), model.encode_texts(data.texts, batch_size=batch_size), data.pairs)
+    res["counts"] = {"images": len(data.images), "texts": len(data.texts), "pairs": len(data.pairs)}
     return res
