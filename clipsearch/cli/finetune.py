@@ -140,6 +140,52 @@ def evaluate(
     typer.echo(f"mean recall: {res['mean_recall']:.2f}")
 
 
+def evaluate_zeroshot(
+    images: Annotated[Path, typer.Option(help="a folder with one subfolder of images per class, or a TSV of "
+                                              "label<TAB>base64image")],
+    model: Model = "clipsearch-tiny",
+    pretrained: Pretrained = None,
+    device: Device = "auto",
+    templates: Annotated[str, typer.Option(
+        help="one template ('a photo of a {c}.'), a file of them (JSON list or one per line), or a dataset whose "
+             "CLIP-paper templates clip_benchmark ships: cifar10, cifar100, food101, pets, eurosat, imagenet1k, ...")]
+    = "a photo of a {c}.",
+    lang: Annotated[str, typer.Option(help="the language of clip_benchmark's template sets: en, cn, jp, it, ar")]
+    = "en",
+    classnames: Annotated[Path | None, typer.Option(
+        help="class names, one per line, in the folders' sorted order (default: the folder names)")] = None,
+    report: Annotated[Path | None, typer.Option(help="write the JSON report here too")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="the JSON report on stdout")] = False,
+) -> None:
+    """Zero-shot classification accuracy as the CLIP paper measures it: each class's prompts (its
+    name in every template) embedded and averaged into one vector; top-1 and top-5 accuracy,
+    mean per-class recall and each class's recall."""
+    from clipsearch.core.fsutil import atomic_write_bytes
+    from clipsearch.finetune.zeroshot_eval import evaluate_zeroshot as run
+    from clipsearch.finetune.zeroshot_eval import load_templates
+    from clipsearch.inputs.labelled import read_labelled
+    from clipsearch.inputs.readers import InputError
+
+    _logging(quiet=True)
+    try:
+        chosen = load_templates(templates, lang)
+        res = run(_load(model, pretrained, device), read_labelled(images, classnames), chosen)
+    except InputError as exc:
+        raise _fail(f"clipsearch evaluate-zeroshot: {exc}") from None
+    text = json.dumps(res, ensure_ascii=False, indent=2)
+    if report is not None:
+        atomic_write_bytes(report, (text + "\n").encode())
+    if json_out:
+        typer.echo(text)
+        return
+    typer.echo("| class | images | top-1 recall |\n|---|---:|---:|")
+    for row in res["per_class"]:
+        recall = "" if row["recall"] is None else f"{row['recall']:.1f}"
+        typer.echo(f"| {row['class']} | {row['images']} | {recall} |")
+    typer.echo(f"{res['images']} images, {res['classes']} classes, {res['templates']} templates: top-1 "
+               f"{res['top1']:.2f}  top-5 {res['top5']:.2f}  mean per-class recall {res['mean_per_class_recall']:.2f}")
+
+
 def predict(
     input: Annotated[Path, typer.Option("--input", "-i", help="TSV: texts, images, or pairs (id column kept)")],
     output: Annotated[Path, typer.Option("--output", "-o", help="feature TSV: id, text_feature, image_feature")],
@@ -267,4 +313,5 @@ def demo(
 def register(app: typer.Typer) -> None:
     for fn in (train, evaluate, predict, classify, similarity, demo):
         app.command(help=fn.__doc__)(fn)
+    app.command("evaluate-zeroshot", help=evaluate_zeroshot.__doc__)(evaluate_zeroshot)
     app.add_typer(data_app, name="data")
