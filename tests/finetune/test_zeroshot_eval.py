@@ -83,4 +83,5 @@ def test_template_sets_files_and_the_cli(tiny_model, folder, tmp_path) -> None:
                        timeout=300)
     assert r.returncode == 0, r.stderr
     report = json.loads(r.stdout)
-    assert report["templates"] == len(shipped["cifar10"]) and report == json.loads((tmp_path / "report.json").read_text())
+    assert report["templates"] == len(shipped["cifar10"])
+    assert report == json.loads((tmp_path / "report.json").read_text())
