@@ -228,24 +228,3 @@ def _limit_compat(node: dict[str, Any], settings: Any) -> None:
             prop["maxItems"] = settings.max_items_per_request
             if name == "images":
                 prop.setdefault("items", {})["maxLength"] = image_chars
-        return
-    if not isinstance(node, dict):
-        return
-    title = node.get("title", "")
-    for name, prop in (node.get("properties") or {}).items():
-        if title.endswith("EmbeddingsRequest") and name == "model":
-            prop["enum"] = [settings.served_name]
-        elif title.endswith("EmbeddingsRequest") and name == "input":
-            for form in prop.get("anyOf", []):
-                if form.get("type") == "array":
-                    form["maxItems"] = settings.openai_max_inputs
-                else:
-                    form["maxLength"] = image_chars
-        elif name == "documents":
-            prop["maxItems"] = settings.openai_max_inputs
-        elif name in ("texts", "images"):
-            prop["maxItems"] = settings.max_items_per_request
-            if name == "images":
-                prop.setdefault("items", {})["maxLength"] = image_chars
-    for child in node.values():
-        _limit_compat(child, settings)
