@@ -107,12 +107,17 @@ class ClipBpe:
         return bytearray(self.byte_decoder[c] for c in text).decode("utf-8", errors="replace").replace("</w>", " ")
 
     def __call__(self, texts: Sequence[str]) -> np.ndarray:
-        ctx = self.context_length
-        out = np.zeros((len(texts), ctx), np.int64)
-        for row, text in enumerate(texts):
-            ids = [self.sot_token_id, *self.encode(text), self.eot_token_id]
-            if len(ids) > ctx:
-                ids = ids[:ctx]
-                ids[-1] = self.eot_token_id
-            out[row, : len(ids)] = ids
-        return out
+        return pack([self.encode(t) for t in texts], self.context_length, self.sot_token_id, self.eot_token_id)
+
+
+def pack(encoded: Sequence[Sequence[int]], context_length: int, sot: int, eot: int) -> np.ndarray:
+    """Each text's ids between the start and end tokens, zero padded to `context_length`; a text
+    past it is cut and ends with the end token, as open_clip's."""
+    out = np.zeros((len(encoded), context_length), np.int64)
+    for row, body in enumerate(encoded):
+        ids = [sot, *body, eot]
+        if len(ids) > context_length:
+            ids = ids[:context_length]
+            ids[-1] = eot
+        out[row, : len(ids)] = ids
+    return out

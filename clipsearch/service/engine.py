@@ -294,6 +294,32 @@ class Engine:
         return await self.image.submit(images, field=field, timeout=self.settings.request_timeout_s,
                                        disconnected=disconnected, offset=offset)
 
+    async def embed_both(
+        self, texts: Sequence[str], images: Sequence[str | bytes], *, disconnected: Disconnected | None = None,
+        checked: bool = False,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Texts and images of one request, side by side: (text vectors, image vectors), each
+        (0, dim) when none was given."""
+        empty = np.zeros((0, self.dim), np.float32)
+        jobs = []
+        if texts:
+            jobs.append(self.embed_texts(texts, disconnected=disconnected, checked=checked))
+        if images:
+            jobs.append(self.embed_images(images, disconnected=disconnected))
+        results = await gather_or_cancel(*jobs) if jobs else []
+        return (results.pop(0) if texts else empty), (results.pop(0) if images else empty)
+
+    def unit_vector(self, values: Sequence[float], field: str) -> np.ndarray:
+        """A query vector given by a client, L2-normalized, (1, dim) float32; 400 naming `field`
+        unless it has the model's dimension, is finite and not all zeros."""
+        vector = np.asarray(values, np.float64)
+        if len(vector) != self.dim:
+            raise InvalidInput(f"{field}: {len(vector)} numbers, the model's dimension is {self.dim}", field=field)
+        norm = float(np.linalg.norm(vector))
+        if not np.isfinite(norm) or norm == 0:
+            raise InvalidInput(f"{field}: must be finite and not all zeros", field=field)
+        return (vector / norm).astype(np.float32)[None]
+
     async def embed_many(
         self, items: Sequence[Any], modality: Modality, *, field: str, disconnected: Disconnected | None = None,
         checked: bool = False,

@@ -58,15 +58,7 @@ async def embed(request: Request) -> Response:
     disconnected = client_gone(request)
     engine = state.engine
     engine.check_count(len(body.texts) + len(body.images))
-    empty = np.zeros((0, engine.dim), np.float32)
-    jobs = []
-    if body.texts:
-        jobs.append(engine.embed_texts(body.texts, disconnected=disconnected))
-    if body.images:
-        jobs.append(engine.embed_images(body.images, disconnected=disconnected))
-    results = await gather_or_cancel(*jobs)
-    texts = results.pop(0) if body.texts else empty
-    images = results.pop(0) if body.images else empty
+    texts, images = await engine.embed_both(body.texts, body.images, disconnected=disconnected)
     return json_response({"model": state.model.info.spec, "dim": engine.dim, "texts": texts, "images": images})
 
 
@@ -160,15 +152,9 @@ async def search_vector(request: Request) -> Response:
     state = service_state(request)
     body = await read_body(request, VectorSearchRequest, state.settings)
     current, index = state.index_for(body.target)
-    dim = state.engine.dim
-    if len(body.vector) != dim:
-        raise InvalidInput(f"vector: {len(body.vector)} numbers, the model's dimension is {dim}", field="vector")
-    vector = np.asarray(body.vector, np.float64)
-    norm = float(np.linalg.norm(vector))
-    if not np.isfinite(norm) or norm == 0:
-        raise InvalidInput("vector: must be finite and not all zeros", field="vector")
+    vector = state.engine.unit_vector(body.vector, "vector")
     job = await _job(body, state, index)
-    hits = await state.engine.search_vector(job, (vector / norm).astype(np.float32)[None])
+    hits = await state.engine.search_vector(job, vector)
     return _search_response(hits, body, current, index)
 
 

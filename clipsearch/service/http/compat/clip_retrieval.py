@@ -109,12 +109,7 @@ async def _query_hits(body: KnnRequest, state: ServiceState, job: SearchJob, req
         field = "image" if body.image is not None else "image_url"
         return await engine.search_image(job, image, field=field, disconnected=client_gone(request))  # type: ignore[arg-type]
     if body.embedding_input is not None:
-        vector = np.asarray(body.embedding_input, np.float64)
-        norm = float(np.linalg.norm(vector))
-        if len(vector) != engine.dim or not np.isfinite(norm) or norm == 0:
-            raise InvalidInput(f"embedding_input: must be {engine.dim} finite numbers, not all zeros",
-                               field="embedding_input")
-        return await engine.search_vector(job, (vector / norm).astype(np.float32)[None])
+        return await engine.search_vector(job, engine.unit_vector(body.embedding_input, "embedding_input"))
     raise InvalidInput("text: give one of text, image, image_url and embedding_input", field="text")
 
 

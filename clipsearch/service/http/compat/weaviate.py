@@ -14,8 +14,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
-from clipsearch_client.aio import gather_or_cancel
 from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.requests import Request
@@ -51,19 +49,10 @@ async def vectorize(request: Request) -> Response:
     state, disconnected = service_state(request), client_gone(request)
     body = await read_body(request, VectorizeRequest, state.settings)
     engine = state.engine
-    empty = np.zeros((0, engine.dim), np.float32)
-    if not body.texts and not body.images:
-        return json_response({"textVectors": empty, "imageVectors": empty})
-    engine.check_count(len(body.texts) + len(body.images))
-    jobs = []
-    if body.texts:
-        texts = [state.model.context_text(t) for t in body.texts]
-        jobs.append(engine.embed_texts(texts, disconnected=disconnected, checked=True))
-    if body.images:
-        jobs.append(engine.embed_images(body.images, disconnected=disconnected))
-    results = await gather_or_cancel(*jobs)
-    texts_out = results.pop(0) if body.texts else empty
-    images_out = results.pop(0) if body.images else empty
+    if body.texts or body.images:  # both empty: two empty lists, as the module's container answers
+        engine.check_count(len(body.texts) + len(body.images))
+    texts = [state.model.context_text(t) for t in body.texts]
+    texts_out, images_out = await engine.embed_both(texts, body.images, disconnected=disconnected, checked=True)
     return json_response({"textVectors": texts_out, "imageVectors": images_out})
 
 
