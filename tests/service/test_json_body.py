@@ -21,3 +21,14 @@ async def test_a_body_that_is_not_json_gets_a_422_naming_the_body(make_client, t
                                                               "nprobe")):
             r = await client.post("/search/text", content=body, headers={"content-type": "application/json"})
             assert r.status_code == 422 and r.json()["error"]["field"] == field, r.text
+
+
+async def test_json_sent_as_curl_sends_it_without_a_header(make_client, tiny_model) -> None:
+    """`curl -d '{...}'` labels its body urlencoded: a JSON object still reads as JSON, and a
+    real urlencoded form still reads as a form."""
+    urlencoded = {"content-type": "application/x-www-form-urlencoded"}
+    async with make_client(tiny_model) as client:
+        r = await client.post("/embed", content=b'{"texts": ["a red circle"]}', headers=urlencoded)
+        assert r.status_code == 200 and len(r.json()["texts"]) == 1
+        r = await client.post("/embed", content=b"texts=a+red+circle&texts=two", headers=urlencoded)
+        assert r.status_code == 200 and len(r.json()["texts"]) == 2

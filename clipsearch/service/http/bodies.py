@@ -27,15 +27,19 @@ Body = TypeVar("Body", bound=BaseModel)
 
 _INTEGER = re.compile(r"^-?[0-9]{1,4000}$")  # Python reads up to 4300 digits
 _ABSENT = object()
-FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
+URLENCODED = "application/x-www-form-urlencoded"
+FORM_TYPES = ("multipart/form-data", URLENCODED)
 
 
 async def read_body(request: Request, model: type[Body], settings: Settings) -> Body:
-    """The body validated as `model`: a form when the request says multipart/form-data, else
-    JSON whatever the content type (so `curl -d @query.json` works without a header), parsed and
-    validated in one pass of pydantic-core (NaN and Infinity refused). Errors are the same 422
-    as a body parameter's. Such a route declares its body with `openapi_extra=body_schema(model)`."""
-    if request.headers.get("content-type", "").lower().startswith(FORM_TYPES):
+    """The body validated as `model`: a form when the request says multipart/form-data (or
+    urlencoded, unless the body is a JSON object: what `curl -d @query.json` sends without a
+    header), else JSON whatever the content type, parsed and validated in one pass of
+    pydantic-core (NaN and Infinity refused). Errors are the same 422 as a body parameter's.
+    Such a route declares its body with `openapi_extra=body_schema(model)`."""
+    kind = request.headers.get("content-type", "").lower()
+    if kind.startswith(FORM_TYPES) and not (kind.startswith(URLENCODED) and
+                                            (await request.body()).lstrip().startswith(b"{")):
         data = await _read_form(request, model, settings)
         try:
             return model.model_validate(data)
