@@ -23,6 +23,7 @@ HELP = ("EasyNLP's CLIP commands, as typed (easynlp --mode train|evaluate|predic
 
 def easynlp(ctx: typer.Context) -> None:
     from clipsearch.core.errors import ModelLoadError
+    from clipsearch.finetune.distributed import world_from_env
     from clipsearch.finetune.easynlp import EasyNLPError, model_of, parse, parser, write_features
     from clipsearch.inputs.readers import InputError
 
@@ -33,10 +34,14 @@ def easynlp(ctx: typer.Context) -> None:
         return
     try:
         cmd = parse(argv)
-        for warning in cmd.warnings:
+        for warning in cmd.warnings if world_from_env().main else []:
             typer.echo(f"warning: {warning}", err=True)
         schema = ",".join(cmd.columns)
         if cmd.mode == "train":
+            if cmd.processes > 1:
+                from clipsearch.cli.finetune import launch_torchrun
+
+                launch_torchrun(cmd.processes, "--worker_gpu")
             _train(cmd, schema)
         elif cmd.mode == "evaluate":
             _evaluate(cmd, schema, model_of(cmd.checkpoint_dir))
@@ -57,7 +62,11 @@ def _train(cmd: EasyNLPCommand, schema: str) -> None:
                         output=cmd.checkpoint_dir, model=cmd.model or "", freeze_vision=cmd.fix_vision,
                         save_all_checkpoints=cmd.save_all_checkpoints, schema=schema,
                         **{k: v for k, v in given.items() if v is not None})
-    typer.echo(json.dumps(train(opts), indent=2))
+    from clipsearch.finetune.distributed import world_from_env
+
+    result = train(opts)
+    if world_from_env().main:
+        typer.echo(json.dumps(result, indent=2))
 
 
 def _evaluate(cmd: EasyNLPCommand, schema: str, spec: str) -> None:

@@ -31,6 +31,33 @@ def _fail(message: str, code: int = 1) -> typer.Exit:
     return typer.Exit(code)
 
 
+def launch_torchrun(nproc: int, flag: str) -> None:
+    """Rerun this very command line in `nproc` processes under torchrun (one machine, a local
+    rendezvous), without `flag`, and exit with its status; inside torchrun, do nothing."""
+    import os
+    import subprocess
+    import sys
+
+    if "WORLD_SIZE" in os.environ:
+        return
+    import torch
+
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if gpus and nproc > gpus:
+        raise _fail(f"clipsearch: {flag} {nproc}: this machine has {gpus} GPUs")
+    argv, skip = [], False
+    for arg in sys.argv[1:]:
+        if skip:
+            skip = False
+        elif arg == flag:
+            skip = True
+        elif not arg.startswith(flag + "="):
+            argv.append(arg)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "clipsearch", *argv]
+    raise typer.Exit(subprocess.call(cmd))
+
+
 def _load(model: str, pretrained: str | None, device: str):
     from clipsearch.core.errors import ModelLoadError
     from clipsearch.model.clip import load_model
@@ -49,7 +76,8 @@ def train(
     pretrained: Pretrained = None,
     device: Device = "auto",
     epochs: Annotated[int, typer.Option(min=1)] = 10,
-    batch_size: Annotated[int, typer.Option(min=2)] = 64,
+    batch_size: Annotated[int, typer.Option(min=1, help="rows per process and step; the global batch, over which "
+                                                       "the loss is computed, is this times the processes")] = 64,
     lr: Annotated[float, typer.Option(min=0.0)] = 5e-4,
     weight_decay: Annotated[float, typer.Option(min=0.0, help="not applied to gains, biases, embeddings")] = 0.1,
     warmup_steps: Annotated[int, typer.Option(min=0)] = 50,
@@ -67,10 +95,18 @@ def train(
     input_schema: Annotated[str | None, typer.Option(help="TSV columns, e.g. id,text,image")] = None,
     amp: Annotated[bool, typer.Option(help="mixed precision on the GPU")] = True,
     progress: bool = True,
+    nproc_per_node: Annotated[int, typer.Option(
+        min=1, help="train in N processes on this machine (one per GPU; gloo processes on CPUs) by starting this "
+                    "command under torchrun; for several machines run torchrun yourself (docs/fine-tuning.md)")] = 1,
 ) -> None:
     """Fine-tune (or train from scratch) on TSV pairs; the best model goes to OUTPUT/best as a
-    local-dir: checkpoint that serve, index build and evaluate load directly."""
+    local-dir: checkpoint that serve, index build and evaluate load directly. Under torchrun
+    (or with --nproc-per-node) it trains data-parallel: features are gathered across
+    processes so the loss is the global batch's, and rank 0 alone writes."""
+    if nproc_per_node > 1:
+        launch_torchrun(nproc_per_node, "--nproc-per-node")
     from clipsearch.core.errors import ModelLoadError
+    from clipsearch.finetune.distributed import world_from_env
     from clipsearch.finetune.train import TrainOptions
     from clipsearch.finetune.train import train as run_train
     from clipsearch.inputs.readers import InputError
@@ -86,7 +122,8 @@ def train(
         result = run_train(opts)
     except (InputError, ModelLoadError, FileNotFoundError) as exc:
         raise _fail(f"clipsearch train: {getattr(exc, 'message', exc)}") from None
-    typer.echo(json.dumps(result, indent=2))
+    if world_from_env().main:
+        typer.echo(json.dumps(result, indent=2))
 
 
 def evaluate(

@@ -24,6 +24,15 @@ class PairDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.pairs)
 
+    def filler(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """One (pixels, tokens) row of a blank image and an empty text: what a rank with fewer
+        rows than the others pads its share with (encoded, then cut off before the loss)."""
+        from PIL import Image
+
+        if not hasattr(self, "_filler"):
+            self._filler = self.transform(Image.new("RGB", (64, 64))), self.tokenizer([""])[0]
+        return self._filler
+
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         row = self.pairs.row(i)
         if not row.text.strip():

@@ -24,13 +24,12 @@ from clipsearch.core.errors import ClipsearchError
 
 # Flags EasyNLP takes that change nothing here, and why (the warning line says it).
 IGNORED = {
-    "worker_gpu": "training runs in one process here",
     "worker_cpu": "the CPU threads are torch's default",
-    "worker_count": "training runs in one process here",
+    "worker_count": "this starts processes on one machine; for several, run torchrun --nnodes (docs/fine-tuning.md)",
     "sequence_length": "texts are cut at the model's own context length",
     "buckets": "files are read from --tables paths",
     "data_threads": "data is read in the training process",
-    "distributed_backend": "training runs in one process here",
+    "distributed_backend": "NCCL on GPUs, gloo on CPUs",
 }
 EASYNLP_MODELS = ("clip_", "alibaba-pai/", "pai-clip")
 
@@ -56,6 +55,7 @@ class EasyNLPCommand:
     fix_vision: bool = False
     outputs: Path | None = None
     feature: str | None = None  # predict: text or image
+    processes: int = 1  # train: --worker_gpu, one process per GPU under torchrun
     warnings: list[str] = field(default_factory=list)
 
 
@@ -75,7 +75,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--logging_steps", type=int)
     ap.add_argument("--save_checkpoint_steps", type=int)
     ap.add_argument("--save_all_checkpoints", action="store_true")
-    ap.add_argument("--micro_batch_size", type=int)
+    ap.add_argument("--micro_batch_size", type=int, help="rows per process (GPU) and step")
+    ap.add_argument("--worker_gpu", type=int, help="train: processes (GPUs) on this machine, under torchrun")
     ap.add_argument("--output_schema")
     ap.add_argument("--outputs")
     ap.add_argument("--user_defined_parameters", default="")
@@ -106,6 +107,13 @@ def parse(argv: list[str]) -> EasyNLPCommand:
                          save_steps=known.save_checkpoint_steps, save_all_checkpoints=known.save_all_checkpoints,
                          batch_size=known.micro_batch_size, fix_vision=_true(params.pop("fix_vision", "false")),
                          warnings=warnings)
+    if known.worker_gpu is not None and known.worker_gpu < 1:
+        raise EasyNLPError(f"--worker_gpu={known.worker_gpu}: give 1 or more")
+    if known.worker_gpu and known.worker_gpu > 1:
+        if known.mode == "train":
+            cmd.processes = known.worker_gpu
+        else:
+            warnings.append(f"--worker_gpu={known.worker_gpu}: ignored ({known.mode} runs in one process)")
     if known.epoch_num is not None:
         cmd.epochs = max(1, round(known.epoch_num))
     model = params.pop("pretrain_model_name_or_path", None)

@@ -10,11 +10,13 @@ best model is written atomically as a `local-dir:` checkpoint at OUTPUT/best (in
 layout of the model it started from), which
 `serve`, `index build` and `evaluate` load directly. Periodic training checkpoints
 (model, optimizer, schedule, step, RNG) go to OUTPUT/checkpoints/ and `--resume`
-continues from one exactly where it stopped.
+continues from one exactly where it stopped. Under torchrun the same loop runs
+data-parallel on the global batch (`distributed`); rank 0 alone validates and writes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -31,7 +33,9 @@ import torch
 import torch.nn.functional as F
 
 from clipsearch.core.fsutil import atomic_write_bytes
+from clipsearch.finetune import distributed
 from clipsearch.finetune.data import PairDataset, collate
+from clipsearch.finetune.distributed import GlobalBatches, Towers, World, world_from_env
 from clipsearch.finetune.evaluate import evaluate
 from clipsearch.inputs.pairs import PairFile
 from clipsearch.inputs.readers import InputError
@@ -88,13 +92,17 @@ def sigmoid_loss(image_features: torch.Tensor, text_features: torch.Tensor, logi
     return -F.logsigmoid(labels * logits).sum() / len(logits)
 
 
-def contrastive_loss(model: Any, pixels: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+def pair_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor,
+              logit_bias: torch.Tensor | None) -> torch.Tensor:
     """The loss the model was trained with: sigmoid when it has a logit bias, CLIP's otherwise."""
-    image, text = model.encode_image(pixels), model.encode_text(tokens)
-    bias = getattr(model, "logit_bias", None)
-    if isinstance(bias, torch.Tensor):
-        return sigmoid_loss(image, text, model.logit_scale, bias)
-    return clip_loss(image, text, model.logit_scale)
+    if logit_bias is not None:
+        return sigmoid_loss(image, text, logit_scale, logit_bias)
+    return clip_loss(image, text, logit_scale)
+
+
+def contrastive_loss(model: Any, pixels: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """`pair_loss` of one batch through `model`'s two encoders."""
+    return pair_loss(*Towers(model)(pixels, tokens))
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -140,24 +148,61 @@ class MetricsLog:
 
 
 def train(opts: TrainOptions) -> dict[str, Any]:
-    """Run training; returns the best validation metrics and where the best model is."""
+    """Run training; returns the best validation metrics and where the best model is. Under
+    torchrun each process trains its share of every global batch of `batch_size` × processes
+    rows (see `distributed`); rank 0 alone validates and writes."""
+    world = world_from_env()
+    device = distributed.start(world, opts.device)
+    try:
+        return _train(opts, world, device)
+    finally:
+        distributed.stop(world)
+
+
+def _rng_state() -> dict[str, Any]:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def _set_rng_state(rng: dict[str, Any]) -> None:
+    torch.set_rng_state(rng["torch"])
+    np.random.set_state(rng["numpy"])
+    random.setstate(rng["python"])
+
+
+def _pad(batch: tuple[torch.Tensor, torch.Tensor] | None, rows: int, filler: tuple[torch.Tensor, torch.Tensor]
+         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`batch` with filler rows appended up to `rows` (a rank with a smaller share than the others)."""
+    pixels = [] if batch is None else [batch[0]]
+    tokens = [] if batch is None else [batch[1]]
+    missing = rows - (0 if batch is None else len(batch[0]))
+    if missing:
+        pixels.append(filler[0].unsqueeze(0).expand(missing, *filler[0].shape))
+        tokens.append(filler[1].unsqueeze(0).expand(missing, *filler[1].shape))
+    return torch.cat(pixels), torch.cat(tokens)
+
+
+def _train(opts: TrainOptions, world: World, device_name: str) -> dict[str, Any]:
     from tqdm import tqdm
 
     _seed_everything(opts.seed)
     opts.output.mkdir(parents=True, exist_ok=True)
     ckpt_dir = opts.output / "checkpoints"
     ckpt_dir.mkdir(exist_ok=True)
-    trainable = load_for_training(opts.model, opts.pretrained, opts.device, seed=opts.seed)
+    trainable = load_for_training(opts.model, opts.pretrained, device_name, seed=opts.seed)
+    if world.distributed:  # the same weights everywhere, each rank its own augmentation and dropout
+        _seed_everything(opts.seed + world.rank)
     model: Any = trainable.model  # open_clip CLIP: typed attributes (visual, logit_scale) torch cannot express
     device = next(model.parameters()).device
     if opts.freeze_vision:
         for p in model.visual.parameters():
             p.requires_grad = False
+    towers = distributed.wrap(model, world, device)
     train_pairs = PairFile(opts.train, opts.schema)
     valid_pairs = PairFile(opts.valid, opts.schema) if opts.valid else None
     transform = trainable.preprocess_train if opts.augment else trainable.preprocess_val
     dataset = PairDataset(train_pairs, transform, trainable.tokenizer)
-    steps_per_epoch = math.ceil(len(dataset) / opts.batch_size / opts.accum_steps)
+    batches_per_epoch = math.ceil(len(dataset) / (opts.batch_size * world.size))
+    steps_per_epoch = math.ceil(batches_per_epoch / opts.accum_steps)
     total_steps = steps_per_epoch * opts.epochs
     optimizer = torch.optim.AdamW(param_groups(model, opts.weight_decay), lr=opts.lr, betas=(0.9, 0.98), eps=1e-6)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(opts.warmup_steps, total_steps))
@@ -175,16 +220,22 @@ def train(opts: TrainOptions) -> dict[str, Any]:
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         step, start_epoch, best = state["step"], state["epoch"], state["best"]
-        torch.set_rng_state(state["rng"]["torch"])
-        np.random.set_state(state["rng"]["numpy"])
-        random.setstate(state["rng"]["python"])
-        log.info("resumed from %s at step %d (epoch %d)", resume, step, start_epoch)
+        ranks = state.get("rng_ranks") or [state["rng"]]
+        if len(ranks) == world.size:
+            _set_rng_state(ranks[world.rank])
+        else:  # resumed on another number of processes: a fresh, still reproducible stream per rank
+            _seed_everything(opts.seed + world.rank + 7919 * step)
+        if world.main:
+            log.info("resumed from %s at step %d (epoch %d)", resume, step, start_epoch)
 
     def save_checkpoint(epoch: int) -> None:
+        rngs = world.objects(_rng_state())  # every rank takes part; rank 0 writes
+        if not world.main:
+            return
         state = {
             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict(), "step": step, "epoch": epoch, "best": best,
-            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+            "rng": rngs[0], "rng_ranks": rngs, "world_size": world.size,
             "options": {k: str(v) for k, v in asdict(opts).items()},
         }
         buf = io.BytesIO()
@@ -196,49 +247,56 @@ def train(opts: TrainOptions) -> dict[str, Any]:
                 if old != path:
                     old.unlink(missing_ok=True)
 
+    def train_mode() -> None:
+        model.train()
+        if opts.freeze_vision:
+            model.visual.eval()
+
     def validate(epoch: int) -> dict[str, Any] | None:
         nonlocal best
         if valid_pairs is None:
             return None
-        model.eval()
-        result = evaluate(trainable.as_clip_model(device), valid_pairs)
-        model.train()
-        if opts.freeze_vision:
-            model.visual.eval()
-        metrics.write({"epoch": epoch + 1, "step": step, "valid": result})
-        log.info("epoch %d valid mean recall %.2f (t2i R@1/5/10 %s)", epoch + 1, result["mean_recall"],
-                 "/".join(f"{v:.1f}" for v in result["t2i"].values()))
-        if result["mean_recall"] > best["mean_recall"]:
-            best = {**result, "epoch": epoch + 1, "step": step}
-            trainable.save(opts.output / "best", extra_files={"metrics.json": json.dumps(best, indent=2).encode()})
+        result = None
+        if world.main:
+            model.eval()
+            result = evaluate(trainable.as_clip_model(device), valid_pairs)
+            metrics.write({"epoch": epoch + 1, "step": step, "valid": result})
+            log.info("epoch %d valid mean recall %.2f (t2i R@1/5/10 %s)", epoch + 1, result["mean_recall"],
+                     "/".join(f"{v:.1f}" for v in result["t2i"].values()))
+            if result["mean_recall"] > best["mean_recall"]:
+                best = {**result, "epoch": epoch + 1, "step": step}
+                trainable.save(opts.output / "best", extra_files={"metrics.json": json.dumps(best, indent=2).encode()})
+            train_mode()
+        world.barrier()
         return result
 
-    model.train()
-    if opts.freeze_vision:
-        model.visual.eval()
-    bar = tqdm(total=total_steps, initial=step, unit="step", desc="training", disable=not opts.progress,
-               dynamic_ncols=True)
+    train_mode()
+    bar = tqdm(total=total_steps, initial=step, unit="step", desc="training",
+               disable=not (opts.progress and world.main), dynamic_ncols=True)
     t_log, samples = time.perf_counter(), 0
     for epoch in range(start_epoch, opts.epochs):
-        generator = torch.Generator().manual_seed(opts.seed + epoch)  # same order when resumed
-        loader = torch.utils.data.DataLoader(dataset, batch_size=opts.batch_size, shuffle=True, drop_last=False,
-                                             generator=generator, collate_fn=collate, num_workers=opts.workers)
-        skip = (step - epoch * steps_per_epoch) * opts.accum_steps  # micro-batches done before a resume
-        micro = 0
+        done = (step - epoch * steps_per_epoch) * opts.accum_steps  # micro-batches trained before a resume
+        sampler = GlobalBatches(len(dataset), opts.batch_size, world, seed=opts.seed + epoch, start=done)
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
+                                             num_workers=opts.workers)
+        micro = done
         optimizer.zero_grad(set_to_none=True)
         for batch in loader:
-            if micro < skip:
-                micro += 1
-                continue
             micro += 1
-            if batch is None or len(batch[0]) < 2:
+            rows = 0 if batch is None else len(batch[0])
+            counts = world.row_counts(rows, device)
+            if sum(counts) < 2:
                 continue
-            pixels, tokens = (t.to(device, non_blocking=True) for t in batch)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-                loss = contrastive_loss(model, pixels, tokens)
-            scaler.scale(loss / opts.accum_steps).backward()
-            samples += len(pixels)
-            if micro % opts.accum_steps and micro != len(loader):
+            pixels, tokens = (t.to(device, non_blocking=True) for t in _pad(batch, max(counts), dataset.filler()))
+            sync = micro % opts.accum_steps == 0 or micro == batches_per_epoch
+            no_sync = getattr(towers, "no_sync", None)
+            with contextlib.nullcontext() if sync or no_sync is None else no_sync():
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+                    image, text, scale, bias = towers(pixels, tokens)
+                    loss = pair_loss(world.gather(image, counts), world.gather(text, counts), scale, bias)
+                scaler.scale(loss / opts.accum_steps).backward()
+            samples += sum(counts)
+            if not sync:
                 continue
             scaler.step(optimizer)
             scaler.update()
@@ -250,9 +308,9 @@ def train(opts: TrainOptions) -> dict[str, Any]:
             step += 1
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3f}", epoch=epoch + 1)
-            if step % opts.logging_steps == 0 or step == 1:
+            if world.main and (step % opts.logging_steps == 0 or step == 1):
                 now = time.perf_counter()
-                metrics.write({"step": step, "epoch": epoch + 1, "loss": round(loss.item(), 5),
+                metrics.write({"step": step, "epoch": epoch + 1, "loss": round(loss.item(), 6),
                                "lr": scheduler.get_last_lr()[0],
                                "logit_scale": round(model.logit_scale.exp().item(), 3),
                                "samples_per_s": round(samples / max(now - t_log, 1e-9), 1)})
@@ -265,6 +323,8 @@ def train(opts: TrainOptions) -> dict[str, Any]:
         validate(epoch)
         save_checkpoint(epoch + 1)
     bar.close()
-    if valid_pairs is None:  # no validation set: the last model is the best we know
+    if valid_pairs is None and world.main:  # no validation set: the last model is the best we know
         trainable.save(opts.output / "best")
-    return {"best": best, "best_dir": str(opts.output / "best"), "steps": step}
+    world.barrier()
+    return {"best": best, "best_dir": str(opts.output / "best"), "steps": step, "processes": world.size,
+            "global_batch": opts.batch_size * world.size}

@@ -248,3 +248,35 @@ def test_rayjob_is_valid_and_runs_a_real_ray_build() -> None:
     for path in (args[args.index("--input") + 1], args[args.index("--output") + 1]):
         assert path.startswith("/data/")
     assert "EXTRAS" in (ROOT / "Dockerfile").read_text() and "ray = [" in (ROOT / "pyproject.toml").read_text()
+
+
+def test_torchrun_job_is_valid_and_its_command_parses() -> None:
+    from torch.distributed.run import get_args_parser
+
+    service, job = yaml.safe_load_all((DEPLOY / "train" / "torchrun-job.yaml").read_text())
+    for doc in (service, job):
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+    spec, pod = job["spec"], job["spec"]["template"]["spec"]
+    name = job["metadata"]["name"]
+    assert spec["completionMode"] == "Indexed" and spec["completions"] == spec["parallelism"]
+    # pod i is <job>-i.<subdomain>; the headless Service of that name selects the Job's pods by
+    # the label the Job controller sets on them
+    assert service["spec"]["clusterIP"] == "None" and pod["subdomain"] == service["metadata"]["name"]
+    assert service["spec"]["selector"] == {"batch.kubernetes.io/job-name": name}
+    container = pod["containers"][0]
+    assert container["command"] == ["torchrun"]
+    ns = get_args_parser().parse_args(container["args"])
+    assert ns.nnodes == str(spec["completions"]) and ns.rdzv_backend == "c10d"
+    host, port = ns.rdzv_endpoint.split(":")
+    assert host == f"{name}-0.{service['metadata']['name']}"
+    assert int(port) in {p["port"] for p in service["spec"]["ports"]}
+    assert ns.module and ns.training_script == "clipsearch" and ns.training_script_args[0] == "train"
+    train_help = _help("train")
+    train_args = ns.training_script_args[1:]
+    for flag in _flags(train_args):
+        assert flag.split("=")[0] in train_help, flag
+    assert "--resume=auto" in train_args  # a restarted pod continues from the shared checkpoints
+    mounts = {m["mountPath"] for m in container["volumeMounts"]}
+    assert "/data" in mounts and all(a.split("=")[1].startswith(("/data/", "local-dir:/data/"))
+                                     for a in train_args if a.split("=")[0] in ("--train", "--valid", "--output",
+                                                                               "--model"))
