@@ -1,8 +1,9 @@
 # syntax=docker/dockerfile:1
-# clipsearch images. Two targets:
+# clipsearch images. Three targets:
 #   docker build -t clipsearch:gpu .                  (default: CUDA 12 runtime, CUDA torch, faiss-gpu)
 #   docker build -t clipsearch:cpu --target cpu .     (CPU torch, faiss-cpu)
-# Both run `clipsearch serve` as a non-root user, configured by CLIPSEARCH_* variables.
+#   docker build -t clipsearch:slim --target slim .   (no torch: serves an export, onnx:DIR)
+# All run `clipsearch serve` as a non-root user, configured by CLIPSEARCH_* variables.
 
 ARG PYTHON_VERSION=3.11
 ARG CUDA_IMAGE=nvidia/cuda:12.4.1-cudnn-runtime-ubuntu22.04
@@ -50,6 +51,38 @@ WORKDIR /home/clipsearch
 VOLUME ["/models", "/data/index", "/checkpoints"]
 EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=3s --start-period=120s --retries=3 \
+    CMD ["python", "-c", "import sys, urllib.request; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=2).status == 200 else 1)"]
+ENTRYPOINT ["clipsearch"]
+CMD ["serve"]
+
+# ---------------------------------------------------------------- torch-free build (exports only)
+FROM python:${PYTHON_VERSION}-slim AS slim-build
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+RUN python -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+COPY --from=src /src /src
+WORKDIR /src
+# hadolint ignore=DL3013
+RUN pip install ./client ".[onnx]"
+
+# ---------------------------------------------------------------- torch-free runtime
+# Serves an export made elsewhere (clipsearch export, in the cpu or gpu image):
+#   docker run -v /models:/models clipsearch:slim serve --model onnx:/models/vitb32-onnx
+FROM python:${PYTHON_VERSION}-slim AS slim
+RUN useradd --create-home --uid 10001 clipsearch \
+    && mkdir -p /models /data/index \
+    && chown -R clipsearch /models /data
+COPY --from=slim-build /opt/venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    CLIPSEARCH_HOST=0.0.0.0 \
+    CLIPSEARCH_PORT=8000 \
+    CLIPSEARCH_DEVICE=cpu
+USER 10001
+WORKDIR /home/clipsearch
+VOLUME ["/models", "/data/index"]
+EXPOSE 8000
+HEALTHCHECK --interval=15s --timeout=3s --start-period=60s --retries=3 \
     CMD ["python", "-c", "import sys, urllib.request; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=2).status == 200 else 1)"]
 ENTRYPOINT ["clipsearch"]
 CMD ["serve"]

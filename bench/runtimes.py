@@ -27,8 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.common import Server, bench_texts, free_port, jpeg_b64, rate, wrk  # noqa: E402
-from clipsearch.model.clip import load_model  # noqa: E402
 from clipsearch.model.export import export  # noqa: E402
+from clipsearch.model.load import load_model  # noqa: E402
 
 
 def runtimes(spec: str, pretrained: str | None, workdir: Path) -> dict[str, tuple[str, str | None]]:

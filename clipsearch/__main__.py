@@ -1,3 +1,3 @@
-from clipsearch.cli import app
+from clipsearch.cli import main
 
-app()
+main()

@@ -54,7 +54,8 @@ from clipsearch.index.format import (
     write_version,
 )
 from clipsearch.inputs.readers import Span, describe_inputs, plan_spans, read_span
-from clipsearch.model.clip import ClipModel, load_model
+from clipsearch.model.base import Model
+from clipsearch.model.load import load_model
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +110,7 @@ class Corpus:
     dropped: dict[str, int] = field(default_factory=dict)
 
 
-def run_build(opts: BuildOptions, model: ClipModel | None = None) -> BuildSummary:
+def run_build(opts: BuildOptions, model: Model | None = None) -> BuildSummary:
     """Build and publish a new index version from `opts.inputs` into `opts.output`:
     plan, encode, gather, index, publish."""
     t0 = time.perf_counter()
@@ -145,7 +146,7 @@ def run_build(opts: BuildOptions, model: ClipModel | None = None) -> BuildSummar
     )
 
 
-def plan_build(opts: BuildOptions, model: ClipModel) -> BuildPlan:
+def plan_build(opts: BuildOptions, model: Model) -> BuildPlan:
     """Check the options, key the job, cut the inputs into spans and find the spans a
     previous run of the same job already encoded."""
     if opts.engine not in ENGINES:
@@ -171,7 +172,7 @@ def plan_build(opts: BuildOptions, model: ClipModel) -> BuildPlan:
                      base=base, deleted=deleted, resumed=len(shards))
 
 
-def encode(opts: BuildOptions, model: ClipModel, plan: BuildPlan) -> tuple[list[ItemError], int, Any]:
+def encode(opts: BuildOptions, model: Model, plan: BuildPlan) -> tuple[list[ItemError], int, Any]:
     """Encode the spans still to do into shards of the work area, with the chosen engine.
     Returns the bad records of all shards, the items encoded by this run, and the
     decoder's JPEGs-per-batch figure."""
@@ -217,7 +218,7 @@ def encode(opts: BuildOptions, model: ClipModel, plan: BuildPlan) -> tuple[list[
     return errors, encoded_now, encoder.jpegs_per_batch
 
 
-def gather(opts: BuildOptions, model: ClipModel, plan: BuildPlan, errors: list[ItemError]) -> Corpus:
+def gather(opts: BuildOptions, model: Model, plan: BuildPlan, errors: list[ItemError]) -> Corpus:
     """Read the shards back, one at a time, into the corpus to index; merge it with the base
     version and drop duplicates where asked; refuse a corpus with too many bad records.
 
@@ -290,7 +291,7 @@ def build_indexes(opts: BuildOptions, corpus: Corpus, scratch: Path) -> dict[Mod
     return built
 
 
-def _build_info(opts: BuildOptions, model: ClipModel, plan: BuildPlan, corpus: Corpus, digests: dict[str, str],
+def _build_info(opts: BuildOptions, model: Model, plan: BuildPlan, corpus: Corpus, digests: dict[str, str],
                 seconds: float, jpegs_per_batch: Any) -> dict[str, Any]:
     """The manifest's `build` section: inputs (with their sha256), counts, bad records, settings."""
     errors = corpus.errors
@@ -318,7 +319,7 @@ def _build_info(opts: BuildOptions, model: ClipModel, plan: BuildPlan, corpus: C
     }
 
 
-def publish(opts: BuildOptions, model: ClipModel, corpus: Corpus, built: dict[Modality, BuiltIndex],
+def publish(opts: BuildOptions, model: Model, corpus: Corpus, built: dict[Modality, BuiltIndex],
             build_info: dict[str, Any]) -> tuple[Path, Manifest]:
     """Write the version under a temporary name, then publish it atomically (CURRENT)."""
     name = new_version_name()
@@ -427,9 +428,13 @@ _SPAN_WORKER: tuple[BuildOptions, Path, str, Encoder | None] | None = None
 
 def _init_span_worker(opts: BuildOptions, work_dir: Path, fingerprint: str, threads: int) -> None:
     global _SPAN_WORKER
-    import torch
-
-    torch.set_num_threads(threads)
+    os.environ["OMP_NUM_THREADS"] = str(threads)  # an export's runtime reads it (exported.default_threads)
+    try:
+        import torch
+    except ImportError:  # a torch-free install, serving an export
+        pass
+    else:
+        torch.set_num_threads(threads)
     _SPAN_WORKER = (opts, work_dir, fingerprint, None)
 
 

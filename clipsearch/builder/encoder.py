@@ -20,28 +20,35 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import torch
 
 from clipsearch.core.errors import ClipsearchError, InvalidImage
 from clipsearch.core.orphans import init_after_watch, watched
 from clipsearch.images.codec import decode_base64
-from clipsearch.images.decoder import ImageDecoder, Jpeg
+from clipsearch.images.decoder import CPU, ImageDecoder, Jpeg
 from clipsearch.inputs.readers import Record, open_input
-from clipsearch.model.clip import ClipModel
+from clipsearch.model.base import Model
 
 _DECODER: ImageDecoder | None = None
 _MAX_BYTES = 0
 _DEFER_JPEGS = False
 _THUMBNAILS = True
-_CPU = torch.device("cpu")
 
 Decoded = tuple[np.ndarray | Jpeg | None, str | None, bytes, str]  # pixels, why not, thumbnail, sha256
 
 
 def _init_worker(decoder: ImageDecoder, max_bytes: int, defer_jpegs: bool, thumbnails: bool) -> None:
     global _DECODER, _MAX_BYTES, _DEFER_JPEGS, _THUMBNAILS
-    torch.set_num_threads(1)
+    _one_torch_thread()
     _DECODER, _MAX_BYTES, _DEFER_JPEGS, _THUMBNAILS = decoder, max_bytes, defer_jpegs, thumbnails
+
+
+def _one_torch_thread() -> None:
+    """A decode worker's torch (when the model's transform runs on torch) keeps to one thread."""
+    try:
+        import torch
+    except ImportError:
+        return
+    torch.set_num_threads(1)
 
 
 def _reason(exc: ClipsearchError) -> str:
@@ -77,9 +84,9 @@ def _decode_one(image_b64: str | None, image_path: str | None, image_bytes: byte
         else:
             item = decoder.split([data], ["image"])[0]
         if isinstance(item, Jpeg) and not _DEFER_JPEGS:
-            item = ImageDecoder._raise(decoder.resolve([item], _CPU)[0])
+            item = ImageDecoder._raise(decoder.resolve([item], CPU)[0])
         digest = hashlib.sha256(data).hexdigest()  # for --dedup: the same bytes are the same image
-        return (item if isinstance(item, Jpeg) else item.numpy()), None, thumbnail, digest
+        return (item if isinstance(item, Jpeg) else np.asarray(item)), None, thumbnail, digest
     except ClipsearchError as exc:
         return None, _reason(exc), b"", ""
     except Exception as exc:  # a decoder or transform failure on one file must not stop the job
@@ -119,7 +126,7 @@ class PendingChunk:
 
 
 class Encoder:
-    def __init__(self, model: ClipModel, *, workers: int = 0, batch_size: int = 256,
+    def __init__(self, model: Model, *, workers: int = 0, batch_size: int = 256,
                  max_image_bytes: int = 20 * 1024 * 1024, max_image_pixels: int = 100_000_000,
                  image_decode: str = "exact", exif_orientation: bool = False, thumbnails: bool = True) -> None:
         """When the decoder takes JPEGs a batch at a time (torch decoding on a GPU), they
@@ -220,18 +227,27 @@ class Encoder:
                        items: list[dict[str, Any]], thumbnails: list[bytes], errors: list[ItemError]) -> None:
         """One model call; the batch's JPEGs (if left for the device) decode first, in one call."""
         device = self.model.device
-        pending = [p if isinstance(p, Jpeg) else torch.from_numpy(p) for _, p, _, _ in batch]
-        on = device if any(isinstance(p, Jpeg) for p in pending) else _CPU  # CPU rows only: copied once, pinned
+        pending = [p for _, p, _, _ in batch]
+        jpegs = any(isinstance(p, Jpeg) for p in pending)
         rows = []
         for (rec, _, thumb, digest), row in zip(batch, self._decoder.resolve(pending, device), strict=True):
             if isinstance(row, InvalidImage):
                 errors.append(ItemError(rec.source, "image", _reason(row)))
                 continue
-            rows.append(row.to(on))
+            rows.append(row)
             items.append({**_item(rec, with_text=rec.text is not None and bool(rec.text.strip())), "sha256": digest})
             thumbnails.append(thumb)
-        if rows:
-            vectors.append(self.model.encode_pixels(torch.stack(rows)))
+        if not rows:
+            return
+        pixels: Any
+        if jpegs:  # decoded on the device: numpy rows of the other images join them there
+            import torch
+
+            rows = [torch.from_numpy(r).to(device) if isinstance(r, np.ndarray) else r.to(device) for r in rows]
+            pixels = torch.stack(rows)
+        else:  # CPU rows only: one batch, copied to the device once by the model
+            pixels = np.stack(rows)
+        vectors.append(self.model.encode_pixels(pixels))
 
 
 def concat_vectors(parts: Sequence[np.ndarray], dim: int) -> np.ndarray:

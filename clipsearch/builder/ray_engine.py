@@ -70,7 +70,7 @@ class SpanEncoder:
         import torch
 
         from clipsearch.builder.encoder import Encoder
-        from clipsearch.model.clip import load_model
+        from clipsearch.model.load import load_model
 
         torch.set_num_threads(max(1, threads))
         device = opts.device

@@ -107,9 +107,21 @@ serve.__signature__ = inspect.Signature(_serve_parameters())  # type: ignore[att
 app.command(help=_SERVE_HELP)(serve)
 
 
-def main() -> None:  # pragma: no cover - console entry point wrapper
-    app()
+TORCH_MODULES = {"torch", "torchvision", "open_clip", "safetensors"}
+
+
+def main() -> None:
+    """The console entry point: `app`, with a torch-free install's missing torch told in one line."""
+    try:
+        app()
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").split(".")[0] not in TORCH_MODULES:
+            raise
+        typer.echo(f"clipsearch: this command needs torch ({exc.name} is not installed): pip install "
+                   "'clipsearch[cpu]' (or [gpu]; [cpu,export] for clipsearch export). Without torch, serve "
+                   "and index build run an export: --model onnx:DIR (docs/runtimes.md)", err=True)
+        sys.exit(2)
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(app())
+    main()

@@ -67,7 +67,7 @@ def run_demo(*, workdir: Path, port: int, host: str, n_train: int, epochs: int, 
     from clipsearch.index.format import current_version_dir, read_manifest
     from clipsearch.index.search import load_index_set
     from clipsearch.inputs.pairs import PairFile
-    from clipsearch.model.clip import load_model
+    from clipsearch.model.load import load_model
     from clipsearch.service.server import bind
 
     sock: socket.socket | None = bind(host, port) if serve else None  # a busy port fails now, not after training

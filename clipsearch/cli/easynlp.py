@@ -72,7 +72,7 @@ def _train(cmd: EasyNLPCommand, schema: str) -> None:
 def _evaluate(cmd: EasyNLPCommand, schema: str, spec: str) -> None:
     from clipsearch.finetune.evaluate import evaluate
     from clipsearch.inputs.pairs import PairFile
-    from clipsearch.model.clip import load_model
+    from clipsearch.model.load import load_model
 
     res = evaluate(load_model(spec), PairFile(cmd.tables[0], schema))
     for way, name in (("t2i", "text-to-image"), ("i2t", "image-to-text")):
@@ -83,7 +83,7 @@ def _evaluate(cmd: EasyNLPCommand, schema: str, spec: str) -> None:
 
 def _predict(cmd: EasyNLPCommand, schema: str, spec: str, write_features: Callable[..., Any]) -> None:
     from clipsearch.finetune.predict import predict
-    from clipsearch.model.clip import load_model
+    from clipsearch.model.load import load_model
 
     with tempfile.TemporaryDirectory() as tmp:
         native = Path(tmp) / "features.tsv"

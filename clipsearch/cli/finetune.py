@@ -60,7 +60,7 @@ def launch_torchrun(nproc: int, flag: str) -> None:
 
 def _load(model: str, pretrained: str | None, device: str):
     from clipsearch.core.errors import ModelLoadError
-    from clipsearch.model.clip import load_model
+    from clipsearch.model.load import load_model
 
     try:
         return load_model(model, pretrained, device)

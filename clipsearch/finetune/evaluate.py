@@ -16,7 +16,7 @@ import torch
 from clipsearch.inputs.pairs import PairFile, decode_offline_image, image_key
 from clipsearch.inputs.readers import InputError
 from clipsearch.inputs.retrieval import RetrievalSet
-from clipsearch.model.clip import ClipModel
+from clipsearch.model.base import Model
 
 KS = (1, 5, 10)
 
@@ -53,7 +53,7 @@ def recall_at_k(
     return res
 
 
-def encode_pairs(model: ClipModel, pairs: PairFile, batch_size: int = 256
+def encode_pairs(model: Model, pairs: PairFile, batch_size: int = 256
                  ) -> tuple[np.ndarray, np.ndarray, list[tuple[int, int]], int]:
     """Encode each distinct image and text of a pair file once. Returns (images, texts, pairs, skipped)."""
     image_index: dict[str, int] = {}
@@ -86,7 +86,7 @@ def encode_pairs(model: ClipModel, pairs: PairFile, batch_size: int = 256
     return image_vecs, text_vecs, true_pairs, skipped
 
 
-def evaluate(model: ClipModel, pairs: PairFile, batch_size: int = 256) -> dict[str, Any]:
+def evaluate(model: Model, pairs: PairFile, batch_size: int = 256) -> dict[str, Any]:
     image_vecs, text_vecs, true_pairs, skipped = encode_pairs(model, pairs, batch_size)
     if not true_pairs:
         raise InputError(f"{pairs.path}: none of its {len(pairs)} rows is a usable pair (bad images or empty "
@@ -96,7 +96,7 @@ def evaluate(model: ClipModel, pairs: PairFile, batch_size: int = 256) -> dict[s
     return res
 
 
-def evaluate_set(model: ClipModel, data: RetrievalSet, batch_size: int = 256) -> dict[str, Any]:
+def evaluate_set(model: Model, data: RetrievalSet, batch_size: int = 256) -> dict[str, Any]:
     """R@1/5/10 both ways on a standard test set (Karpathy's JSON, Chinese-CLIP's files): an
     image is found when any of its captions ranks within k, a caption when its image does."""
     if not data.pairs:

@@ -23,7 +23,7 @@ from clipsearch.core.errors import ClipsearchError
 from clipsearch.core.fsutil import atomic_file
 from clipsearch.inputs.pairs import decode_offline_image
 from clipsearch.inputs.readers import read_inputs
-from clipsearch.model.clip import ClipModel
+from clipsearch.model.base import Model
 
 MODALITIES = ("auto", "text", "image", "both")
 
@@ -39,7 +39,7 @@ def _fmt(vec: np.ndarray | None) -> str:
     return "" if vec is None else ",".join(f"{x:.7g}" for x in vec)
 
 
-def predict(model: ClipModel, input_path: Path, output_path: Path, modality: str = "auto",
+def predict(model: Model, input_path: Path, output_path: Path, modality: str = "auto",
             schema: str | None = None, batch_size: int = 256) -> PredictSummary:
     if modality not in MODALITIES:
         raise ValueError(f"modality must be one of {', '.join(MODALITIES)}")

@@ -22,7 +22,7 @@ import torch
 
 from clipsearch.inputs.labelled import LabelledSet
 from clipsearch.inputs.readers import InputError
-from clipsearch.model.clip import ClipModel
+from clipsearch.model.base import Model
 
 LANGS = ("en", "cn", "jp", "it", "ar")
 
@@ -59,7 +59,7 @@ def prompts(template: str, classname: str) -> str:
     return template.replace("{c}", classname).replace("{}", classname)
 
 
-def class_vectors(model: ClipModel, classnames: Sequence[str], templates: Sequence[str]) -> np.ndarray:
+def class_vectors(model: Model, classnames: Sequence[str], templates: Sequence[str]) -> np.ndarray:
     """(classes, dim): each class's prompts embedded, normalized, averaged, normalized."""
     out = []
     for name in classnames:
@@ -69,7 +69,7 @@ def class_vectors(model: ClipModel, classnames: Sequence[str], templates: Sequen
     return np.stack(out).astype(np.float32)
 
 
-def evaluate_zeroshot(model: ClipModel, data: LabelledSet, templates: Sequence[str],
+def evaluate_zeroshot(model: Model, data: LabelledSet, templates: Sequence[str],
                       batch_size: int = 128) -> dict[str, Any]:
     if not data.images:
         raise InputError("no labelled image to classify")

@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,9 +39,8 @@ from PIL import Image
 from clipsearch.core.errors import ModelLoadError
 from clipsearch.core.fsutil import atomic_dir, sha256_file, umask
 from clipsearch.model import bpe, exported, hf
-from clipsearch.model.bpe import ClipBpe
+from clipsearch.model.base import ModelInfo, TextSide
 from clipsearch.model.cuda_wait import to_numpy
-from clipsearch.model.exported import ExportedClip
 from clipsearch.model.graphs import BucketedGraphs, Capture, batch_buckets, capture_cuda, length_buckets
 
 log = logging.getLogger(__name__)
@@ -113,25 +111,7 @@ def model_fingerprint(spec: str, pretrained: str | None) -> str:
     return f"{spec}:{pretrained}"
 
 
-@dataclass(frozen=True)
-class ModelInfo:
-    spec: str
-    pretrained: str | None
-    fingerprint: str
-    dim: int
-    context_length: int
-    image_size: tuple[int, int]
-    device: str
-    dtype: str
-    family: str = "open_clip"  # or a transformers model_type: clip, chinese_clip, siglip
-    runtime: str = "torch"  # or onnx, openvino: an export (clipsearch.model.exported)
-
-
-CHARS_PER_TOKEN = 32  # see ClipModel.context_text
-_WORD = re.compile(r"\S+")
-
-
-class ClipModel:
+class ClipModel(TextSide):
     """A loaded open_clip model with its own tokenizer and inference preprocessing.
 
     `tokenize` / `preprocess` are CPU work and thread-safe; `encode_tokens` /
@@ -158,17 +138,13 @@ class ClipModel:
         self.dtype = dtype
         self.context_length = int(getattr(tokenizer, "context_length", 77) or 77)
         wrapped = model if isinstance(model, hf.HFClip) else None
-        exported = model if isinstance(model, ExportedClip) else None  # onnx: / openvino: (fixed-length graphs)
-        self.is_open_clip = wrapped is None and exported is None
+        self.is_open_clip = wrapped is None
         size = getattr(model.visual, "image_size", 224) if wrapped is None else wrapped.image_size
         self.image_size = (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
         # What a padded position holds: 0 for open_clip's BPE, the tokenizer's pad id for its HF
         # text towers, hf.PAD for transformers models (their mask rides in the ids).
-        if exported is not None:
-            self.pad_id, self.trims_padding = exported.pad_id, exported.trims_padding
-        else:
-            self.pad_id = hf.PAD if wrapped is not None else _pad_id(tokenizer)
-            self.trims_padding = _supports_trimmed_text(model) if wrapped is None else wrapped.uses_mask
+        self.pad_id = hf.PAD if wrapped is not None else _pad_id(tokenizer)
+        self.trims_padding = _supports_trimmed_text(model) if wrapped is None else wrapped.uses_mask
         self._graphs: dict[str, BucketedGraphs] = {}  # tower -> its CUDA graphs (see `capture_graphs`)
         self.dim = int(self.encode_tokens(self.tokenize([""])).shape[1])
         self.info = ModelInfo(
@@ -180,8 +156,7 @@ class ClipModel:
             image_size=self.image_size,
             device=str(device),
             dtype=str(dtype).removeprefix("torch."),
-            family=exported.family if exported is not None else "open_clip" if wrapped is None else wrapped.family,
-            runtime=exported.runtime if exported is not None else "torch",
+            family="open_clip" if wrapped is None else wrapped.family,
         )
 
     # -- CPU side -----------------------------------------------------------------
@@ -189,70 +164,7 @@ class ClipModel:
         """Token ids, shape (n, context_length), on the CPU: exactly open_clip's tokenizer output."""
         if self._fast_tokenizer is not None:
             return self._fast_tokenizer(texts)
-        ids = self.tokenizer(list(texts))
-        return torch.from_numpy(ids) if isinstance(ids, np.ndarray) else ids  # ClipBpe (exports) gives numpy
-
-    def count_tokens(self, texts: Sequence[str]) -> int:
-        """How many tokens the texts take (start and end tokens included, padding not)."""
-        return int((self.tokenize(texts) != self.pad_id).sum())
-
-    def context_text(self, text: str) -> str:
-        """`text` cut to the part the tokenizer can use, so that a long text costs what it
-        yields: its first `context_length` x 32 non-space characters, in whole words but the
-        last. The tokenizer keeps `context_length` tokens anyway; a token is one character or
-        more, so the vector is the whole text's unless its tokens average more than 32."""
-        budget = self.context_length * CHARS_PER_TOKEN
-        if len(text) <= budget:
-            return text
-        words: list[str] = []
-        left = budget
-        for match in _WORD.finditer(text):
-            word = match.group()
-            words.append(word[:left])
-            left -= len(word)
-            if left <= 0:
-                break
-        return " ".join(words)
-
-    def text_of_ids(self, ids: Sequence[int]) -> str | None:
-        """The text that token `ids` stand for, if they are this model's tokenizer's ids: decoded
-        and tokenized again they come back the same (start, end and padding tokens aside). Else
-        None: another tokenizer's ids (tiktoken's, say) are not this model's text.
-
-        Only the first `context_length` ids are read (the model reads no further), so a long
-        array costs what it yields; of a cut array, all but the last id read must come back
-        (the cut may split a word)."""
-        tok = self.tokenizer
-        if isinstance(tok, (open_clip.tokenizer.SimpleTokenizer, ClipBpe)):
-            body = list(ids[: self.context_length + 2])
-            if body and body[0] == tok.sot_token_id:
-                body = body[1:]
-            if tok.eot_token_id in body:  # what follows the end token may only be padding
-                end = body.index(tok.eot_token_id)
-                if any(body[end + 1 :]) or any(ids[self.context_length + 2 :]):
-                    return None
-                body = body[:end]
-            vocab, decode = len(tok.encoder), tok.decode
-            encode: Any = tok.encode
-        else:
-            inner = getattr(tok, "tokenizer", None)
-            if inner is None or not hasattr(inner, "all_special_ids"):
-                return None
-            special = set(inner.all_special_ids)
-            body = [i for i in ids[: self.context_length + 2] if i not in special]
-            vocab, decode = len(inner), inner.decode
-
-            def encode(text: str) -> list[int]:
-                return list(inner(text, add_special_tokens=False)["input_ids"])
-
-        cut = len(ids) > self.context_length + 2
-        body = body[: self.context_length]
-        if not body or any(not 0 <= i < vocab for i in body):
-            return None
-        text = str(decode(body)).strip()
-        again = list(encode(text))
-        same = again[: len(body) - 1] == body[:-1] if cut else again == body
-        return text if same else None
+        return self.tokenizer(list(texts))
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         """open_clip's own inference transform: (3, H, W) float32 on the CPU."""
@@ -282,6 +194,8 @@ class ClipModel:
     @torch.inference_mode()
     def image_vectors(self, pixels: torch.Tensor) -> torch.Tensor:
         """`encode_pixels`, left on the model's device."""
+        if isinstance(pixels, np.ndarray):  # the builder's decode workers hand over numpy
+            pixels = torch.from_numpy(pixels)
         if self.device.type == "cuda" and pixels.device.type == "cpu" and not pixels.is_pinned():
             pixels = pixels.pin_memory()  # page-locked: the copy below runs asynchronously
         pixels = pixels.to(self.device, dtype=self.dtype, non_blocking=True)
@@ -356,6 +270,10 @@ class ClipModel:
         for n in batch_sizes:
             self.encode_tokens(self.tokenize(["a photo"] * n))
             self.encode_pixels(torch.zeros((n, 3, *self.image_size)))
+
+    def set_threads(self, threads: int) -> None:
+        """CPU threads for the model's math (torch's intra-op pool, shared by the process)."""
+        torch.set_num_threads(threads)
 
     def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
         out = [self.encode_tokens(self.tokenize(texts[i : i + batch_size])) for i in range(0, len(texts), batch_size)]
@@ -493,16 +411,10 @@ def load_model(spec: str, pretrained: str | None = None, device: str = "auto", d
     Raises `ModelLoadError` with a message that names the spec on any failure, so the
     service can refuse to start with a clear line instead of a traceback.
     """
+    if exported.split_spec(spec.strip()) is not None:
+        raise ModelLoadError(f"{spec}: an export; load it with clipsearch.model.load.load_model")
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
-    export = exported.split_spec(spec.strip())
-    if export is not None:
-        _no_pretrained(spec, pretrained)
-        runtime, directory = export
-        model, transform, tokenizer, manifest = exported.load(runtime, directory, dev)
-        log.info("loaded %s:%s (an export of %s) on %s", runtime, directory, manifest.source_spec, runtime)
-        return ClipModel(model, transform, tokenizer, spec=f"{runtime}:{directory}", pretrained=None,
-                         fingerprint=manifest.source_fingerprint, device=torch.device("cpu"), dtype=torch.float32)
     resolved = resolve_spec(spec, pretrained)
     spec = resolved.spec
     if resolved.source is not None:

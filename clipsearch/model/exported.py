@@ -1,8 +1,8 @@
 """An export (`clipsearch export`) served through the model seam: `onnx:DIR` runs its graphs on
-ONNX Runtime, `openvino:DIR` on OpenVINO. `ExportedClip` stands where the torch model stands
-in `ClipModel` (encode_text, encode_image, logit_scale, logit_bias), so the engine, the
-batcher, search and the builder run an export as they run the torch model: the runtime is
-chosen here, once, where the model is loaded.
+ONNX Runtime, `openvino:DIR` on OpenVINO. `ExportedModel` is the `base.Model` interface in
+numpy, so the engine, the batcher, search and the builder run an export as they run the torch
+model, and an open_clip-family export runs without torch installed: the runtime is chosen
+once, where the model is loaded (`load.load_model`).
 
 Vectors keep the source model's fingerprint, so indexes built with the torch model serve
 with its export (and the other way round) and an index of another model is refused.
@@ -12,18 +12,17 @@ from __future__ import annotations
 
 import json
 import logging
-import math
+import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import open_clip
-import torch
 
 from clipsearch.core.errors import ModelLoadError
 from clipsearch.core.fsutil import sha256_file
-from clipsearch.model import hf
+from clipsearch.model.base import ModelInfo, TextSide
 from clipsearch.model.bpe import ClipBpe
 from clipsearch.model.pil_transform import PilTransform
 
@@ -74,37 +73,115 @@ class ExportManifest:
 
 
 
-class _Visual:
-    def __init__(self, image_size: tuple[int, int]) -> None:
-        self.image_size = image_size
+@dataclass(frozen=True)
+class Device:
+    """Where an export runs, in the shape of a `torch.device` (`.type`), without torch."""
+
+    type: str = "cpu"
+    index: int | None = None
+
+    def __str__(self) -> str:
+        return self.type
 
 
-class ExportedClip(torch.nn.Module):
-    """An export's two graphs behind the torch model's interface."""
+CPU = Device()
 
-    def __init__(self, directory: Path, manifest: ExportManifest, runtime: str, threads: int,
-                 device: torch.device) -> None:
-        super().__init__()
-        self.family = manifest.family
+
+class ExportedModel(TextSide):
+    """An export's two graphs with its tokenizer and preprocessing: the `base.Model` interface
+    in numpy. open_clip-family exports need no torch; transformers-family ones still read
+    their tokenizer and image processor with transformers."""
+
+    def __init__(self, directory: Path, manifest: ExportManifest, runtime: str, spec: str, gpu: bool = False
+                 ) -> None:
+        self.manifest = manifest
+        self._directory, self._runtime, self._gpu = directory, runtime, gpu
+        self.threads = 0
+        device = CPU
+        self.set_threads(default_threads())
+        self.tokenizer = _tokenizer(directory, manifest)
+        self.preprocess_transform = _transform(directory, manifest)
+        self.device = device
+        self.context_length = manifest.context_length
+        self.image_size = manifest.image_size
         self.pad_id = manifest.pad_id
         self.trims_padding = manifest.trims_padding
-        self.runtime = runtime
-        self.visual = _Visual(manifest.image_size)
-        self.logit_scale = torch.nn.Parameter(torch.tensor(math.log(manifest.logit_scale)), requires_grad=False)
-        self.logit_bias = None if manifest.logit_bias is None else \
-            torch.nn.Parameter(torch.tensor(manifest.logit_bias), requires_grad=False)
-        run = _onnx_runner if runtime == "onnx" else _openvino_runner
-        self._text = run(directory, "text", threads, device)
-        self._image = run(directory, "image", threads, device)
+        self.dim = manifest.dim
+        self.info = ModelInfo(spec=spec, pretrained=None, fingerprint=manifest.source_fingerprint, dim=manifest.dim,
+                              context_length=manifest.context_length, image_size=manifest.image_size,
+                              device=str(device), dtype="float32", family=manifest.family, runtime=runtime)
 
-    def encode_text(self, ids: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(self._text(ids.cpu().numpy().astype(np.int64, copy=False)))
+    def set_threads(self, threads: int) -> None:
+        """The runtime's intra-op threads for both towers (their sessions are made again)."""
+        if threads == self.threads:
+            return
+        run = _onnx_runner if self._runtime == "onnx" else _openvino_runner
+        self._text = run(self._directory, "text", threads, self._gpu)
+        self._image = run(self._directory, "image", threads, self._gpu)
+        self.threads = threads
 
-    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(self._image(pixels.float().cpu().numpy()))
+    def tokenize(self, texts: Sequence[str]) -> np.ndarray:
+        return np.asarray(self.tokenizer(list(texts)), dtype=np.int64)
+
+    def preprocess(self, image: Any) -> np.ndarray:
+        return np.asarray(self.preprocess_transform(image), dtype=np.float32)
+
+    def encode_tokens(self, tokens: Any) -> np.ndarray:
+        ids = np.asarray(tokens, dtype=np.int64)
+        if self.trims_padding:  # the graph takes any length: cut after the batch's longest text
+            used = np.flatnonzero((ids != self.pad_id).any(axis=0))
+            ids = ids[:, : int(used[-1]) + 1 if len(used) else 1]
+        return self._text(np.ascontiguousarray(ids))
+
+    def encode_pixels(self, pixels: Any) -> np.ndarray:
+        return self._image(np.ascontiguousarray(np.asarray(pixels, dtype=np.float32)))
+
+    text_vectors = encode_tokens  # on the host already: the service searches them as they are
+    image_vectors = encode_pixels
+
+    def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
+        out = [self.encode_tokens(self.tokenize(texts[i : i + batch_size])) for i in range(0, len(texts), batch_size)]
+        return np.concatenate(out) if out else np.zeros((0, self.dim), np.float32)
+
+    def encode_images(self, images: Sequence[Any], batch_size: int = 128) -> np.ndarray:
+        out = [self.encode_pixels(np.stack([self.preprocess(im) for im in images[i : i + batch_size]]))
+               for i in range(0, len(images), batch_size)]
+        return np.concatenate(out) if out else np.zeros((0, self.dim), np.float32)
+
+    def warm_up(self, batch_sizes: Sequence[int]) -> None:
+        for n in batch_sizes:
+            self.encode_tokens(self.tokenize(["a photo"] * n))
+            self.encode_pixels(np.zeros((n, 3, *self.image_size), np.float32))
+
+    def capture_graphs(self, max_batch: int) -> list[str]:
+        return []  # CUDA graphs are the torch runtime's
+
+    @property
+    def graphed_towers(self) -> list[str]:
+        return []
+
+    @property
+    def logit_scale(self) -> float:
+        return float(self.manifest.logit_scale)
+
+    @property
+    def logit_bias(self) -> float | None:
+        return None if self.manifest.logit_bias is None else float(self.manifest.logit_bias)
 
 
-def _onnx_runner(directory: Path, tower: str, threads: int, device: torch.device) -> Any:
+def default_threads() -> int:
+    """The runtime's threads: OMP_NUM_THREADS when it is set (the builder's encoder processes
+    share the CPUs that way), else one per CPU this process may use."""
+    given = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if given.isdigit() and int(given) > 0:
+        return int(given)
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _onnx_runner(directory: Path, tower: str, threads: int, gpu: bool) -> Any:
     try:
         import onnxruntime as ort
     except ImportError:
@@ -114,7 +191,7 @@ def _onnx_runner(directory: Path, tower: str, threads: int, device: torch.device
     options.inter_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     providers = ["CPUExecutionProvider"]
-    if device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
+    if gpu and "CUDAExecutionProvider" in ort.get_available_providers():
         providers.insert(0, "CUDAExecutionProvider")
     session = ort.InferenceSession(str(directory / f"{tower}.onnx"), options, providers=providers)
     name = session.get_inputs()[0].name
@@ -125,7 +202,7 @@ def _onnx_runner(directory: Path, tower: str, threads: int, device: torch.device
     return run
 
 
-def _openvino_runner(directory: Path, tower: str, threads: int, device: torch.device) -> Any:
+def _openvino_runner(directory: Path, tower: str, threads: int, gpu: bool) -> Any:
     try:
         import openvino as ov
     except ImportError:
@@ -148,24 +225,38 @@ def split_spec(spec: str) -> tuple[str, Path] | None:
     return None
 
 
-def load(runtime: str, directory: Path, device: torch.device) -> tuple[ExportedClip, Any, Any, ExportManifest]:
-    """(model, image transform, tokenizer, manifest) of the export in `directory`."""
+def load_model(spec: str, pretrained: str | None = None, device: str = "auto") -> ExportedModel:
+    """The export an `onnx:DIR` / `openvino:DIR` spec names, its files checked against the manifest.
+    `device`: auto or cuda put ONNX Runtime's CUDA provider first when it is installed
+    (onnxruntime-gpu); arrays stay on the host either way."""
+    found = split_spec(spec.strip())
+    if found is None:
+        raise ModelLoadError(f"{spec}: not an export spec (onnx:DIR or openvino:DIR)")
+    if pretrained not in (None, "", "none"):
+        raise ModelLoadError(f"{spec}: an export carries its weights; --pretrained does not apply")
+    runtime, directory = found
     manifest = ExportManifest.read(directory)
     for name, digest in manifest.files.items():
         path = directory / name
         if not path.is_file() or sha256_file(path) != digest:
             raise ModelLoadError(f"{directory}: {name} is missing or changed since the export; export again")
-    threads = max(1, torch.get_num_threads())
-    model = ExportedClip(directory, manifest, runtime, threads, device)
-    return model, _transform(directory, manifest), _tokenizer(directory, manifest), manifest
+    if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
+        raise ModelLoadError(f"device {device!r}: an export runs on auto, cpu or cuda")
+    model = ExportedModel(directory, manifest, runtime, f"{runtime}:{directory}", gpu=device != "cpu")
+    log.info("loaded %s:%s (an export of %s) on %s", runtime, directory, manifest.source_spec, runtime)
+    return model
 
 
 def _tokenizer(directory: Path, manifest: ExportManifest) -> Any:
     ctx = manifest.context_length
     if manifest.tokenizer == "open_clip":
         return ClipBpe(directory / "bpe_simple_vocab_16e6.txt.gz", context_length=ctx)
+    from clipsearch.model import hf  # transformers-family tokenizers: transformers (and torch)
+
     options = manifest.tokenizer_options
     if options.get("open_clip"):
+        import open_clip
+
         return open_clip.tokenizer.HFTokenizer(str(directory / "tokenizer"), context_length=ctx,
                                                clean=options.get("clean", "whitespace"),
                                                strip_sep_token=bool(options.get("strip_sep_token")))
@@ -175,16 +266,8 @@ def _tokenizer(directory: Path, manifest: ExportManifest) -> Any:
 
 def _transform(directory: Path, manifest: ExportManifest) -> Any:
     if not manifest.preprocess:
+        from clipsearch.model import hf
+
         transformers = hf._transformers()
         return hf.ImageTransform(transformers.AutoImageProcessor.from_pretrained(str(directory / "processor")))
-    return TensorOf(PilTransform.from_config(manifest.preprocess))
-
-
-class TensorOf:
-    """A preprocessing in numpy, as the seam's callers take it: a torch tensor."""
-
-    def __init__(self, transform: PilTransform) -> None:
-        self.transform = transform
-
-    def __call__(self, image: Any) -> torch.Tensor:
-        return torch.from_numpy(self.transform(image))
+    return PilTransform.from_config(manifest.preprocess)

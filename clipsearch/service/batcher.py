@@ -40,7 +40,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
 
 from clipsearch.core.errors import (
     ClientGone,
@@ -69,21 +68,28 @@ def concat_rows(rows: list[Any]) -> Any:
     if len(rows) == 1:
         return rows[0]
     first = rows[0]
-    if isinstance(first, torch.Tensor):
-        return torch.cat(rows)
     if isinstance(first, np.ndarray):
         return np.concatenate(rows)
+    if _is_tensor(first):
+        import torch
+
+        return torch.cat(rows)
     return [item for r in rows for item in r]
 
 
 def split_rows(out: Any, chunks: Sequence[tuple[Any, int]]) -> list[Any]:
     """The default post: the forward's output rows, on the host, split by chunk."""
-    if isinstance(out, torch.Tensor):
+    if _is_tensor(out):
         out = out.cpu().numpy()
     if len(chunks) == 1:
         return [out]
     bounds = np.cumsum([0, *(rows for _, rows in chunks)])
     return [out[lo:hi] for lo, hi in itertools.pairwise(bounds)]
+
+
+def _is_tensor(x: Any) -> bool:
+    """A torch tensor, told without importing torch (a torch-free install has none)."""
+    return type(x).__module__.startswith("torch")
 
 
 def _never(items: Sequence[Any]) -> bool:

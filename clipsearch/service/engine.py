@@ -18,16 +18,14 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
-import torch
 from clipsearch_client.aio import gather_or_cancel
 
 from clipsearch.core.errors import InvalidInput, PayloadTooLarge, ShuttingDown
 from clipsearch.images.codec import image_input_bytes
-from clipsearch.images.decoder import ImageDecoder, Jpeg
+from clipsearch.images.decoder import ImageDecoder
 from clipsearch.index.format import Modality
 from clipsearch.index.search import Hit, LoadedIndex, SearchParams, Selection
-from clipsearch.model.clip import ClipModel
-from clipsearch.model.cuda_wait import to_numpy
+from clipsearch.model.base import Model, to_host
 from clipsearch.service.batcher import Collated, DynamicBatcher, Stages
 from clipsearch.service.fetch import ImageFetcher
 from clipsearch.service.metrics import Metrics
@@ -52,7 +50,7 @@ class SearchJob:
 _HIT = np.dtype([("id", np.int64), ("score", np.float32)])
 
 
-def search_rows(jobs: Sequence[SearchJob], queries: np.ndarray | torch.Tensor) -> np.ndarray:
+def search_rows(jobs: Sequence[SearchJob], queries: Any) -> np.ndarray:
     """Rows of (id, score), -1 padded to the largest k, for query row i searched as `jobs[i]`
     says: one backend call per (index, params)."""
     out = np.zeros((len(jobs), max(job.k for job in jobs)), _HIT)
@@ -134,7 +132,7 @@ def item_name(field: str, i: int) -> str:
 
 
 class Engine:
-    def __init__(self, model: ClipModel, settings: Settings, metrics: Metrics | None = None) -> None:
+    def __init__(self, model: Model, settings: Settings, metrics: Metrics | None = None) -> None:
         self.model = model
         self.settings = settings
         self.metrics = metrics
@@ -201,16 +199,16 @@ class Engine:
         return self.model.dim
 
     # -- stages -------------------------------------------------------------------
-    def _tokenize(self, texts: list[list[str]]) -> torch.Tensor:
+    def _tokenize(self, texts: list[list[str]]) -> Any:
         return self.model.tokenize([text for chunk in texts for text in chunk])
 
-    def _prepare_images(self, images: Sequence[str | bytes], field: str, start: int) -> list[torch.Tensor | Jpeg]:
+    def _prepare_images(self, images: Sequence[str | bytes], field: str, start: int) -> list[Any]:
         names = [item_name(field, start + i) for i in range(len(images))]
         limit = self.settings.max_image_bytes
         raws = [image_input_bytes(data, field=name, max_bytes=limit) for data, name in zip(images, names, strict=True)]
         return self.decoder.prepare(raws, names)
 
-    def prepare_images(self, images: Sequence[str | bytes], field: str = "images") -> torch.Tensor:
+    def prepare_images(self, images: Sequence[str | bytes], field: str = "images") -> Any:
         """What the image pipeline makes of images (base64 or bytes) before the model: the
         pixels (N, 3, H, W)."""
         payload = self._collate_images([self._prepare_images(images, field, 0)])
@@ -218,11 +216,11 @@ class Engine:
             raise next(iter(payload.failed.values()))
         return payload
 
-    def _collate_images(self, requests: list[list[torch.Tensor | Jpeg]]) -> torch.Tensor | Collated:
+    def _collate_images(self, requests: list[list[Any]]) -> Any:
         pixels, failed = self.decoder.collate(requests)
         return Collated(pixels, dict(failed)) if failed else pixels
 
-    def _post(self, vectors: torch.Tensor, chunks: list[tuple[SearchJob | None, int]]) -> list[Any]:
+    def _post(self, vectors: Any, chunks: list[tuple[SearchJob | None, int]]) -> list[Any]:
         """Per batch, in the model thread: each chunk's vectors to the host, or its query
         searched: here, where the index takes the vectors on their device; else by FAISS
         in the search thread (a Future). One wait for the device per batch and kind."""
@@ -237,7 +235,7 @@ class Engine:
         rest = [i for i in range(len(chunks)) if out[i] is None]
         if not rest:
             return out
-        host = to_numpy(vectors) if len(rest) == len(chunks) else to_numpy(
+        host = to_host(vectors) if len(rest) == len(chunks) else to_host(
             vectors[[r for i in rest for r in range(starts[i], starts[i] + chunks[i][1])]])
         offset = 0
         later: list[tuple[int, SearchJob, np.ndarray]] = []
@@ -379,7 +377,7 @@ def _drop(hits: list[Hit], row: int, k: int) -> list[Hit]:
     return [h for h in hits if h.row != row][:k]
 
 
-def _take(vectors: torch.Tensor, rows: list[int], total: int) -> torch.Tensor:
+def _take(vectors: Any, rows: list[int], total: int) -> Any:
     """`vectors[rows]`, without a gather when the rows are all of them in order."""
     return vectors if len(rows) == total == len(vectors) else vectors[rows]
 

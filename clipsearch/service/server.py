@@ -23,7 +23,7 @@ from clipsearch.service.metrics import MULTIPROC_ENV
 from clipsearch.service.settings import Settings
 
 if TYPE_CHECKING:
-    from clipsearch.model.clip import ClipModel
+    from clipsearch.model.base import Model
 
 
 WORKER_APP = "clipsearch.service.http.app:app_from_env"  # each worker builds its app from CLIPSEARCH_* variables
@@ -55,7 +55,7 @@ def preflight(settings: Settings) -> socket.socket:
 
 
 def run(settings: Settings, overrides: dict[str, Any], say: Callable[[str], None], *,
-        sock: socket.socket | None = None, model: ClipModel | None = None) -> None:
+        sock: socket.socket | None = None, model: Model | None = None) -> None:
     """Serve until stopped. `overrides` are the flags given (handed to worker processes);
     `say` prints the address, so a caller of `--port 0` learns the port. A caller that
     already bound the address (`sock`) or loaded the model (`model`, one worker) passes them."""

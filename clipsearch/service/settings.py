@@ -162,7 +162,8 @@ class Settings(BaseSettings):
         json_schema_extra=TUNING,
     )
     torch_threads: int | None = Field(
-        None, ge=1, description="CPU threads for model math [cores - 1, shared by the workers]",
+        None, ge=1, description="CPU threads for model math, torch's or an export's runtime "
+        "[cores - 1, shared by the workers]",
         json_schema_extra=TUNING,
     )
 

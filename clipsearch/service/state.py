@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 from clipsearch.core.errors import IndexLoadError, IndexRefused, ModelLoadError, NotReady
 from clipsearch.index.format import Modality
 from clipsearch.index.search import IndexSet, LoadedIndex, choose_backend
-from clipsearch.model.clip import ClipModel, load_model
+from clipsearch.model.base import Model
+from clipsearch.model.load import load_model
 from clipsearch.service.engine import Engine
 from clipsearch.service.holder import IndexHolder
 from clipsearch.service.metrics import Metrics
@@ -23,7 +24,7 @@ GRAPH_MAX_BATCH = 64
 @dataclass
 class ServiceState:
     settings: Settings
-    model: ClipModel
+    model: Model
     engine: Engine
     indexes: IndexHolder
     metrics: Metrics
@@ -32,7 +33,7 @@ class ServiceState:
     last_refusal: str | None = field(default=None)  # the index error last logged
 
     @classmethod
-    def build(cls, settings: Settings, model: ClipModel | None = None, metrics: Metrics | None = None
+    def build(cls, settings: Settings, model: Model | None = None, metrics: Metrics | None = None
               ) -> ServiceState:
         """Load the model (unless given) and the index; raises ModelLoadError / IndexLoadError.
 
@@ -43,11 +44,9 @@ class ServiceState:
         if model is None:
             model = load_model(settings.model, settings.pretrained, settings.device, settings.dtype)
         if settings.torch_threads is not None or model.info.device == "cpu":
-            # On the CPU the model's math and the HTTP event loop share the cores: leave the loop one.
-            import torch
-
-            # Several worker processes share the cores.
-            torch.set_num_threads(settings.torch_threads or max(1, ((os.cpu_count() or 2) - 1) // settings.workers))
+            # On the CPU the model's math and the HTTP event loop share the cores: leave the loop
+            # one. Several worker processes share the cores.
+            model.set_threads(settings.torch_threads or max(1, ((os.cpu_count() or 2) - 1) // settings.workers))
         if model.info.fingerprint.startswith("random:"):
             log.warning("serving %s with RANDOM weights: vectors are meaningless outside tests and demos",
                         model.info.spec)

@@ -145,8 +145,13 @@ def test_index_rebuild_commands_use_real_flags() -> None:
 def test_dockerfile_matches_the_project() -> None:
     text = (ROOT / "Dockerfile").read_text()
     pyproject = (ROOT / "pyproject.toml").read_text()
-    assert 'clipsearch = "clipsearch.cli:app"' in pyproject
-    assert text.count('ENTRYPOINT ["clipsearch"]') == 2 and text.count('CMD ["serve"]') == 2
+    assert 'clipsearch = "clipsearch.cli:main"' in pyproject
+    targets = re.findall(r"^FROM \S+ AS (\S+)$", text, flags=re.M)
+    assert {"cpu", "slim", "gpu"} <= set(targets) and targets[-1] == "gpu"  # gpu: the default target
+    assert text.count('ENTRYPOINT ["clipsearch"]') == 3 and text.count('CMD ["serve"]') == 3
+    slim = [line for line in text[text.index("AS slim-build"):text.index("AS slim\n")].splitlines()
+            if line.startswith("RUN")]
+    assert any('".[onnx]"' in line for line in slim) and not any("torch" in line for line in slim)
     assert "serve" in _help()
     for src in re.findall(r"^COPY (?!--from)(.+) \S+$", text, flags=re.M):
         for item in src.split():

@@ -117,7 +117,7 @@ def test_torch_model_input_is_within_a_grey_level_of_exact(tiny_model) -> None:
 def test_torch_preprocess_only_mirrors_the_standard_transform(tiny_model) -> None:
     from torchvision.transforms import Compose, InterpolationMode, Resize
 
-    from clipsearch.images.decoder import TorchPreprocess
+    from clipsearch.images.torch_path import TorchPreprocess
 
     tp = TorchPreprocess.from_transform(tiny_model.preprocess_transform)
     assert tp is not None and tp.size == 64 and tp.crop == (64, 64)
@@ -132,7 +132,7 @@ def test_same_sized_images_resized_as_one_batch_equal_one_at_a_time(tiny_model) 
     gives exactly the one-at-a-time result, here on the CPU with sizes interleaved."""
     import torch
 
-    from clipsearch.images.decoder import TorchPreprocess
+    from clipsearch.images.torch_path import TorchPreprocess
 
     tp = TorchPreprocess.from_transform(tiny_model.preprocess_transform)
     assert tp is not None
@@ -169,7 +169,7 @@ def test_torch_preprocess_on_cuda_is_faithful(tiny_model) -> None:
 
 
 async def test_torch_mode_without_a_torch_decoder_serves_exact(make_client, tiny_model, monkeypatch) -> None:
-    import clipsearch.images.decoder as tp
+    import clipsearch.images.torch_path as tp
 
     monkeypatch.setattr(tp, "HAVE_TORCH_DECODE", False)
     exact = await _embed(make_client, tiny_model, JPEGS)
@@ -316,7 +316,7 @@ def test_jpegs_decode_per_batch_only_on_a_gpu_with_the_torch_path(tiny_model) ->
 def test_gathered_rows_keep_their_order() -> None:
     import torch
 
-    from clipsearch.images.decoder import gather_rows
+    from clipsearch.images.torch_path import gather_rows
 
     rows = [torch.randn(3, 4, 4) for _ in range(5)]
     assert torch.equal(gather_rows(rows, torch.device("cpu")), torch.stack(rows))
@@ -331,7 +331,7 @@ async def test_pixels_decoded_on_the_cpu_reach_a_gpu_model_pinned(make_client, t
 
     import torch
 
-    from clipsearch.images.decoder import gather_rows
+    from clipsearch.images.torch_path import gather_rows
     from clipsearch.model.clip import load_model
 
     cuda = torch.device("cuda")

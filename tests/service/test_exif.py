@@ -13,7 +13,7 @@ import torch
 from PIL import ExifTags, Image, ImageOps
 
 from clipsearch.images.codec import _PIL_ORIENT
-from clipsearch.images.decoder import upright
+from clipsearch.images.torch_path import upright
 from clipsearch.service.engine import Engine
 from clipsearch.service.settings import Settings
 

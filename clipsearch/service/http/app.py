@@ -14,7 +14,7 @@ from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
 from starlette.middleware.cors import CORSMiddleware
 
-from clipsearch.model.clip import ClipModel
+from clipsearch.model.base import Model
 from clipsearch.service.http import compat, protocol
 from clipsearch.service.http.auth import ApiKeys, CredentialMiddleware
 from clipsearch.service.http.errors import install_error_handlers
@@ -41,7 +41,7 @@ async def _poll_index(svc: ServiceState, interval: float) -> None:
             log.exception("index poll failed")
 
 
-def create_app(settings: Settings, *, state: ServiceState | None = None, model: ClipModel | None = None) -> FastAPI:
+def create_app(settings: Settings, *, state: ServiceState | None = None, model: Model | None = None) -> FastAPI:
     """Build the app. The lifespan loads the model and index (unless `state` or `model`
     is given, e.g. by the CLI that loaded them before binding the port, or by tests)
     and starts the batchers."""
