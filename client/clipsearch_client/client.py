@@ -59,6 +59,7 @@ class Hit:
     text: str | None = None
     thumbnail: str | None = None  # a URL path on the server, for image hits of an index built with thumbnails
     vector: np.ndarray | None = None  # with return_vectors=True
+    duplicates: tuple[str, ...] = ()  # with dedup=True: ids of the near-duplicates folded into this hit
 
 
 @dataclass(frozen=True)
@@ -130,13 +131,14 @@ def _chunks(n: int, size: int) -> list[tuple[int, int]]:
 
 def _hits(body: dict[str, Any]) -> SearchResults:
     return SearchResults([Hit(h["id"], h["score"], h.get("metadata") or {}, h.get("text"), h.get("thumbnail"),
-                              None if h.get("vector") is None else np.asarray(h["vector"], np.float32))
+                              None if h.get("vector") is None else np.asarray(h["vector"], np.float32),
+                              tuple(h.get("duplicates") or ()))
                           for h in body["results"]], body["index_version"])
 
 
 def _search(k: int, options: dict[str, Any]) -> dict[str, Any]:
-    """The search fields of a request: k, and what of offset, filter, return_vectors, nprobe,
-    ef_search and target was given."""
+    """The search fields of a request: k, and what of offset, filter, return_vectors, dedup,
+    dedup_threshold, nprobe, ef_search and target was given."""
     return {"k": k, **{name: value for name, value in options.items() if value is not None}}
 
 
@@ -224,7 +226,8 @@ class Client(_Base):
 
     def search_text(self, text: str, k: int = 10, **options: Any) -> SearchResults:
         """The k images nearest to a text. Options: offset, filter ({"colour": "red"}),
-        return_vectors, target ("text": search the texts), nprobe, ef_search."""
+        return_vectors, dedup (fold near-duplicates: each hit's `duplicates`; dedup_threshold,
+        a cosine, 0.94), target ("text": search the texts), nprobe, ef_search."""
         return _hits(self._call("POST", "/search/text", json={"text": text, **_search(k, options)}))
 
     def search_image(self, image: ImageInput, k: int = 10, **options: Any) -> SearchResults:

@@ -37,3 +37,29 @@ def keep_first(vectors: np.ndarray, threshold: float = CLIP_RETRIEVAL_THRESHOLD)
     """The rows that stay after near-duplicates fold into their group's best-ranked row."""
     groups = duplicates(vectors, threshold)
     return np.flatnonzero(groups == np.arange(len(groups)))
+
+
+SEARCH_THRESHOLD = 0.94  # the native API's default: clip-retrieval's
+
+
+def fold(vectors: np.ndarray, threshold: float = SEARCH_THRESHOLD) -> np.ndarray:
+    """For each row of `vectors` (L2-normalized, in rank order), the row it folds into: itself
+    when no higher-ranked kept row has a cosine of at least `threshold` with it, else the
+    best-ranked kept row that has. A row's fate depends only on the rows above it, so the kept
+    rows of a longer ranking begin with those of a shorter one: pages of a search stay
+    consistent however deep it was run (unlike connected components, where a hit further down
+    can join two groups above it)."""
+    n = len(vectors)
+    into = np.arange(n)
+    if n < 2:
+        return into
+    similar = vectors @ vectors.T >= threshold
+    kept: list[int] = []
+    for i in range(n):
+        if kept:
+            close = np.flatnonzero(similar[i, kept])
+            if len(close):
+                into[i] = kept[int(close[0])]
+                continue
+        kept.append(i)
+    return into

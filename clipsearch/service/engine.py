@@ -23,6 +23,7 @@ from clipsearch_client.aio import gather_or_cancel
 from clipsearch.core.errors import InvalidInput, PayloadTooLarge, ShuttingDown
 from clipsearch.images.codec import image_input_bytes
 from clipsearch.images.decoder import ImageDecoder
+from clipsearch.index.dedup import fold
 from clipsearch.index.format import Modality
 from clipsearch.index.search import Hit, LoadedIndex, SearchParams, Selection
 from clipsearch.model.base import Model, to_host
@@ -362,6 +363,30 @@ class Engine:
         """Top-k hits for a stored item's own vector ("more like this"), the item itself left out."""
         wider = replace(job, k=min(job.k + 1, job.index.count))
         return _drop(await self.search_vector(wider, job.index.vector(row)), row, job.k)
+
+    async def search_distinct(self, job: SearchJob, vector: np.ndarray, threshold: float, leave_out: int | None = None
+                              ) -> list[tuple[Hit, list[Hit]]]:
+        """The first `job.k` distinct hits for a (1, dim) query vector, each with the hits folded
+        into it (`dedup.fold`: within `threshold` cosine of a better-ranked kept hit). The
+        search runs deeper until `job.k` distinct hits are found, the index (or the filter's
+        rows) runs out, or it has looked at 16 times `job.k` hits: a page of near-copies of
+        one picture costs a bounded search, and may come back short. `leave_out`: a row
+        dropped with everything folded into it (the item a "more like this" started from)."""
+        want = job.k
+        cap = min(job.index.count, 16 * want + (leave_out is not None))
+        depth = min(cap, 2 * want + 8)
+        while True:
+            hits = await self.search_vector(replace(job, k=depth), vector)
+            into = fold(job.index.vectors_of(np.asarray([h.row for h in hits], np.int64)), threshold)
+            kept = [i for i in range(len(hits)) if into[i] == i and hits[i].row != leave_out]
+            if len(kept) >= want or len(hits) < depth or depth >= cap:
+                break
+            depth = min(cap, 2 * depth)
+        folded: dict[int, list[Hit]] = {}
+        for i, root in enumerate(into):
+            if root != i:
+                folded.setdefault(int(root), []).append(hits[i])
+        return [(hits[i], folded.get(i, [])) for i in kept[:want]]
 
     async def search_image(
         self, job: SearchJob, image: str | bytes, *, field: str = "image", disconnected: Disconnected | None = None,

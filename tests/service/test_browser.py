@@ -84,6 +84,21 @@ def test_search_page_in_chromium(tiny_model, built, tmp_path) -> None:  # noqa: 
         page.wait_for_function(f"() => document.querySelectorAll('#images li').length === {len(want)}")
         wait_for_thumbnails()
 
+        # near-duplicates folded: the page asks for dedup and shows what the API answers
+        page.locator("#dedup").check()
+        page.locator("#query").press("Enter")
+        distinct = api.post("/search/text", json={"text": "a red circle", "k": K, "dedup": True}).json()["results"]
+        page.wait_for_function(f"() => document.querySelectorAll('#images li').length === {len(distinct)}")
+        assert page.locator("#images button").evaluate_all("bs => bs.map(b => b.dataset.id)") == \
+            [h["id"] for h in distinct]
+        folded = len(distinct[0]["duplicates"])
+        if folded:
+            assert f"{folded} near-duplicate" in page.locator("#images .meta").first.text_content()
+        page.locator("#dedup").uncheck()
+        page.locator("#query").press("Enter")
+        page.wait_for_function(f"() => document.querySelectorAll('#images li').length === {len(want)}")
+        wait_for_thumbnails()
+
         # more like this: the first result, from the keyboard
         first = want[0]
         page.locator("#images button").first.focus()

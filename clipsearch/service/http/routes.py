@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import numpy as np
@@ -62,12 +63,18 @@ async def embed(request: Request) -> Response:
     return json_response({"model": state.model.info.spec, "dim": engine.dim, "texts": texts, "images": images})
 
 
-def _hits(hits: list[Hit], current: IndexSet, index: LoadedIndex, vectors: bool) -> list[dict[str, Any]]:
+def _hits(hits: list[Hit], current: IndexSet, index: LoadedIndex, vectors: bool,
+          folded: list[list[Hit]] | None = None) -> list[dict[str, Any]]:
     stored = index.vectors_of(np.asarray([h.row for h in hits], np.int64)) if vectors and hits else None
     return [{"id": h.id, "score": h.score, "metadata": h.metadata, "text": h.text,
              "thumbnail": thumbnail_url(current.version, h.row) if index.has_thumbnail(h.row) else None,
-             **({"vector": stored[i]} if stored is not None else {})}
+             **({"vector": stored[i]} if stored is not None else {}),
+             **({"duplicates": [d.id for d in folded[i]]} if folded is not None else {})}
             for i, h in enumerate(hits)]
+
+
+async def _ready(vector: np.ndarray) -> np.ndarray:
+    return vector
 
 
 def thumbnail_url(version: str, row: int) -> str:
@@ -100,6 +107,20 @@ def _search_response(hits: list[Hit], body: Searching, current: IndexSet, index:
                           "index_version": current.version})
 
 
+async def _answer(state: ServiceState, body: Searching, current: IndexSet, index: LoadedIndex, job: SearchJob,
+                  search: Callable[[], Awaitable[list[Hit]]], query: Callable[[], Awaitable[np.ndarray]],
+                  leave_out: int | None = None) -> Response:
+    """The page of hits: as the search ranks them, or with `dedup`, distinct ones from a search
+    by the query's vector (each with the ids folded into it)."""
+    if not body.dedup:
+        return _search_response(await search(), body, current, index)
+    found = await state.engine.search_distinct(job, await query(), body.dedup_threshold, leave_out)
+    page = found[body.offset : body.offset + body.k]
+    return json_response({"results": _hits([h for h, _ in page], current, index, body.return_vectors,
+                                           [f for _, f in page]),
+                          "index_version": current.version})
+
+
 # The index is taken before encoding: a missing one answers 503 at once, and a hot reload
 # meanwhile does not matter.
 @router.post("/search/text", response_model=SearchResponse, responses=_ERRORS,
@@ -111,8 +132,10 @@ async def search_text(request: Request) -> Response:
     body = await read_body(request, TextSearchRequest, state.settings)
     current, index = state.index_for(body.target)
     job = await _job(body, state, index)
-    hits = await state.engine.search_text(job, body.text, disconnected=client_gone(request))
-    return _search_response(hits, body, current, index)
+    engine, gone = state.engine, client_gone(request)
+    return await _answer(state, body, current, index, job,
+                         lambda: engine.search_text(job, body.text, disconnected=gone),
+                         lambda: engine.embed_texts([body.text], field="text", disconnected=gone))
 
 
 @router.post("/search/image", response_model=SearchResponse, responses=_ERRORS,
@@ -124,8 +147,10 @@ async def search_image(request: Request) -> Response:
     body = await read_body(request, ImageSearchRequest, state.settings)
     current, index = state.index_for(body.target)
     job = await _job(body, state, index)
-    hits = await state.engine.search_image(job, body.image, disconnected=client_gone(request))
-    return _search_response(hits, body, current, index)
+    engine, gone = state.engine, client_gone(request)
+    return await _answer(state, body, current, index, job,
+                         lambda: engine.search_image(job, body.image, disconnected=gone),
+                         lambda: engine.embed_images([body.image], field="image", disconnected=gone))
 
 
 @router.post("/search/similar", response_model=SearchResponse, responses={**_ERRORS, 404: {"model": ErrorResponse}},
@@ -141,8 +166,9 @@ async def search_similar(request: Request) -> Response:
     if row is None:
         raise NotFound(f"id: no item {body.id!r} in the {body.modality} index (version {current.version})",
                        field="id")
-    hits = await state.engine.search_similar(job, row)
-    return _search_response(hits, body, current, index)
+    engine = state.engine
+    return await _answer(state, body, current, index, job, lambda: engine.search_similar(job, row),
+                         lambda: _ready(index.vector(row)), leave_out=row)
 
 
 @router.post("/search/vector", response_model=SearchResponse, responses=_ERRORS,
@@ -154,8 +180,9 @@ async def search_vector(request: Request) -> Response:
     current, index = state.index_for(body.target)
     vector = state.engine.unit_vector(body.vector, "vector")
     job = await _job(body, state, index)
-    hits = await state.engine.search_vector(job, vector)
-    return _search_response(hits, body, current, index)
+    engine = state.engine
+    return await _answer(state, body, current, index, job, lambda: engine.search_vector(job, vector),
+                         lambda: _ready(vector))
 
 
 @router.post("/classify", response_model=ClassifyResponse, responses=_ERRORS,

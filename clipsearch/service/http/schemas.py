@@ -67,6 +67,10 @@ class _SearchRequest(_Request):
         None, description='metadata filter: {"colour": "red", "year": {"$gte": 2000}}, with $eq $ne $in $nin $gt '
         "$gte $lt $lte $exists $and $or (docs/api.md)")
     return_vectors: StrictBool = Field(False, description="include each hit's stored vector")
+    dedup: StrictBool = Field(False, description="fold near-duplicate hits into the best-ranked of them and refill "
+                              "the page with distinct ones; each hit lists the ids folded into it")
+    dedup_threshold: float = Field(0.94, gt=0.0, le=1.0, description="with dedup: the cosine at which a hit folds "
+                                   "into a better-ranked one")
     nprobe: Probes | None = Field(None, description="IVF lists to visit (default: the manifest's)")
     ef_search: Probes | None = Field(None, description="HNSW efSearch (default: the manifest's)")
 
@@ -99,6 +103,7 @@ class SearchHit(BaseModel):
     text: str | None = None
     thumbnail: str | None = Field(None, description="URL of the item's thumbnail (image index, when built)")
     vector: list[float] | None = Field(None, description="the stored vector, with return_vectors")
+    duplicates: list[str] | None = Field(None, description="with dedup: ids of the hits folded into this one")
 
 
 class SearchResponse(BaseModel):

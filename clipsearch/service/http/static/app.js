@@ -42,6 +42,8 @@ function clear() {
 
 function metaLine(hit) {
   const parts = [hit.score.toFixed(3)];
+  const folded = (hit.duplicates || []).length;
+  if (folded) parts.push(`${folded} near-duplicate${folded === 1 ? "" : "s"} folded in`);
   for (const [key, value] of Object.entries(hit.metadata || {})) parts.push(`${key}: ${JSON.stringify(value)}`);
   return parts.join(" · ");
 }
@@ -119,7 +121,7 @@ function searchText(text) {
   clear();
   $("query-image").hidden = true;
   return run(`“${text}”`, async () => {
-    const data = await api("/search/text", { json: { text, k: K, filter: currentFilter() } });
+    const data = await api("/search/text", { json: { text, k: K, filter: currentFilter(), dedup: $("dedup").checked } });
     showImages(data.results);
     return data.results.length;
   });
@@ -128,7 +130,9 @@ function searchText(text) {
 function moreLike(id, caption) {
   clear();
   return run(`more like “${caption}”`, async () => {
-    const data = await api("/search/similar", { json: { id, modality: "image", k: K, filter: currentFilter() } });
+    const data = await api("/search/similar", {
+      json: { id, modality: "image", k: K, filter: currentFilter(), dedup: $("dedup").checked },
+    });
     showImages(data.results);
     window.scrollTo({ top: 0 });
     return data.results.length;
@@ -149,6 +153,7 @@ function searchImage(file) {
       form.append("target", target);
       const filter = currentFilter();
       if (filter !== undefined) form.append("filter", JSON.stringify(filter));
+      if ($("dedup").checked) form.append("dedup", "true");
       return api("/search/image", { form }).then((d) => d.results, (e) => (e.status === 503 ? [] : Promise.reject(e)));
     };
     const [images, texts] = await Promise.all([ask("image"), ask("text")]);
