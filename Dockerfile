@@ -9,6 +9,8 @@ ARG PYTHON_VERSION=3.11
 ARG CUDA_IMAGE=nvidia/cuda:12.4.1-cudnn-runtime-ubuntu22.04
 ARG TORCH_VERSION=2.6.0
 ARG TORCHVISION_VERSION=0.21.0
+# where the CPU build takes torch from: PyTorch's CPU wheels (~200 MB, not PyPI's CUDA build)
+ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
 # more extras, comma first: --build-arg EXTRAS=,ray,hf (the Ray builder, transformers models)
 ARG EXTRAS=
 
@@ -22,11 +24,12 @@ COPY client /src/client
 FROM python:${PYTHON_VERSION}-slim AS cpu-build
 ARG TORCH_VERSION
 ARG TORCHVISION_VERSION
+ARG TORCH_INDEX
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 # The CPU wheel of torch is ~200 MB instead of the ~2.5 GB CUDA build from PyPI.
-RUN pip install --index-url https://download.pytorch.org/whl/cpu \
+RUN pip install --index-url ${TORCH_INDEX} \
     torch==${TORCH_VERSION} torchvision==${TORCHVISION_VERSION}
 COPY --from=src /src /src
 WORKDIR /src
