@@ -226,7 +226,8 @@ class Client(_Base):
 
     def search_text(self, text: str, k: int = 10, **options: Any) -> SearchResults:
         """The k images nearest to a text. Options: offset, filter ({"colour": "red"}),
-        return_vectors, dedup (fold near-duplicates: each hit's `duplicates`; dedup_threshold,
+        return_vectors, mode ("lexical": by the captions' words, BM25; "hybrid": both, with
+        lexical_weight), dedup (fold near-duplicates: each hit's `duplicates`; dedup_threshold,
         a cosine, 0.94), target ("text": search the texts), nprobe, ef_search."""
         return _hits(self._call("POST", "/search/text", json={"text": text, **_search(k, options)}))
 

@@ -40,6 +40,7 @@ from pydantic import BaseModel, Field, ValidationError
 from clipsearch.core.errors import IndexLoadError, IndexMismatch
 from clipsearch.core.fsutil import atomic_write_text
 from clipsearch.index.items import open_items, read_jsonl_items, write_items
+from clipsearch.index.lexical import write_lexical
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -71,6 +72,8 @@ class IndexEntry(BaseModel):
     thumbnails: str | None = Field(None, pattern=_FILE_NAME)  # image indexes: the thumbnail file, if built
     thumbnail_count: int = Field(0, ge=0)  # items that have one (an unreadable image's is left empty)
     data: str | None = Field(None, pattern=_FILE_NAME)  # on-disk inverted lists (ivfpq-disk), beside `file`
+    lexical: str | None = Field(None, pattern=_FILE_NAME)  # the items' texts for BM25 (index/lexical.py), if built
+    lexical_count: int = Field(0, ge=0)  # items with a text in it
 
 
 class FileSum(BaseModel):
@@ -401,12 +404,14 @@ def write_version(
     version: str,
     build: dict[str, Any] | None = None,
     thumbnails: Collection[bytes] | None = None,
+    lexical: bool = True,
 ) -> Manifest:
     """Write FAISS indexes, their items and the manifest into `out_dir` (not yet published).
 
     `indexes` maps a modality to (faiss index, items, entry fields) where entry fields
     hold at least `index_type` and `factory`, optionally `search_params` and
-    `recall_at_10`. `thumbnails`, if given, has one per image item.
+    `recall_at_10`. `thumbnails`, if given, has one per image item. `lexical`: the items'
+    texts also go into a BM25 table (`index.lexical`) for lexical and hybrid search.
     """
     faiss = faiss_module()
     entries: dict[Modality, IndexEntry] = {}
@@ -423,6 +428,11 @@ def write_version(
             fields = {**fields, "data": data.name}
         faiss.write_index(index, str(out_dir / f"{modality}.faiss"))
         write_items(out_dir / f"{modality}.items.arrow", items)
+        if lexical:
+            texts = [item.get("text") for item in items]
+            if any(texts):
+                fields = {**fields, "lexical": f"{modality}.lexical.sqlite",
+                          "lexical_count": write_lexical(out_dir / f"{modality}.lexical.sqlite", texts)}
         if modality == "image" and thumbnails is not None:
             if len(thumbnails) != len(items):
                 raise ValueError(f"{len(thumbnails)} thumbnails for {len(items)} image items")

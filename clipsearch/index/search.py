@@ -13,6 +13,7 @@ Search is stateless: nprobe / efSearch travel with each call as FAISS
 from __future__ import annotations
 
 import logging
+import sqlite3
 import threading
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
@@ -38,6 +39,7 @@ from clipsearch.index.format import (
     verify_files,
 )
 from clipsearch.index.items import ItemTable, open_items
+from clipsearch.index.lexical import LexicalIndex
 
 log = logging.getLogger(__name__)
 
@@ -274,12 +276,13 @@ class LoadedIndex:
 
     def __init__(self, modality: Modality, entry: IndexEntry, backend: SearchBackend,
                  items: ItemTable | Sequence[Mapping[str, Any]], *, source: Any = None,
-                 thumbnails: Thumbnails | None = None):
+                 thumbnails: Thumbnails | None = None, lexical: LexicalIndex | None = None):
         self.modality = modality
         self.entry = entry
         self.backend = backend
         self.items = items if isinstance(items, ItemTable) else ItemTable.from_items(items)
         self.thumbnails = thumbnails
+        self.lexical = lexical  # BM25 over the items' texts, when the build wrote it
         self._source = source  # the FAISS index as read (on the CPU): stored vectors come from it
         self._lock = threading.Lock()
         self._selections: OrderedDict[str, Selection] = OrderedDict()
@@ -471,6 +474,13 @@ def load_index_set(
                 thumbnails = Thumbnails(version_dir / entry.thumbnails, entry.count)
             except OSError as exc:
                 raise IndexLoadError(f"{version_dir / entry.thumbnails}: {exc.strerror}") from None
-        indexes[modality] = LoadedIndex(modality, entry, impl, items, source=index, thumbnails=thumbnails)
+        lexical = None
+        if entry.lexical is not None:
+            try:
+                lexical = LexicalIndex(version_dir / entry.lexical)
+            except sqlite3.Error as exc:
+                raise IndexLoadError(f"{version_dir / entry.lexical}: {exc}") from None
+        indexes[modality] = LoadedIndex(modality, entry, impl, items, source=index, thumbnails=thumbnails,
+                                        lexical=lexical)
         log.info("loaded %s index %s: %d vectors via %s", modality, manifest.version, entry.count, impl.name)
     return IndexSet(manifest, version_dir, indexes)

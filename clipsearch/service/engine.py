@@ -49,6 +49,8 @@ class SearchJob:
 
 
 _HIT = np.dtype([("id", np.int64), ("score", np.float32)])
+RRF_K = 60  # reciprocal rank fusion's constant (Cormack et al.; Elasticsearch and Weaviate use it too)
+HYBRID_WINDOW = 100  # hybrid search fuses each ranking's first max(k, this) hits
 
 
 def search_rows(jobs: Sequence[SearchJob], queries: Any) -> np.ndarray:
@@ -387,6 +389,39 @@ class Engine:
             if root != i:
                 folded.setdefault(int(root), []).append(hits[i])
         return [(hits[i], folded.get(i, [])) for i in kept[:want]]
+
+    async def search_words(self, job: SearchJob, text: str, mode: str, lexical_weight: float = 1.0, *,
+                           disconnected: Disconnected | None = None) -> list[Hit]:
+        """Top-k hits for a text by its words. `lexical`: the items whose text holds any of the
+        query's terms, by BM25 (`index.lexical`). `hybrid`: reciprocal rank fusion of the vector
+        ranking and the BM25 ranking, each cut at its first max(k, HYBRID_WINDOW) hits (as
+        Elasticsearch's rank_window_size): score = 1/(60 + vector rank) + lexical_weight /
+        (60 + BM25 rank), a ranking's term 0 for an item it does not hold; ties by row."""
+        lexical = job.index.lexical
+        if lexical is None:
+            raise InvalidInput(f"mode: {mode} search needs the items' texts, and this {job.index.modality} index "
+                               "has none (no texts in its items, or built before lexical indexes: rebuild it)",
+                               field="mode")
+        self.check_texts([text], "text")
+        mask = job.selection.mask if job.selection is not None else None
+        if mode == "lexical":
+            rows, scores = await asyncio.to_thread(lexical.search, text, job.k, mask)
+            return job.index.to_hits(scores[None], rows[None])[0]
+        window = max(job.k, HYBRID_WINDOW)
+        words = asyncio.ensure_future(asyncio.to_thread(lexical.search, text, window, mask))
+        try:
+            vector_hits = await self.search_text(replace(job, k=min(window, job.index.count)), text,
+                                                 disconnected=disconnected)
+        finally:
+            rows, _ = await words  # a thread cannot be cancelled: its result is awaited either way
+        fused: dict[int, float] = {}
+        for rank, hit in enumerate(vector_hits, 1):
+            fused[hit.row] = 1.0 / (RRF_K + rank)
+        for rank, row in enumerate(rows.tolist(), 1):
+            fused[row] = fused.get(row, 0.0) + lexical_weight / (RRF_K + rank)
+        best = sorted(fused.items(), key=lambda item: (-item[1], item[0]))[: job.k]
+        return job.index.to_hits(np.asarray([[s for _, s in best]], np.float32),
+                                 np.asarray([[r for r, _ in best]], np.int64))[0]
 
     async def search_image(
         self, job: SearchJob, image: str | bytes, *, field: str = "image", disconnected: Disconnected | None = None,

@@ -501,7 +501,8 @@ async def test_healthz_and_info(make_client, tiny_model) -> None:
                   for path in ("/embed", "/search/text", "/search/image", "/classify")}
         assert set(bodies["/embed"]["properties"]) == {"texts", "images"}
         assert set(bodies["/search/text"]["properties"]) == {"text", "k", "nprobe", "ef_search", "target", "offset",
-                                                          "filter", "return_vectors", "dedup", "dedup_threshold"}
+                                                          "filter", "return_vectors", "dedup", "dedup_threshold",
+                                                          "mode", "lexical_weight"}
         assert "image" in bodies["/search/image"]["properties"]
         assert {"image", "labels"} <= set(bodies["/classify"]["properties"])
     async with make_client(tiny_model, expose_internals=False) as client:

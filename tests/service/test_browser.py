@@ -99,6 +99,22 @@ def test_search_page_in_chromium(tiny_model, built, tmp_path) -> None:  # noqa: 
         page.wait_for_function(f"() => document.querySelectorAll('#images li').length === {len(want)}")
         wait_for_thumbnails()
 
+        # words in the captions: the page asks for lexical matches
+        word = want[0]["text"].split()[-1]
+        page.locator("#mode").select_option("lexical")
+        page.locator("#query").fill(word)
+        page.locator("#query").press("Enter")
+        lexical = api.post("/search/text", json={"text": word, "k": K, "mode": "lexical"}).json()["results"]
+        page.wait_for_function("() => document.getElementById('status').textContent === "
+                               f"'{len(lexical)} results for “{word}”'")
+        assert page.locator("#images button").evaluate_all("bs => bs.map(b => b.dataset.id)") == \
+            [h["id"] for h in lexical]
+        page.locator("#mode").select_option("vector")
+        page.locator("#query").fill("a red circle")
+        page.locator("#query").press("Enter")
+        page.wait_for_function(f"() => document.querySelectorAll('#images li').length === {len(want)}")
+        wait_for_thumbnails()
+
         # more like this: the first result, from the keyboard
         first = want[0]
         page.locator("#images button").first.focus()

@@ -133,6 +133,12 @@ async def search_text(request: Request) -> Response:
     current, index = state.index_for(body.target)
     job = await _job(body, state, index)
     engine, gone = state.engine, client_gone(request)
+    if body.mode != "vector":
+        if body.dedup:
+            raise InvalidInput(f"dedup: folds near-duplicates by their vectors, with mode vector; not with "
+                               f"mode {body.mode}", field="dedup")
+        hits = await engine.search_words(job, body.text, body.mode, body.lexical_weight, disconnected=gone)
+        return _search_response(hits, body, current, index)
     return await _answer(state, body, current, index, job,
                          lambda: engine.search_text(job, body.text, disconnected=gone),
                          lambda: engine.embed_texts([body.text], field="text", disconnected=gone))

@@ -78,6 +78,11 @@ class _SearchRequest(_Request):
 class TextSearchRequest(_SearchRequest):
     text: str = Field(min_length=1, description="query text")
     target: Literal["image", "text"] = Field("image", description="the index searched: images, or texts")
+    mode: Literal["vector", "lexical", "hybrid"] = Field(
+        "vector", description="vector: by the text's vector; lexical: by the items' texts holding its words (BM25); "
+        "hybrid: both, fused by reciprocal rank")
+    lexical_weight: float = Field(1.0, ge=0.0, le=100.0, description="hybrid: the BM25 ranking's weight in the "
+                                  "fusion (the vector ranking's is 1)")
 
 
 class ImageSearchRequest(_SearchRequest):

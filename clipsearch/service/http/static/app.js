@@ -121,7 +121,10 @@ function searchText(text) {
   clear();
   $("query-image").hidden = true;
   return run(`“${text}”`, async () => {
-    const data = await api("/search/text", { json: { text, k: K, filter: currentFilter(), dedup: $("dedup").checked } });
+    const mode = $("mode").value;
+    const json = { text, k: K, filter: currentFilter(), mode };
+    if (mode === "vector") json.dedup = $("dedup").checked;  // folding goes by vectors
+    const data = await api("/search/text", { json });
     showImages(data.results);
     return data.results.length;
   });
