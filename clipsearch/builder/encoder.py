@@ -25,7 +25,7 @@ from clipsearch.core.errors import ClipsearchError, InvalidImage
 from clipsearch.core.orphans import init_after_watch, watched
 from clipsearch.images.codec import decode_base64
 from clipsearch.images.decoder import CPU, ImageDecoder, Jpeg
-from clipsearch.inputs.readers import Record, open_input
+from clipsearch.inputs.readers import InputError, Record, open_input
 from clipsearch.model.base import Model
 
 _DECODER: ImageDecoder | None = None
@@ -184,9 +184,13 @@ class Encoder:
         """Encode the chunk's texts, wait for its decoded images and encode them; report bad items."""
         errors: list[ItemError] = []
         text_records: list[Record] = []
+        given: list[Record] = []  # records that carry their vectors (an embeddings folder)
         for rec in pending.records:
             if rec.error is not None:
                 errors.append(ItemError(rec.source, "record", rec.error))
+                continue
+            if rec.image_vector is not None or rec.text_vector is not None:
+                given.append(rec)
                 continue
             if rec.text is not None:
                 if rec.text.strip():
@@ -212,6 +216,9 @@ class Encoder:
                 batch = []
         if batch:
             self._encode_images(batch, image_vectors, image_items, thumbnails, errors)
+        if given:
+            text_vectors, text_items = self._take_given(given, image_vectors, image_items, thumbnails, text_vectors,
+                                                        text_items)
         dim = self.model.dim
         return ShardResult(
             image_vectors=np.concatenate(image_vectors) if image_vectors else np.zeros((0, dim), np.float32),
@@ -222,6 +229,27 @@ class Encoder:
             records=len(pending.records),
             thumbnails=thumbnails if self.thumbnails else [],
         )
+
+    def _take_given(self, records: list[Record], image_vectors: list[np.ndarray], image_items: list[dict[str, Any]],
+                    thumbnails: list[bytes], text_vectors: np.ndarray, text_items: list[dict[str, Any]]
+                    ) -> tuple[np.ndarray, list[dict[str, Any]]]:
+        """Precomputed vectors as they are (no model pass), after a check of their dimension:
+        an image vector makes an image item (its caption its text, no thumbnail), a text vector
+        a text item."""
+        first = next(v for r in records for v in (r.image_vector, r.text_vector) if v is not None)
+        if len(first) != self.model.dim:
+            raise InputError(f"{records[0].source}: vectors of dim {len(first)}, the model "
+                             f"{self.model.info.spec} has {self.model.dim}: name the model that made them")
+        images = [r for r in records if r.image_vector is not None]
+        if images:
+            image_vectors.append(np.stack([r.image_vector for r in images]).astype(np.float32, copy=False))
+            image_items.extend({**_item(r, with_text=r.text is not None), "sha256": None} for r in images)
+            thumbnails.extend(b"" for _ in images)
+        texts = [r for r in records if r.text_vector is not None]
+        if texts:
+            text_vectors = np.concatenate([text_vectors, np.stack([r.text_vector for r in texts])]).astype(np.float32)
+            text_items = text_items + [_item(r, with_text=True) for r in texts]
+        return text_vectors, text_items
 
     def _encode_images(self, batch: list[tuple[Record, np.ndarray | Jpeg, bytes, str]], vectors: list[np.ndarray],
                        items: list[dict[str, Any]], thumbnails: list[bytes], errors: list[ItemError]) -> None:

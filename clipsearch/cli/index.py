@@ -46,7 +46,8 @@ def build(
         help="auto | flat | hnsw | ivf | ivfpq | ivfpq-disk (lists on disk, memory-mapped by the service)")] = "auto",
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto | fp32 | fp16 | bf16")] = "auto",
-    format: Annotated[str, typer.Option("--format", help="auto | tsv | dir | jsonl | parquet | webdataset")] = "auto",
+    format: Annotated[str, typer.Option("--format", help="auto | tsv | dir | jsonl | parquet | webdataset | "
+                                                        "embeddings (img_emb/, text_emb/, metadata/)")] = "auto",
     input_schema: Annotated[str | None, typer.Option(help="TSV columns, e.g. id,text,image (EasyNLP style ok)")] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="items per model call")] = 256,
     workers: Annotated[int, typer.Option(
@@ -64,6 +65,9 @@ def build(
         min=0.0, max=1.0, help="publish nothing when more than this share of the records is bad")] = 0.5,
     keep: Annotated[int, typer.Option(min=1, help="index versions to keep, the new one included")] = 3,
     recall_target: Annotated[float, typer.Option(min=0.0, max=1.0, help="recall@10 to tune nprobe/efSearch to")] = 0.95,
+    refine: Annotated[str, typer.Option(help="IVF-PQ: keep the vectors as fp16 beside the codes and re-rank "
+                                             "candidates by them: auto (when the codes miss --recall-target), "
+                                             "always, never")] = "auto",
     memory_budget: Annotated[str, typer.Option(help="index memory budget for auto, e.g. 4GB")] = "4GB",
     flat_max: Annotated[int, typer.Option(min=1, help="auto: exact flat index up to this many vectors")] = 20_000,
     image_decode: Annotated[str, typer.Option(
@@ -118,7 +122,7 @@ def build(
             index_type=index_type, fmt=format, schema=input_schema, batch_size=batch_size, workers=workers,
             processes=processes,
             shard_size=shard_size, max_errors=max_errors, max_error_fraction=max_error_fraction, keep=keep,
-            recall_target=recall_target,
+            recall_target=recall_target, refine=refine,
             memory_budget=parse_bytes(memory_budget), flat_max=flat_max, progress=progress and not quiet,
             image_decode=image_decode, exif_orientation=exif_orientation, thumbnails=thumbnails,
             base=base, delete=delete, dedup=dedup, engine=engine, ray_address=ray_address, ray_actors=ray_actors,

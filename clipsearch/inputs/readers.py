@@ -38,11 +38,14 @@ import numpy as np
 import orjson
 from upath import UPath
 
+from clipsearch.inputs import embeddings
+
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
-FORMATS = ("auto", "tsv", "dir", "jsonl", "parquet", "webdataset")
+FORMATS = ("auto", "tsv", "dir", "jsonl", "parquet", "webdataset", "embeddings")
 _IMAGE_COLUMNS = ("image", "jpg", "jpeg", "png", "webp", "image_bytes")
 _TEXT_COLUMNS = ("text", "caption", "txt")
 _ID_COLUMNS = ("id", "key")
+NO_CONTENT = "row has neither a text nor an image column with a value"
 _COLUMNS = {"id", "text", "image", "_"}
 
 InputPath = Path | UPath  # a local path, or an fsspec URL
@@ -78,6 +81,8 @@ class Record:
     image_path: str | None = None
     image_bytes: bytes | None = None  # the image file itself (Parquet, WebDataset)
     metadata: dict[str, Any] = field(default_factory=dict)
+    image_vector: Any = None  # precomputed (an embeddings folder): L2-normalized float32, no model pass
+    text_vector: Any = None
     error: str | None = None  # a problem the reader already found (bad JSON, missing column)
 
 
@@ -98,6 +103,8 @@ class Span:
 
 
 def detect_format(path: InputPath) -> str:
+    if embeddings.is_embeddings_dir(path):
+        return "embeddings"
     if path.is_dir():
         return "dir"
     if not path.is_file():
@@ -319,6 +326,13 @@ def _set_image_text(rec: Record, value: str, base: InputPath) -> None:
         rec.image_path = str(base.joinpath(value))
 
 
+def _embedding_rows(path: InputPath) -> int:
+    try:
+        return embeddings.count(Path(str(path)))  # input_kind checked: a local folder
+    except embeddings.EmbeddingsError as exc:
+        raise InputError(str(exc)) from None
+
+
 def _parquet_rows(path: InputPath) -> int:
     import pyarrow.parquet as pq
 
@@ -390,7 +404,7 @@ def _parquet_record(path: InputPath, id_prefix: str, number: int, row: dict[str,
             rec.metadata.setdefault(name, value)
     if rec.error is None and rec.text is None and rec.image_b64 is None and rec.image_path is None \
             and rec.image_bytes is None:
-        rec.error = "row has neither a text nor an image column with a value"
+        rec.error = NO_CONTENT
     return rec
 
 
@@ -466,6 +480,8 @@ def input_kind(path: InputPath, fmt: str = "auto") -> str:
     kind = detect_format(path) if fmt == "auto" else fmt
     if kind == "dir" and not path.is_dir():
         raise InputError(f"{path} is not a directory")
+    if kind == "embeddings" and not embeddings.is_embeddings_dir(path):
+        raise InputError(f"{path} is not an embeddings folder (img_emb/, text_emb/, metadata/) on local disk")
     return kind
 
 
@@ -531,7 +547,38 @@ def _read(inputs: Sequence[InputPath], i: int, span: Span | None, fmt: str, sche
         return read_parquet(path, prefix, span)
     if kind == "webdataset":
         return read_webdataset(path, span)
+    if kind == "embeddings":
+        return read_embeddings(Path(str(path)), prefix, span)  # input_kind checked: a local folder
     return read_tsv(path, columns, prefix, span)
+
+
+def read_embeddings(path: Path, id_prefix: str, span: Span | None = None) -> Iterator[Record]:
+    """The records of an embeddings folder (`inputs.embeddings`): each row's metadata as a
+    Parquet corpus row's, with its precomputed vectors."""
+    import pyarrow.parquet as pq
+
+    try:
+        folder = embeddings.parts(path)
+        first, number = (0, embeddings.count(path)) if span is None else (span.first, span.count)
+        for part, lo, hi, image, text in embeddings.chunks(path, first, number):
+            offset = sum(folder.rows[:part])
+            if folder.metadata:
+                meta = folder.metadata[part]
+                rows = _parquet_records(pq.ParquetFile(meta), meta, "", Span(0, lo, hi - lo))
+            else:
+                rows = (Record(id="", source="") for _ in range(hi - lo))
+            for k, rec in enumerate(rows):
+                row = offset + lo + k
+                if not folder.metadata or rec.id == str(lo + k + 1):  # no id column: the row's number
+                    rec.id = f"{id_prefix}{row + 1}"
+                rec.source = f"{path.name}:row {row + 1}"
+                if rec.error == NO_CONTENT:  # the vectors are the content
+                    rec.error = None
+                rec.image_vector = None if image is None else image[k]
+                rec.text_vector = None if text is None else text[k]
+                yield rec
+    except embeddings.EmbeddingsError as exc:
+        raise InputError(str(exc)) from None
 
 
 def describe_inputs(inputs: Sequence[InputPath]) -> list[dict[str, Any]]:
@@ -575,9 +622,9 @@ def plan_spans(inputs: Sequence[InputPath], fmt: str = "auto", size: int = 1024)
     spans: list[Span] = []
     for i, path in enumerate(inputs):
         kind = input_kind(path, fmt)
-        if kind in ("dir", "parquet", "webdataset"):  # spans by position: no byte offsets to find
+        if kind in ("dir", "parquet", "webdataset", "embeddings"):  # spans by position: no byte offsets
             n = len(_span_files(path)) if kind == "dir" else _parquet_rows(path) if kind == "parquet" \
-                else _wds_count(path)
+                else _embedding_rows(path) if kind == "embeddings" else _wds_count(path)
             starts = [0] * -(-n // size)
         else:
             n, starts = _line_starts(path, size)
