@@ -151,6 +151,8 @@ def plan_build(opts: BuildOptions, model: Model) -> BuildPlan:
     previous run of the same job already encoded."""
     if opts.engine not in ENGINES:
         raise BuildError(f"unknown engine {opts.engine!r}; expected one of {', '.join(ENGINES)}")
+    if opts.refine not in ("auto", "always", "never"):
+        raise BuildError(f"--refine {opts.refine!r}: auto, always or never")
     if (opts.processes > 1 or opts.engine == "ray") and model.info.fingerprint == "in-training":
         raise BuildError("--processes > 1 and --engine ray need a model the encoders can load by its spec")
     inputs_desc = describe_inputs(opts.inputs)
@@ -287,7 +289,8 @@ def build_indexes(opts: BuildOptions, corpus: Corpus, scratch: Path) -> dict[Mod
             log.info("building %s index over %d vectors", modality, len(vecs))
             built[modality] = build_and_tune(vecs, others if len(others) else None, index_type=opts.index_type,
                                              memory_budget=opts.memory_budget, recall_target=opts.recall_target,
-                                             flat_max=opts.flat_max, scratch=scratch / f"{modality}-lists")
+                                             flat_max=opts.flat_max, scratch=scratch / f"{modality}-lists",
+                                             refine=opts.refine)
     return built
 
 
@@ -333,7 +336,9 @@ def publish(opts: BuildOptions, model: Model, corpus: Corpus, built: dict[Modali
             indexes={
                 m: (b.index, corpus.image_items if m == "image" else corpus.text_items,
                     {"index_type": b.plan.index_type, "factory": b.plan.factory, "search_params": b.search_params,
-                     "recall_at_10": b.recall_at_10})
+                     "recall_at_10": b.recall_at_10,
+                     **({"refine_vectors": corpus.image_vecs if m == "image" else corpus.text_vecs}
+                        if b.refine else {})})
                 for m, b in built.items()
             },
             version=name,

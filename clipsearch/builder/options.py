@@ -34,6 +34,7 @@ class BuildOptions:
     max_error_fraction: float = 0.5  # refuse to publish when more of the records than this were bad
     keep: int = 3
     recall_target: float = 0.95
+    refine: str = "auto"  # IVF-PQ: re-rank by fp16 vectors when the codes miss the recall target; always; never
     memory_budget: int = 4 << 30
     flat_max: int = 20_000
     max_image_bytes: int = 20 * 1024 * 1024

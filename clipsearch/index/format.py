@@ -74,6 +74,7 @@ class IndexEntry(BaseModel):
     data: str | None = Field(None, pattern=_FILE_NAME)  # on-disk inverted lists (ivfpq-disk), beside `file`
     lexical: str | None = Field(None, pattern=_FILE_NAME)  # the items' texts for BM25 (index/lexical.py), if built
     lexical_count: int = Field(0, ge=0)  # items with a text in it
+    refine: str | None = Field(None, pattern=_FILE_NAME)  # the full vectors (fp16 .npy) that re-rank candidates
 
 
 class FileSum(BaseModel):
@@ -395,6 +396,17 @@ def read_faiss_index(path: Path, *, ondisk: bool) -> Any:
     return faiss.read_index(str(path))
 
 
+def write_refine(path: Path, vectors: np.ndarray, chunk: int = 1 << 18) -> str:
+    """`vectors` as fp16 rows in an .npy file, a chunk at a time (they may be a memory map
+    larger than RAM); returns the file's name."""
+    out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=vectors.shape)
+    for lo in range(0, len(vectors), chunk):
+        out[lo : lo + chunk] = np.asarray(vectors[lo : lo + chunk], np.float32)
+    out.flush()
+    del out
+    return path.name
+
+
 def write_version(
     out_dir: Path,
     *,
@@ -428,6 +440,10 @@ def write_version(
             fields = {**fields, "data": data.name}
         faiss.write_index(index, str(out_dir / f"{modality}.faiss"))
         write_items(out_dir / f"{modality}.items.arrow", items)
+        refine = fields.get("refine_vectors")
+        if refine is not None:  # the vectors themselves, for the refine stage (builder/indexing.py)
+            fields = {**{k: v for k, v in fields.items() if k != "refine_vectors"},
+                      "refine": write_refine(out_dir / f"{modality}.refine.npy", refine)}
         if lexical:
             texts = [item.get("text") for item in items]
             if any(texts):

@@ -199,6 +199,23 @@ class TorchExactBackend:
         return s, i
 
 
+def _rerank(refine: np.ndarray, queries: np.ndarray, candidates: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The top `k` of each query's candidates by their stored full vectors (the refine file,
+    memory-mapped: only the candidates' rows are read), as FAISS's IndexRefine does."""
+    scores = np.full((len(queries), k), -np.inf, np.float32)
+    ids = np.full((len(queries), k), -1, np.int64)
+    for r, (query, rows) in enumerate(zip(queries, candidates, strict=True)):
+        rows = rows[rows >= 0]
+        if not len(rows):
+            continue
+        order = np.argsort(rows)  # ascending rows: sequential reads of the file
+        sims = np.empty(len(rows), np.float32)
+        sims[order] = np.asarray(refine[rows[order]], np.float32) @ query
+        best = np.lexsort((rows, -sims))[:k]  # ties: lower id first
+        scores[r, : len(best)], ids[r, : len(best)] = sims[best], rows[best]
+    return scores, ids
+
+
 def _host(queries: Any) -> np.ndarray:
     """Query rows as float32 on the host (from a device tensor, if need be)."""
     if hasattr(queries, "detach"):
@@ -276,13 +293,17 @@ class LoadedIndex:
 
     def __init__(self, modality: Modality, entry: IndexEntry, backend: SearchBackend,
                  items: ItemTable | Sequence[Mapping[str, Any]], *, source: Any = None,
-                 thumbnails: Thumbnails | None = None, lexical: LexicalIndex | None = None):
+                 thumbnails: Thumbnails | None = None, lexical: LexicalIndex | None = None,
+                 refine: np.ndarray | None = None):
         self.modality = modality
         self.entry = entry
         self.backend = backend
         self.items = items if isinstance(items, ItemTable) else ItemTable.from_items(items)
         self.thumbnails = thumbnails
         self.lexical = lexical  # BM25 over the items' texts, when the build wrote it
+        # full vectors (fp16), memory-mapped: a FAISS search's candidates are re-ranked by them
+        self.refine = refine if not isinstance(backend, TorchExactBackend) else None
+        self.refine_factor = int(entry.search_params.get("refine", 1))
         self._source = source  # the FAISS index as read (on the CPU): stored vectors come from it
         self._lock = threading.Lock()
         self._selections: OrderedDict[str, Selection] = OrderedDict()
@@ -331,15 +352,21 @@ class LoadedIndex:
             ef_search=params.ef_search or defaults.get("efSearch"),
         )
         k = max(1, min(k, self.count))
-        if selection is None:
-            return self.backend.search(queries, k, params)
-        if selection.count <= EXACT_SELECTION or not getattr(self.backend, "selects", False):
+        if selection is not None and (selection.count <= EXACT_SELECTION or not getattr(self.backend, "selects",
+                                                                                          False)):
             return self._exact(queries, k, selection)
-        scores, ids = self.backend.search(queries, k, params, selection)  # type: ignore[call-arg]
-        short = (ids >= 0).sum(axis=1) < min(k, selection.count)
-        if short.any():
-            rows = np.flatnonzero(short)
-            scores[rows], ids[rows] = self._exact(_host(queries)[rows], k, selection)
+        wide = k if self.refine is None else min(self.count, k * self.refine_factor)
+        if selection is None:
+            scores, ids = self.backend.search(queries, wide, params)
+        else:
+            scores, ids = self.backend.search(queries, wide, params, selection)  # type: ignore[call-arg]
+        if self.refine is not None:
+            scores, ids = _rerank(self.refine, _host(queries), ids, k)
+        if selection is not None:
+            short = (ids >= 0).sum(axis=1) < min(k, selection.count)
+            if short.any():
+                rows = np.flatnonzero(short)
+                scores[rows], ids[rows] = self._exact(_host(queries)[rows], k, selection)
         return scores, ids
 
     def _exact(self, queries: Any, k: int, selection: Selection) -> tuple[np.ndarray, np.ndarray]:
@@ -362,9 +389,12 @@ class LoadedIndex:
         return scores, ids
 
     def vectors_of(self, rows: np.ndarray) -> np.ndarray:
-        """The stored vectors of `rows`, float32 (len(rows), dim)."""
+        """The stored vectors of `rows`, float32 (len(rows), dim): from the refine file when the
+        index has one (closer than a PQ code's decoding)."""
         if len(rows) == 0:
             return np.zeros((0, int(self._source.d)), np.float32)
+        if self.refine is not None:
+            return np.asarray(self.refine[rows], np.float32)
         if isinstance(self.backend, TorchExactBackend):
             import torch
 
@@ -480,7 +510,13 @@ def load_index_set(
                 lexical = LexicalIndex(version_dir / entry.lexical)
             except sqlite3.Error as exc:
                 raise IndexLoadError(f"{version_dir / entry.lexical}: {exc}") from None
+        refine = None
+        if entry.refine is not None:
+            refine = np.load(version_dir / entry.refine, mmap_mode="r")
+            if refine.shape != (entry.count, manifest.dim):
+                raise IndexLoadError(f"{version_dir / entry.refine}: shape {refine.shape}, the index has "
+                                     f"{entry.count} vectors of dim {manifest.dim}")
         indexes[modality] = LoadedIndex(modality, entry, impl, items, source=index, thumbnails=thumbnails,
-                                        lexical=lexical)
+                                        lexical=lexical, refine=refine)
         log.info("loaded %s index %s: %d vectors via %s", modality, manifest.version, entry.count, impl.name)
     return IndexSet(manifest, version_dir, indexes)
