@@ -94,17 +94,22 @@ def count(path: Path) -> int:
     return sum(parts(path).rows)
 
 
-def _vectors(files: tuple[Path, ...], part: int, lo: int, hi: int) -> np.ndarray | None:
-    if not files:
-        return None
-    vectors = np.asarray(np.load(files[part], mmap_mode="r")[lo:hi], dtype=np.float32)
+def unit_rows(vectors: np.ndarray, where: str, first: int = 0) -> np.ndarray:
+    """`vectors` if every row is L2-normalized (and finite); else EmbeddingsError naming the
+    first row that is not (numbered from `first`)."""
     norms = np.linalg.norm(vectors, axis=1)
     bad = np.flatnonzero(~(np.abs(norms - 1) <= NORM_TOLERANCE))
     if len(bad):
         row = int(bad[0])
-        raise EmbeddingsError(f"{files[part].name}: row {lo + row} has norm {norms[row]:.4f}; the vectors must be "
+        raise EmbeddingsError(f"{where}: row {first + row} has norm {norms[row]:.4f}; the vectors must be "
                               "L2-normalized (normalize them first, as clip-retrieval writes them)")
     return vectors
+
+
+def _vectors(files: tuple[Path, ...], part: int, lo: int, hi: int) -> np.ndarray | None:
+    if not files:
+        return None
+    return unit_rows(np.asarray(np.load(files[part], mmap_mode="r")[lo:hi], dtype=np.float32), files[part].name, lo)
 
 
 def chunks(path: Path, first: int, number: int) -> Iterator[tuple[int, int, int, np.ndarray | None,

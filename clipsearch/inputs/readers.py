@@ -46,6 +46,9 @@ _IMAGE_COLUMNS = ("image", "jpg", "jpeg", "png", "webp", "image_bytes")
 _TEXT_COLUMNS = ("text", "caption", "txt")
 _ID_COLUMNS = ("id", "key")
 NO_CONTENT = "row has neither a text nor an image column with a value"
+# Parquet columns of precomputed vectors (lists of floats), and the index each goes to
+_VECTOR_COLUMNS = {"image_embedding": "image", "img_emb": "image", "embedding": "image",
+                   "text_embedding": "text", "text_emb": "text"}
 _COLUMNS = {"id", "text", "image", "_"}
 
 InputPath = Path | UPath  # a local path, or an fsspec URL
@@ -391,6 +394,15 @@ def _parquet_record(path: InputPath, id_prefix: str, number: int, row: dict[str,
                 _set_image_text(rec, value, path.parent)
             if value is not None:
                 break
+    for name, kind in _VECTOR_COLUMNS.items():  # precomputed vectors: indexed as given, no model pass
+        if row.get(name) is not None:
+            used.add(name)
+            try:
+                vector = embeddings.unit_rows(np.asarray([row[name]], np.float32), f"{path.name}:{name}",
+                                              number)[0]
+            except (ValueError, embeddings.EmbeddingsError) as exc:
+                raise InputError(str(exc)) from None
+            setattr(rec, f"{kind}_vector", vector)
     meta = row.get("metadata")
     used.add("metadata")
     if isinstance(meta, str):
@@ -403,7 +415,7 @@ def _parquet_record(path: InputPath, id_prefix: str, number: int, row: dict[str,
         if name not in used and (value is None or isinstance(value, (str, int, float, bool))):
             rec.metadata.setdefault(name, value)
     if rec.error is None and rec.text is None and rec.image_b64 is None and rec.image_path is None \
-            and rec.image_bytes is None:
+            and rec.image_bytes is None and rec.image_vector is None and rec.text_vector is None:
         rec.error = NO_CONTENT
     return rec
 

@@ -104,3 +104,23 @@ def test_a_wrong_dimension_or_uneven_parts_are_refused(tmp_path, tiny_spec, prob
         expected = "1 text_emb parts, but 2 of the vectors"
     r = _build_cli(tmp_path, tmp_path / "emb", tiny_spec)
     assert r.returncode != 0 and expected in r.stderr, r.stderr[-2000:]
+
+
+def test_parquet_vector_columns_build_as_given(tmp_path, tiny_model, tiny_spec) -> None:
+    image, text = _unit(40, 64, 1), _unit(40, 64, 2)
+    table = pa.table({"key": [f"k{i}" for i in range(40)], "caption": [f"caption {i}" for i in range(40)],
+                      "image_embedding": image.tolist(), "text_embedding": text.tolist()})
+    pq.write_table(table, tmp_path / "vectors.parquet", row_group_size=16)
+    summary = run_build(BuildOptions(inputs=[tmp_path / "vectors.parquet"], output=tmp_path / "idx",
+                                     model=tiny_model.info.spec, device="cpu", progress=False, shard_size=16),
+                        model=tiny_model)
+    assert summary.encoded == {"image": 40, "text": 40} and summary.skipped == 0
+    vectors, items = load_vectors(summary.version_dir, "image")
+    np.testing.assert_allclose(vectors, image, atol=1e-7)
+    assert [it["id"] for it in items] == [f"k{i}" for i in range(40)] and "image_embedding" not in items[0]["metadata"]
+    np.testing.assert_allclose(load_vectors(summary.version_dir, "text")[0], text, atol=1e-7)
+    bad = image.copy()
+    bad[9] *= 2
+    pq.write_table(table.set_column(2, "image_embedding", pa.array(bad.tolist())), tmp_path / "bad.parquet")
+    r = _build_cli(tmp_path, tmp_path / "bad.parquet", tiny_spec)
+    assert r.returncode != 0 and "bad.parquet:image_embedding: row 10 has norm 2.0000" in r.stderr, r.stderr[-2000:]
