@@ -39,7 +39,7 @@ import orjson
 
 from clipsearch.builder.encoder import Encoder, ItemError, ShardResult, concat_vectors
 from clipsearch.builder.incremental import Base, Part, dedup, load_base, merge
-from clipsearch.builder.indexing import BuiltIndex, build_and_tune
+from clipsearch.builder.indexing import BuiltIndex, add_in_processes, build_and_tune
 from clipsearch.builder.options import ENGINES, BuildError, BuildOptions, BuildSummary
 from clipsearch.builder.writer import ShardInfo, ShardStore, shard_info, shard_path, write_shard
 from clipsearch.core.fsutil import read_list_file, sha256_file
@@ -282,6 +282,13 @@ def build_indexes(opts: BuildOptions, corpus: Corpus, scratch: Path) -> dict[Mod
     """One index per modality that has vectors, its type picked and tuned against the
     other modality's vectors as queries."""
     built: dict[Modality, BuiltIndex] = {}
+    adder = None  # an on-disk index's parts: added here, or as many at once as the encoding ran
+    if opts.engine == "ray":
+        from clipsearch.builder.ray_engine import add_on_ray
+
+        adder = add_on_ray(opts.ray_address)
+    elif opts.processes > 1:
+        adder = add_in_processes(opts.processes)
     jobs: tuple[tuple[Modality, np.ndarray, np.ndarray], ...] = (
         ("image", corpus.image_vecs, corpus.text_vecs), ("text", corpus.text_vecs, corpus.image_vecs))
     for modality, vecs, others in jobs:
@@ -290,7 +297,7 @@ def build_indexes(opts: BuildOptions, corpus: Corpus, scratch: Path) -> dict[Mod
             built[modality] = build_and_tune(vecs, others if len(others) else None, index_type=opts.index_type,
                                              memory_budget=opts.memory_budget, recall_target=opts.recall_target,
                                              flat_max=opts.flat_max, scratch=scratch / f"{modality}-lists",
-                                             refine=opts.refine)
+                                             refine=opts.refine, adder=adder)
     return built
 
 

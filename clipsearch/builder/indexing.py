@@ -25,6 +25,7 @@ import logging
 import math
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -108,7 +109,7 @@ def plan_index(n: int, d: int, index_type: str = "auto", memory_budget: int = 4 
 
 
 def build(vectors: np.ndarray, plan: IndexPlan, *, train_size: int = 100_000, seed: int = 0,
-          scratch: Path | None = None) -> Any:
+          scratch: Path | None = None, adder: PartAdder | None = None) -> Any:
     """Train and fill an index. `vectors` may be memory-mapped; an on-disk plan writes its
     lists under `scratch` (a temporary directory, by default), from where `write_version`
     moves them into the version."""
@@ -124,33 +125,79 @@ def build(vectors: np.ndarray, plan: IndexPlan, *, train_size: int = 100_000, se
         pick = None if n <= train_size else np.sort(rng.choice(n, train_size, replace=False))
         index.train(np.ascontiguousarray(vectors if pick is None else vectors[pick], dtype=np.float32))
     if plan.index_type == "ivfpq-disk":
-        return _fill_ondisk(index, vectors, Path(scratch or tempfile.mkdtemp(prefix="clipsearch-ivf-")))
+        return _fill_ondisk(index, vectors, Path(scratch or tempfile.mkdtemp(prefix="clipsearch-ivf-")), adder=adder)
     index.add(np.ascontiguousarray(vectors, dtype=np.float32))
     return index
 
 
-def _fill_ondisk(index: Any, vectors: np.ndarray, scratch: Path, chunk: int | None = None) -> Any:
+Part = tuple[int, int, str]  # rows start..stop of the vectors, added into the part file at this path
+# Adds the parts' vectors: given the trained, empty index (FAISS-serialized), the vectors' .npy
+# file and the parts; each part file is written whole (temp name, then rename).
+PartAdder = Callable[[bytes, str, list[Part]], None]
+
+
+def add_part(index_bytes: bytes, vectors_file: str, start: int, stop: int, out: str) -> str:
+    """One part of an on-disk build: rows start..stop of the vectors, with their row numbers as
+    ids, added to a copy of the trained index and written to `out`. Runs anywhere the vector
+    file is readable: this process, a worker process, a Ray task."""
+    index = faiss.deserialize_index(np.frombuffer(index_bytes, np.uint8))
+    block = np.ascontiguousarray(np.load(vectors_file, mmap_mode="r")[start:stop], dtype=np.float32)
+    index.add_with_ids(block, np.arange(start, stop, dtype=np.int64))
+    tmp = f"{out}.{os.getpid()}.tmp"
+    faiss.write_index(index, tmp)
+    os.replace(tmp, out)
+    return out
+
+
+def add_here(index_bytes: bytes, vectors_file: str, parts: list[Part]) -> None:
+    for start, stop, out in parts:
+        add_part(index_bytes, vectors_file, start, stop, out)
+        log.info("on-disk index: rows %d-%d added", start, stop)
+
+
+def _fill_ondisk(index: Any, vectors: np.ndarray, scratch: Path, chunk: int | None = None,
+                 adder: PartAdder | None = None) -> Any:
     """Add `vectors` to the trained, empty IVF `index` one chunk at a time, each chunk's lists
-    written to a part file, then merge the parts' lists into one on-disk file."""
+    written to a part file (by `adder`: here, one part at a time, by default; in worker
+    processes or on Ray, several at once), then merge the parts' lists into one on-disk file.
+    The parts are the same whoever adds them, so is the merged index."""
     from faiss.contrib.ondisk import merge_ondisk
 
     chunk = chunk or ONDISK_CHUNK
     scratch.mkdir(parents=True, exist_ok=True)
-    parts: list[str] = []
-    for start in range(0, len(vectors), chunk):
-        part = faiss.clone_index(index)
-        block = np.ascontiguousarray(vectors[start : start + chunk], dtype=np.float32)
-        part.add_with_ids(block, np.arange(start, start + len(block), dtype=np.int64))
-        path = scratch / f"part-{len(parts):05d}.faiss"
-        faiss.write_index(part, str(path))
-        parts.append(str(path))
-        del part
-        log.info("on-disk index: %d of %d vectors added", start + len(block), len(vectors))
+    if isinstance(vectors, np.memmap) and vectors.filename and Path(vectors.filename).suffix == ".npy":
+        vectors_file = str(vectors.filename)
+    else:  # the workers read the vectors from a file: write the in-memory ones once
+        vectors_file = str(scratch / "vectors.npy")
+        np.save(vectors_file, np.ascontiguousarray(vectors, dtype=np.float32))
+    parts = [(start, min(start + chunk, len(vectors)), str(scratch / f"part-{i:05d}.faiss"))
+             for i, start in enumerate(range(0, len(vectors), chunk))]
+    (adder or add_here)(faiss.serialize_index(index).tobytes(), vectors_file, parts)
     data = scratch / f"lists-{os.getpid()}-{len(parts)}.ivfdata"
-    merge_ondisk(index, parts, str(data))
-    for name in parts:
-        os.unlink(name)
+    merge_ondisk(index, [out for _, _, out in parts], str(data))
+    for _, _, out in parts:
+        os.unlink(out)
+    if vectors_file == str(scratch / "vectors.npy"):
+        os.unlink(vectors_file)
     return index
+
+
+def add_in_processes(processes: int) -> PartAdder:
+    """A `PartAdder` that adds up to `processes` parts at once, in spawned worker processes."""
+
+    def adder(index_bytes: bytes, vectors_file: str, parts: list[Part]) -> None:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        from clipsearch.core.orphans import exit_with_parent
+
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(min(processes, len(parts)), mp_context=context, initializer=exit_with_parent) as pool:
+            futures = [pool.submit(add_part, index_bytes, vectors_file, a, b, out) for a, b, out in parts]
+            for future in futures:
+                log.info("on-disk index: part %s added", Path(future.result()).name)
+
+    return adder
 
 
 def exact_top_k(vectors: np.ndarray, queries: np.ndarray, k: int, block: int = 262_144) -> np.ndarray:
@@ -259,14 +306,14 @@ def tune_refine(index: Any, vectors: np.ndarray, queries: np.ndarray, target: fl
 
 def build_and_tune(vectors: np.ndarray, others: np.ndarray | None, *, index_type: str, memory_budget: int,
                    recall_target: float, flat_max: int = 20_000, scratch: Path | None = None,
-                   refine: str = "auto") -> BuiltIndex:
+                   refine: str = "auto", adder: PartAdder | None = None) -> BuiltIndex:
     """Build the planned index and tune it to `recall_target`. An IVF-PQ index whose codes
     cannot reach the target gets a refine stage (`refine`: auto; `always`; `never`): its
     vectors are kept as fp16 beside it and re-rank refine x k candidates per query."""
     plan = plan_index(len(vectors), vectors.shape[1], index_type, memory_budget, flat_max)
     if len(vectors) < 2 and plan.index_type != "flat":
         plan = IndexPlan("flat", "Flat")
-    index = build(vectors, plan, scratch=scratch)
+    index = build(vectors, plan, scratch=scratch, adder=adder)
     if plan.index_type == "flat":
         return BuiltIndex(index, plan, {}, 1.0)
     queries = held_out_queries(vectors, others)

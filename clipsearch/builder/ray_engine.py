@@ -117,3 +117,28 @@ def encode_with_ray(opts: BuildOptions, spans: list[Span], todo: list[int], work
     for row in encoded.iter_rows():
         i = int(row["span"])
         finished(i, read(i))
+
+
+def add_on_ray(address: str | None) -> Callable[[bytes, str, list[tuple[int, int, str]]], None]:
+    """An on-disk build's `PartAdder` (builder/indexing.py) that adds every part in a Ray task
+    of its own, all at once: the trained index goes to the object store once, and each task
+    reads its rows of the vector file and writes its part file into the work area, which
+    every node must see (as for the encoding). The driver then merges the parts' lists."""
+
+    def adder(index_bytes: bytes, vectors_file: str, parts: list[tuple[int, int, str]]) -> None:
+        from clipsearch.builder.indexing import add_part
+
+        ray = connect(address)
+        task = ray.remote(num_cpus=1)(add_part)
+        trained = ray.put(index_bytes)
+        pending = [task.remote(trained, vectors_file, start, stop, out) for start, stop, out in parts]
+        try:
+            while pending:
+                done, pending = ray.wait(pending, num_returns=1)
+                log.info("on-disk index: part %s added on the cluster", Path(ray.get(done[0])).name)
+        except BaseException:
+            for ref in pending:
+                ray.cancel(ref)
+            raise
+
+    return adder
