@@ -38,7 +38,13 @@ class Parts:
 
 
 def is_embeddings_dir(path: Any) -> bool:
-    return isinstance(path, Path) and path.is_dir() and any((path / sub).is_dir() for sub, _ in KINDS.values())
+    """An embeddings folder, or a bare .npy file of vectors (image vectors; text vectors when
+    its name starts with text_emb), on local disk."""
+    if not isinstance(path, Path):
+        return False
+    if path.suffix.lower() == ".npy":
+        return path.is_file()
+    return path.is_dir() and any((path / sub).is_dir() for sub, _ in KINDS.values())
 
 
 def _numbered(folder: Path, stem: str, suffix: str) -> tuple[Path, ...]:
@@ -53,9 +59,15 @@ def _numbered(folder: Path, stem: str, suffix: str) -> tuple[Path, ...]:
 def parts(path: Path) -> Parts:
     """The folder's parts, checked: as many of each kind, each part's vectors and metadata of
     one row count, one dimension throughout."""
-    image = _numbered(path / "img_emb", "img_emb", ".npy")
-    text = _numbered(path / "text_emb", "text_emb", ".npy")
-    metadata = _numbered(path / "metadata", "metadata", ".parquet")
+    image: tuple[Path, ...]
+    text: tuple[Path, ...]
+    metadata: tuple[Path, ...] = ()
+    if path.is_file():  # one .npy of vectors, no metadata
+        image, text = ((), (path,)) if path.name.startswith("text_emb") else ((path,), ())
+    else:
+        image = _numbered(path / "img_emb", "img_emb", ".npy")
+        text = _numbered(path / "text_emb", "text_emb", ".npy")
+        metadata = _numbered(path / "metadata", "metadata", ".parquet")
     count = len(image) or len(text)
     if not count:
         raise EmbeddingsError(f"{path}: no img_emb/img_emb_N.npy or text_emb/text_emb_N.npy files")

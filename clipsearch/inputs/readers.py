@@ -118,6 +118,8 @@ def detect_format(path: InputPath) -> str:
         return "parquet"
     if path.suffix.lower() == ".tar":
         return "webdataset"
+    if path.suffix.lower() == ".npy":
+        return "embeddings"
     if path.suffix.lower() in {".tsv", ".txt", ".csv"}:
         return "tsv"
     with open_input(path) as f:
@@ -493,7 +495,8 @@ def input_kind(path: InputPath, fmt: str = "auto") -> str:
     if kind == "dir" and not path.is_dir():
         raise InputError(f"{path} is not a directory")
     if kind == "embeddings" and not embeddings.is_embeddings_dir(path):
-        raise InputError(f"{path} is not an embeddings folder (img_emb/, text_emb/, metadata/) on local disk")
+        raise InputError(f"{path} is not an embeddings folder (img_emb/, text_emb/, metadata/) or .npy file on "
+                         "local disk")
     return kind
 
 

@@ -124,3 +124,15 @@ def test_parquet_vector_columns_build_as_given(tmp_path, tiny_model, tiny_spec) 
     pq.write_table(table.set_column(2, "image_embedding", pa.array(bad.tolist())), tmp_path / "bad.parquet")
     r = _build_cli(tmp_path, tmp_path / "bad.parquet", tiny_spec)
     assert r.returncode != 0 and "bad.parquet:image_embedding: row 10 has norm 2.0000" in r.stderr, r.stderr[-2000:]
+
+
+def test_a_bare_npy_of_vectors_builds(tmp_path, tiny_model) -> None:
+    vectors = _unit(25, 64, 5)
+    np.save(tmp_path / "vectors.npy", vectors)
+    summary = run_build(BuildOptions(inputs=[tmp_path / "vectors.npy"], output=tmp_path / "idx",
+                                     model=tiny_model.info.spec, device="cpu", progress=False, shard_size=10),
+                        model=tiny_model)
+    assert summary.encoded == {"image": 25, "text": 0}
+    stored, items = load_vectors(summary.version_dir, "image")
+    np.testing.assert_array_equal(stored, vectors)
+    assert [it["id"] for it in items] == [str(i + 1) for i in range(25)]  # row numbers, as in a Parquet input
