@@ -47,7 +47,7 @@ def build(
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto | fp32 | fp16 | bf16")] = "auto",
     format: Annotated[str, typer.Option("--format", help="auto | tsv | dir | jsonl | parquet | webdataset | "
-                                                        "embeddings (img_emb/, text_emb/, metadata/)")] = "auto",
+                                                        "embeddings (img_emb/ text_emb/ metadata/, or .npy)")] = "auto",
     input_schema: Annotated[str | None, typer.Option(help="TSV columns, e.g. id,text,image (EasyNLP style ok)")] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="items per model call")] = 256,
     workers: Annotated[int, typer.Option(
