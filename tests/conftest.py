@@ -134,6 +134,19 @@ def live_server(app: Any, **config: Any) -> Iterator[int]:
         thread.join(30)
 
 
+@contextmanager
+def serve_index(model: ClipModel, index_dir: Path) -> Iterator[str]:
+    """A live service of `model` over the index in `index_dir`, on a real uvicorn: its base URL."""
+    from clipsearch.service.http.app import create_app
+    from clipsearch.service.settings import Settings
+    from clipsearch.service.state import ServiceState
+
+    settings = Settings(model=model.info.spec, device="cpu", warmup=False, index_dir=index_dir)
+    app = create_app(settings, state=ServiceState.build(settings, model=model))
+    with live_server(app) as port:
+        yield f"http://127.0.0.1:{port}"
+
+
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     return Path(__file__).parent / "data"

@@ -16,10 +16,7 @@ from clipsearch_client import Client
 from clipsearch.finetune.synth import synth_rows
 from clipsearch.index.format import ModelRef
 from clipsearch.index.lexical import terms
-from clipsearch.service.http.app import create_app
-from clipsearch.service.settings import Settings
-from clipsearch.service.state import ServiceState
-from tests.conftest import live_server
+from tests.conftest import serve_index
 from tests.tiny import write_index_from_vectors
 
 RARE = "zq7x"  # a product code: no meaning to CLIP, one caption holds it
@@ -45,10 +42,8 @@ def corpus(tiny_model, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(tiny_model, corpus):
-    settings = Settings(model=tiny_model.info.spec, device="cpu", warmup=False, index_dir=corpus["dir"])
-    app = create_app(settings, state=ServiceState.build(settings, model=tiny_model))
-    with live_server(app) as port:
-        yield f"http://127.0.0.1:{port}"
+    with serve_index(tiny_model, corpus["dir"]) as url:
+        yield url
 
 
 def _search(server: str, **body) -> list[dict]:
