@@ -162,7 +162,7 @@ def test_client_and_bad_thresholds(server, corpus) -> None:
     expected = reference(v, v[8])
     assert [h.id for h in hits] == [f"p{k}" for k, _ in expected[:4]]
     assert set(hits[0].duplicates) == {f"p{r}" for r in expected[0][1]} and len(hits[0].duplicates) == 2
-    for bad in (0, 1.5, "x"):
+    for bad in (0, 1.5, "x", True):
         r = httpx.post(f"{server}/search/vector", json={"vector": v[0].tolist(), "dedup": True,
                                                         "dedup_threshold": bad}, timeout=30)
         assert r.status_code == 422 and "dedup_threshold" in r.text

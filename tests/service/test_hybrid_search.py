@@ -116,6 +116,10 @@ def test_filters_client_and_refusals(server, corpus) -> None:
         assert [h.id for h in client.search_text(RARE, k=3, mode="lexical").hits] == [f"i{RARE_ROW}"]
     r = httpx.post(f"{server}/search/text", json={"text": "red", "mode": "words"}, timeout=30)
     assert r.status_code == 422 and "mode" in r.text
+    for weight in (False, "1", -1):  # a number, not a boolean or a string
+        r = httpx.post(f"{server}/search/text", json={"text": "red", "mode": "hybrid", "lexical_weight": weight},
+                       timeout=30)
+        assert r.status_code == 422 and "lexical_weight" in r.text
     r = httpx.post(f"{server}/search/text", json={"text": "red", "mode": "hybrid", "dedup": True}, timeout=30)
     assert r.status_code == 400 and r.json()["error"]["field"] == "dedup"
     r = httpx.post(f"{server}/search/text", json={"text": "red", "mode": "lexical", "target": "text"}, timeout=30)

@@ -26,6 +26,7 @@ from clipsearch.service.settings import Settings
 Body = TypeVar("Body", bound=BaseModel)
 
 _INTEGER = re.compile(r"^-?[0-9]{1,4000}$")  # Python reads up to 4300 digits
+_NUMBER = re.compile(r"^-?[0-9]{1,300}(\.[0-9]{1,300})?([eE][-+]?[0-9]{1,3})?$")
 _ABSENT = object()
 URLENCODED = "application/x-www-form-urlencoded"
 FORM_TYPES = ("multipart/form-data", URLENCODED)
@@ -99,6 +100,8 @@ def _text_value(model: type[BaseModel], name: str, value: str) -> Any:
     text = value.strip()
     if int in kinds and _INTEGER.match(text):
         return int(text)
+    if float in kinds and _NUMBER.match(text):
+        return float(text)
     if (int in kinds or dict in kinds) and text in ("", "null"):
         return _ABSENT  # how a form leaves out an optional value: the default applies
     if bool in kinds and text.lower() in ("true", "false", "1", "0", "on", "off"):

@@ -24,7 +24,15 @@ def _integer(value: Any) -> Any:
     return value
 
 
+def _number(value: Any) -> Any:
+    """JSON numbers only (0.5 or 1): no `true` or `"0.5"` coerced into one."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError("must be a number")
+    return value
+
+
 Integer = Annotated[int, BeforeValidator(_integer)]
+Number = Annotated[float, BeforeValidator(_number)]
 # JSON integers with bounds the OpenAPI document states (the bound before the validator)
 Positive = Annotated[int, Field(ge=1), BeforeValidator(_integer)]
 NonNegative = Annotated[int, Field(ge=0), BeforeValidator(_integer)]
@@ -69,8 +77,8 @@ class _SearchRequest(_Request):
     return_vectors: StrictBool = Field(False, description="include each hit's stored vector")
     dedup: StrictBool = Field(False, description="fold near-duplicate hits into the best-ranked of them and refill "
                               "the page with distinct ones; each hit lists the ids folded into it")
-    dedup_threshold: float = Field(0.94, gt=0.0, le=1.0, description="with dedup: the cosine at which a hit folds "
-                                   "into a better-ranked one")
+    dedup_threshold: Number = Field(0.94, gt=0.0, le=1.0, description="with dedup: the cosine at which a hit folds "
+                                    "into a better-ranked one")
     nprobe: Probes | None = Field(None, description="IVF lists to visit (default: the manifest's)")
     ef_search: Probes | None = Field(None, description="HNSW efSearch (default: the manifest's)")
 
@@ -81,8 +89,8 @@ class TextSearchRequest(_SearchRequest):
     mode: Literal["vector", "lexical", "hybrid"] = Field(
         "vector", description="vector: by the text's vector; lexical: by the items' texts holding its words (BM25); "
         "hybrid: both, fused by reciprocal rank")
-    lexical_weight: float = Field(1.0, ge=0.0, le=100.0, description="hybrid: the BM25 ranking's weight in the "
-                                  "fusion (the vector ranking's is 1)")
+    lexical_weight: Number = Field(1.0, ge=0.0, le=100.0, description="hybrid: the BM25 ranking's weight in the "
+                                   "fusion (the vector ranking's is 1)")
 
 
 class ImageSearchRequest(_SearchRequest):
