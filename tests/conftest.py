@@ -134,6 +134,32 @@ def live_server(app: Any, **config: Any) -> Iterator[int]:
         thread.join(30)
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until_up(url: str, *, process: Any = None, seconds: float = 60) -> bool:
+    """Poll `url` until it answers 200: True then; False when `process` (a Popen) exits first
+    or `seconds` pass."""
+    import time
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return True
+        except httpx.HTTPError:
+            pass
+        if process is not None and process.poll() is not None:
+            return False
+        time.sleep(0.1)
+    return False
+
+
 @contextmanager
 def serve_index(model: ClipModel, index_dir: Path) -> Iterator[str]:
     """A live service of `model` over the index in `index_dir`, on a real uvicorn: its base URL."""

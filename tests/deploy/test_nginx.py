@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
-import time
 from pathlib import Path
 
 import httpx
@@ -17,16 +15,10 @@ import pytest
 from clipsearch.service.http.app import create_app
 from clipsearch.service.settings import Settings
 from clipsearch.service.state import ServiceState
-from tests.conftest import live_server
+from tests.conftest import free_port, live_server, wait_until_up
 
 ROOT = Path(__file__).resolve().parents[2]
 NGINX = shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx",) if Path(p).exists()), None)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.skipif(NGINX is None, reason="nginx is not installed (apt-get install nginx-light)")
@@ -34,7 +26,7 @@ def test_nginx_example_proxies_and_keeps_its_promises(tmp_path, tiny_model) -> N
     settings = Settings(model=tiny_model.info.spec, device="cpu", warmup=False)
     app = create_app(settings, state=ServiceState.build(settings, model=tiny_model))
     with live_server(app) as upstream:
-        port = _free_port()
+        port = free_port()
         conf = (ROOT / "deploy/nginx/clipsearch.conf").read_text()
         conf = conf.replace("server 127.0.0.1:8000;", f"server 127.0.0.1:{upstream};")
         conf = conf.replace("listen 8080;", f"listen 127.0.0.1:{port};")
@@ -47,13 +39,7 @@ def test_nginx_example_proxies_and_keeps_its_promises(tmp_path, tiny_model) -> N
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         try:
             base = f"http://127.0.0.1:{port}"
-            for _ in range(100):
-                try:
-                    if httpx.get(f"{base}/healthz", timeout=2).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    time.sleep(0.1)
-            else:
+            if not wait_until_up(f"{base}/healthz", process=proc, seconds=20):
                 raise AssertionError(f"nginx did not serve: {(tmp_path / 'logs/error.log').read_text()}")
             via = httpx.post(f"{base}/embed", json={"texts": ["a red circle"]}, timeout=30).json()["texts"]
             direct = httpx.post(f"http://127.0.0.1:{upstream}/embed", json={"texts": ["a red circle"]},

@@ -7,10 +7,8 @@ from __future__ import annotations
 import base64
 import io
 import os
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -18,16 +16,10 @@ import numpy as np
 import pytest
 
 from clipsearch.finetune.synth import write_tsv
-from tests.conftest import make_image
+from tests.conftest import free_port, make_image, wait_until_up
 
 ROOT = Path(__file__).resolve().parents[2]
 pytest.importorskip("onnxruntime")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow
@@ -59,22 +51,13 @@ def test_onnx_extra_serves_an_export_without_torch(tmp_path, tiny_spec, tiny_mod
                                 timeout=120, env=env, cwd=tmp_path)
     assert torch_spec.returncode == 2 and "runs on torch, which is not installed" in torch_spec.stderr
 
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen([str(cli), "serve", "--model", f"onnx:{exported}", "--index-dir", str(tmp_path / "idx"),
                                "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
                               cwd=tmp_path)
     try:
         base = f"http://127.0.0.1:{port}"
-        for _ in range(600):
-            try:
-                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if server.poll() is not None:
-                break
-            time.sleep(0.1)
-        else:
+        if not wait_until_up(f"{base}/readyz", process=server, seconds=60) and server.poll() is None:
             raise AssertionError("the torch-free service did not become ready")
         assert server.poll() is None, server.stdout.read().decode()[-3000:] if server.stdout else ""
         texts = ["a red circle", "two blue squares on a grey background"]
