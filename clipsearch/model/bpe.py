@@ -37,11 +37,13 @@ def bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, [chr(c) for c in cs], strict=True))
 
 
-def clean(text: str) -> str:
-    """open_clip's `_clean_lower`: ftfy, HTML unescaped twice, whitespace collapsed, lower case."""
+def clean(text: str, lower: bool = True) -> str:
+    """open_clip's `_clean_lower` (or with `lower=False` its `_clean_whitespace`): ftfy, HTML
+    unescaped twice, whitespace collapsed, lower case."""
     if not _PLAIN.fullmatch(text):
         text = html.unescape(html.unescape(ftfy.fix_text(text)))
-    return " ".join(text.split()).lower()
+    text = " ".join(text.split())
+    return text.lower() if lower else text
 
 
 class ClipBpe:

@@ -17,14 +17,17 @@ import logging
 import shutil
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import open_clip
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from clipsearch.core.errors import ModelLoadError
 from clipsearch.core.fsutil import atomic_dir, sha256_file
-from clipsearch.model import hf
+from clipsearch.model import hf, portable
 from clipsearch.model.clip import ClipModel, encode_text_trimmed, load_model, trim_padding
 from clipsearch.model.exported import MANIFEST, OPSET, ExportManifest, Format, Quantize
 
@@ -126,7 +129,9 @@ def _openvino(onnx_path: Path, xml: Path) -> None:
 
 
 def _tokenizer_files(model: ClipModel, directory: Path, manifest: ExportManifest) -> None:
-    """The tokenizer and preprocessing, as files that rebuild them without the weights."""
+    """The tokenizer and preprocessing, as files that rebuild them without the weights; a
+    transformers-family tokenizer and image processor in their torch-free form (`portable`)
+    where that gives the same ids and pixels on probes, else as transformers files."""
     tok = model.tokenizer
     if isinstance(tok, open_clip.tokenizer.SimpleTokenizer):
         manifest.tokenizer = "open_clip"
@@ -139,13 +144,61 @@ def _tokenizer_files(model: ClipModel, directory: Path, manifest: ExportManifest
             clean = getattr(getattr(tok, "clean_fn", None), "__name__", "_clean_whitespace")
             manifest.tokenizer_options = {"open_clip": True, "clean": clean.removeprefix("_clean_"),
                                           "strip_sep_token": bool(getattr(tok, "strip_sep_token", False))}
+        _portable_tokenizer(tok, directory, manifest)
     else:
         raise ModelLoadError(f"cannot export {model.info.spec}: its tokenizer ({type(tok).__name__}) has no "
                              "file form")
     if isinstance(model.preprocess_transform, hf.ImageTransform):
         model.preprocess_transform.processor.save_pretrained(directory / "processor")
+        _portable_processor(model.preprocess_transform.processor, directory, manifest)
     else:
         cfg = getattr(model.model.visual, "preprocess_cfg", None)
         if not cfg:
             raise ModelLoadError(f"cannot export {model.info.spec}: its preprocessing has no config")
         manifest.preprocess = dict(cfg)
+
+
+PROBE_TEXTS = ["a photo of a dog", "Two RED circles &amp; a   square!", "", "一只猫坐在垫子上", "café naïve résumé",
+               "<|endoftext|> [SEP] </s>", "word " * 200]
+
+
+def _portable_tokenizer(tok: Any, directory: Path, manifest: ExportManifest) -> None:
+    open_clip_options = manifest.tokenizer_options if manifest.tokenizer_options.get("open_clip") else None
+    options = portable.describe_tokenizer(tok.tokenizer, open_clip_options)
+    path = directory / "tokenizer" / "tokenizer.json"
+    if options is None or not path.is_file():
+        log.warning("%s: this tokenizer has no tokenizers form; serving the export needs transformers",
+                    type(tok.tokenizer).__name__)
+        return
+    ported = portable.PortableTokenizer(path, int(tok.context_length), options)
+    want, got = np.asarray(tok(PROBE_TEXTS)), ported(PROBE_TEXTS)
+    if want.shape != got.shape or not np.array_equal(want, got):
+        log.warning("%s: its tokenizers form gives other ids; serving the export needs transformers",
+                    type(tok.tokenizer).__name__)
+        return
+    manifest.tokenizer, manifest.tokenizer_options = "tokenizers", options
+
+
+def _portable_processor(processor: Any, directory: Path, manifest: ExportManifest) -> None:
+    cfg = portable.describe_processor(processor)
+    reference = None
+    if cfg is not None:
+        try:
+            reference = hf._transformers().AutoImageProcessor.from_pretrained(str(directory / "processor"),
+                                                                              backend="pil")
+        except Exception as exc:
+            log.debug("no PIL image processor: %s", exc)
+    if cfg is None or reference is None:
+        log.warning("%s: this image processor has no torch-free form; serving the export needs transformers",
+                    type(processor).__name__)
+        return
+    transform = portable.ProcessorTransform(cfg)
+    rng = np.random.default_rng(0)
+    for w, h in ((96, 80), (30, 200), (300, 301), (7, 5), (640, 480)):
+        image = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        want = np.asarray(reference(images=image, return_tensors="np")["pixel_values"][0], np.float32)
+        if not np.array_equal(want, transform(image)):
+            log.warning("%s: its torch-free form gives other pixels; serving the export needs transformers",
+                        type(processor).__name__)
+            return
+    manifest.preprocess = cfg

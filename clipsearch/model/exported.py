@@ -1,7 +1,7 @@
 """An export (`clipsearch export`) served through the model seam: `onnx:DIR` runs its graphs on
 ONNX Runtime, `openvino:DIR` on OpenVINO. `ExportedModel` is the `base.Model` interface in
 numpy, so the engine, the batcher, search and the builder run an export as they run the torch
-model, and an open_clip-family export runs without torch installed: the runtime is chosen
+model, and an export runs without torch (or transformers) installed: the runtime is chosen
 once, where the model is loaded (`load.load_model`).
 
 Vectors keep the source model's fingerprint, so indexes built with the torch model serve
@@ -25,6 +25,7 @@ from clipsearch.core.fsutil import sha256_file
 from clipsearch.model.base import ModelInfo, TextSide
 from clipsearch.model.bpe import ClipBpe
 from clipsearch.model.pil_transform import PilTransform
+from clipsearch.model.portable import PortableTokenizer, ProcessorTransform
 
 log = logging.getLogger(__name__)
 
@@ -51,9 +52,13 @@ class ExportManifest:
     source_fingerprint: str
     quantize: str = "none"
     format: str = "onnx"
-    tokenizer: str = "open_clip"  # open_clip's BPE, or "hf": a tokenizers/transformers tokenizer in tokenizer/
+    # open_clip's BPE; "tokenizers": tokenizer/tokenizer.json with `portable.PortableTokenizer`;
+    # "hf": the transformers tokenizer in tokenizer/
+    tokenizer: str = "open_clip"
     tokenizer_options: dict[str, Any] = field(default_factory=dict)
-    preprocess: dict[str, Any] = field(default_factory=dict)  # open_clip's PreprocessCfg, or {} (HF processor/)
+    # open_clip's PreprocessCfg; {"kind": "transformers", ...}: `portable.ProcessorTransform`'s;
+    # {}: the transformers image processor in processor/
+    preprocess: dict[str, Any] = field(default_factory=dict)
     files: dict[str, str] = field(default_factory=dict)  # name -> sha256
     trims_padding: bool = False  # the text graph takes ids cut after the batch's longest text
     format_version: int = FORMAT_VERSION
@@ -89,8 +94,8 @@ CPU = Device()
 
 class ExportedModel(TextSide):
     """An export's two graphs with its tokenizer and preprocessing: the `base.Model` interface
-    in numpy. open_clip-family exports need no torch; transformers-family ones still read
-    their tokenizer and image processor with transformers."""
+    in numpy, without torch (an export whose tokenizer or image processor has no torch-free
+    form reads them with transformers, see `portable`)."""
 
     def __init__(self, directory: Path, manifest: ExportManifest, runtime: str, spec: str, gpu: bool = False
                  ) -> None:
@@ -251,6 +256,8 @@ def _tokenizer(directory: Path, manifest: ExportManifest) -> Any:
     ctx = manifest.context_length
     if manifest.tokenizer == "open_clip":
         return ClipBpe(directory / "bpe_simple_vocab_16e6.txt.gz", context_length=ctx)
+    if manifest.tokenizer == "tokenizers":
+        return PortableTokenizer(directory / "tokenizer" / "tokenizer.json", ctx, manifest.tokenizer_options)
     from clipsearch.model import hf  # transformers-family tokenizers: transformers (and torch)
 
     options = manifest.tokenizer_options
@@ -265,6 +272,8 @@ def _tokenizer(directory: Path, manifest: ExportManifest) -> Any:
 
 
 def _transform(directory: Path, manifest: ExportManifest) -> Any:
+    if manifest.preprocess.get("kind") == "transformers":
+        return ProcessorTransform(manifest.preprocess)
     if not manifest.preprocess:
         from clipsearch.model import hf
 

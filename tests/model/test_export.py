@@ -36,7 +36,10 @@ def _check_same_vectors(torch_model: ClipModel, exported: Model, min_cosine: flo
     images = [make_image(i, size) for i, size in enumerate(((96, 80), (30, 200), (300, 301)))]
     pa = np.stack([np.asarray(torch_model.preprocess(im)) for im in images])
     pb = np.stack([np.asarray(exported.preprocess(im)) for im in images])
-    np.testing.assert_array_equal(pa, pb)  # the same preprocessing, rebuilt from the export's files
+    if torch_model.info.family == "open_clip":
+        np.testing.assert_array_equal(pa, pb)  # the same preprocessing, rebuilt from the export's files
+    else:  # transformers' torchvision processor against its PIL form (test_portable.py: equal to transformers')
+        np.testing.assert_allclose(pa, pb, atol=0.05)
     a, b = torch_model.encode_pixels(torch.from_numpy(pa)), exported.encode_pixels(pb)
     assert (a * b).sum(1).min() >= min_cosine
 
