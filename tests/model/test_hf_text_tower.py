@@ -91,3 +91,20 @@ def test_fine_tuned_copy_keeps_the_tower_offline(checkpoint, tmp_path: Path) -> 
                                               * np.exp(0.5), rel=1e-5)
     texts = ["两个蓝色正方形", "a star"]
     np.testing.assert_allclose(tuned.encode_texts(texts), _direct(directory, cfg, texts), atol=1e-5)
+
+
+def test_exports_with_a_torch_free_tokenizer(checkpoint, tmp_path: Path) -> None:
+    pytest.importorskip("onnxruntime")
+    from clipsearch.model.export import export
+    from clipsearch.model.load import load_model as load_any
+    from clipsearch.model.portable import PortableTokenizer
+
+    directory, _ = checkpoint
+    source = load_model(f"local-dir:{directory}", device="cpu")
+    out = export(f"local-dir:{directory}", tmp_path / "export")
+    assert json.loads((out / "export.json").read_text())["tokenizer"] == "tokenizers"
+    exported = load_any(f"onnx:{out}", device="cpu")
+    assert isinstance(exported.tokenizer, PortableTokenizer)
+    texts = ["a red circle", "白色背景有两个绿色星形", "", "  Two   RED &amp; circles ", "square " * 50]
+    np.testing.assert_array_equal(exported.tokenize(texts), source.tokenize(texts).numpy())
+    assert (exported.encode_texts(texts) * source.encode_texts(texts)).sum(1).min() >= 0.9999
