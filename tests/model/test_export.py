@@ -68,6 +68,16 @@ def test_int8_is_smaller_and_close(tiny_spec, tiny_model, tmp_path) -> None:
     fp32 = export(tiny_spec, tmp_path / "fp32")
     int8 = export(tiny_spec, tmp_path / "int8", quantize="int8")
     assert (int8 / "image.onnx").stat().st_size < (fp32 / "image.onnx").stat().st_size
+    import onnx
+
+    graphs = {name: onnx.load(str(int8 / name), load_external_data=False) for name in ("text.onnx", "image.onnx")}
+    ops = {op.op_type for graph in graphs.values() for op in graph.graph.node}
+    assert "DynamicQuantizeMatMul" in ops or "MatMulInteger" in ops
+    assert "ConvInteger" not in ops  # the patch embedding stays fp32 (faster)
+    referenced = {e.value for g in graphs.values() for t in g.graph.initializer for e in t.external_data
+                  if e.key == "location"}
+    stale = [p.name for p in int8.glob("*.data") if p.name not in referenced]
+    assert not stale  # the fp32 weights are not left beside the int8 graph
     model = load_model(f"onnx:{int8}", device="cpu")
     _check_same_vectors(tiny_model, model, min_cosine=0.95)  # a random tiny model; the demo's recall: bench/
 
