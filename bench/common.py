@@ -200,8 +200,34 @@ class Server:
         self.stop()
 
 
-def wrk(url: str, body: dict | list[dict] | None, *, connections: int, duration: int, threads: int) -> dict:
-    """Drive `url` with wrk for `duration` s; POST `body` (a list: each connection cycles through them)."""
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) of process `pid` and its descendants so far, from /proc."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    parents: dict[int, int] = {}
+    times: dict[int, float] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents[int(entry.name)] = int(fields[1])
+        times[int(entry.name)] = (int(fields[11]) + int(fields[12])) / ticks
+    family, frontier = {pid}, [pid]
+    while frontier:
+        parent = frontier.pop()
+        for child, ppid in parents.items():
+            if ppid == parent and child not in family:
+                family.add(child)
+                frontier.append(child)
+    return sum(times.get(p, 0.0) for p in family)
+
+
+def wrk(url: str, body: dict | list[dict] | None, *, connections: int, duration: int, threads: int,
+        cpu_pid: int | None = None) -> dict:
+    """Drive `url` with wrk for `duration` s; POST `body` (a list: each connection cycles through them).
+    With `cpu_pid`, `cpu_s` is the CPU time that process (and its children) used in the measured run."""
     env = dict(os.environ)
     bodies = body if isinstance(body, list) else [body] if body is not None else []
     with tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False) as f:
@@ -211,13 +237,16 @@ def wrk(url: str, body: dict | list[dict] | None, *, connections: int, duration:
     # Warm-up pass (not measured): JIT paths, thread pools, connection set-up.
     subprocess.run(["wrk", "-t", str(threads), "-c", str(connections), "-d", "2s", "-s", str(ROOT / "bench/wrk.lua"),
                     url], env=env, capture_output=True, timeout=60, check=False)
+    cpu_before = cpu_seconds(cpu_pid) if cpu_pid else 0.0
     out = subprocess.run(["wrk", "-t", str(threads), "-c", str(connections), "-d", f"{duration}s", "--timeout", "30s",
                           "-s", str(ROOT / "bench/wrk.lua"), url], env=env, capture_output=True, text=True,
                          timeout=duration + 60, check=False)
+    cpu_used = cpu_seconds(cpu_pid) - cpu_before if cpu_pid else None
     os.unlink(f.name)
     line = next((x for x in out.stdout.splitlines() if x.startswith("WRKJSON ")), None)
     if line is None:
         raise RuntimeError(f"wrk failed: {out.stdout}\n{out.stderr}")
     res = json.loads(line[len("WRKJSON "):])
     res["rps"] = res["requests"] / (res["duration_us"] / 1e6)
+    res["cpu_s"] = cpu_used
     return res

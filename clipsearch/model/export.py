@@ -34,16 +34,21 @@ from clipsearch.model.exported import MANIFEST, OPSET, ExportManifest, Format, Q
 log = logging.getLogger(__name__)
 
 class _Text(torch.nn.Module):
-    """Ids -> vectors; for a model whose padding can be cut (causal mask, pooling at the end
-    token), ids of any length up to the context, as the torch runtime trims them."""
+    """Ids -> vectors; for a model whose padding can be cut (open_clip's causal mask and
+    end-token pooling; a transformers tower's attention mask), ids of any length up to the
+    context, as the torch runtime trims them."""
 
     def __init__(self, model: ClipModel) -> None:
         super().__init__()
         self.inner = model.model
-        self.trimmed = model.trims_padding and model.is_open_clip
+        self.trimmed = model.trims_padding
+        self.open_clip = model.is_open_clip
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        features = encode_text_trimmed(self.inner, ids) if self.trimmed else self.inner.encode_text(ids)
+        if self.trimmed and self.open_clip:
+            features = encode_text_trimmed(self.inner, ids)
+        else:
+            features = self.inner.encode_text(ids)
         return F.normalize(features.float(), dim=-1)
 
 

@@ -163,7 +163,7 @@ class Settings(BaseSettings):
     )
     torch_threads: int | None = Field(
         None, ge=1, description="CPU threads for model math, torch's or an export's runtime "
-        "[cores - 1, shared by the workers]",
+        "[cores, shared by the workers]",
         json_schema_extra=TUNING,
     )
 

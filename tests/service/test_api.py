@@ -575,3 +575,18 @@ async def test_requests_of_huge_images_cannot_hold_the_decoders(make_client, tin
         r = await client.post("/embed", json={"images": [small]})
         assert r.status_code == 200 and not any(h.done() for h in heavy)
         assert [h.status_code for h in await asyncio.gather(*heavy)] == [200, 200]
+
+
+def test_the_model_gets_every_core_shared_by_the_workers(tiny_model, monkeypatch) -> None:
+    import os
+
+    from clipsearch.service.settings import Settings
+    from clipsearch.service.state import ServiceState, default_model_threads
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4, 5}, raising=False)
+    assert [default_model_threads(w) for w in (1, 2, 4, 8)] == [6, 3, 1, 1]
+    given: list[int] = []
+    monkeypatch.setattr(tiny_model, "set_threads", given.append)
+    ServiceState.build(Settings(warmup=False), model=tiny_model)
+    ServiceState.build(Settings(warmup=False, torch_threads=2), model=tiny_model)
+    assert given == [6, 2]
