@@ -21,7 +21,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -47,31 +49,42 @@ def runtimes(spec: str, pretrained: str | None, workdir: Path) -> dict[str, tupl
     return out
 
 
-def towers(loaded: dict[str, tuple[str, str | None]], seconds: float) -> None:
+def towers(loaded: dict[str, tuple[str, str | None]], seconds: float, rounds: int = 3) -> None:
+    """Every runtime loaded at once, measured in `rounds` alternating turns of seconds/rounds
+    each per cell, so that a slow minute of the machine falls on all of them alike."""
     texts = bench_texts(32)
-    print("\n| runtime | tower | batch 1 /s | batch 8 /s | batch 32 /s | × torch at 32 |")
-    print("|---|---|---:|---:|---:|---:|")
-    base: dict[str, float] = {}
-    for name, (spec, pretrained) in loaded.items():
-        model = load_model(spec, pretrained, device="cpu")
-        for tower in ("image", "text"):
-            rates = []
+    models = {name: load_model(spec, pretrained, device="cpu") for name, (spec, pretrained) in loaded.items()}
+    print("\n| runtime | tower | batch 1 /s | batch 8 /s | batch 32 /s | × torch at 1 | × torch at 32 |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for tower in ("image", "text"):
+        work: dict[str, list] = {}
+        for name, model in models.items():
+            calls = []
             for batch in (1, 8, 32):
                 if tower == "image":
-                    pixels = torch.randn(batch, 3, *model.image_size)
-                    rates.append(rate(lambda p=pixels, m=model: m.encode_pixels(p), batch, seconds))
+                    pixels = model.preprocess(Image.new("RGB", model.image_size))
+                    pixels = torch.stack([pixels] * batch) if isinstance(pixels, torch.Tensor) else \
+                        np.stack([pixels] * batch)
+                    calls.append(lambda p=pixels, m=model: m.encode_pixels(p))
                 else:
                     tokens = model.tokenize(texts[:batch])
-                    rates.append(rate(lambda t=tokens, m=model: m.encode_tokens(t), batch, seconds))
-            base.setdefault(tower, rates[-1])
+                    calls.append(lambda t=tokens, m=model: m.encode_tokens(t))
+            work[name] = calls
+        done = {name: [0.0, 0.0, 0.0] for name in models}  # items/s summed over the rounds
+        for _ in range(rounds):
+            for name, calls in work.items():
+                for i, (call, batch) in enumerate(zip(calls, (1, 8, 32), strict=True)):
+                    done[name][i] += rate(call, batch, seconds / rounds) / rounds
+        base = done[next(iter(done))]
+        for name, rates in done.items():
             print(f"| {name} | {tower} | {rates[0]:.1f} | {rates[1]:.1f} | {rates[2]:.1f} | "
-                  f"{rates[2] / base[tower]:.2f} |")
+                  f"{rates[0] / base[0]:.2f} | {rates[2] / base[2]:.2f} |")
 
 
 def service(loaded: dict[str, tuple[str, str | None]], seconds: int) -> None:
     image = jpeg_b64((640, 480))
     bodies = {"texts": [{"texts": [t]} for t in bench_texts(256)], "images": {"images": [image]}}
-    print("\n| runtime | request | 1 conn req/s | 16 conn req/s | 64 conn req/s |")
+    print("\n| runtime | request | 1 conn req/s (CPU-ms/req) | 16 conn | 64 conn |")
     print("|---|---|---:|---:|---:|")
     for name, (spec, pretrained) in loaded.items():
         port = free_port()
@@ -81,9 +94,12 @@ def service(loaded: dict[str, tuple[str, str | None]], seconds: int) -> None:
             argv += ["--pretrained", pretrained]
         with Server(argv, dict(os.environ), port) as server:
             for kind, body in bodies.items():
-                rps = [wrk(f"{server.base}/embed", body, connections=c, duration=seconds, threads=min(c, 2))["rps"]
-                       for c in (1, 16, 64)]
-                print(f"| {name} | one {kind[:-1]} | {rps[0]:.0f} | {rps[1]:.0f} | {rps[2]:.0f} |")
+                cells = []
+                for c in (1, 16, 64):
+                    res = wrk(f"{server.base}/embed", body, connections=c, duration=seconds, threads=min(c, 2),
+                              cpu_pid=server.proc.pid)
+                    cells.append(f"{res['rps']:.0f} ({1000 * res['cpu_s'] / max(res['requests'], 1):.1f})")
+                print(f"| {name} | one {kind[:-1]} | " + " | ".join(cells) + " |", flush=True)
 
 
 def demo_recall(demo: Path, workdir: Path) -> None:

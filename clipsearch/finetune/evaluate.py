@@ -11,8 +11,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-import torch
 
+from clipsearch.images.decoder import stack_rows
 from clipsearch.inputs.pairs import PairFile, decode_offline_image, image_key
 from clipsearch.inputs.readers import InputError
 from clipsearch.inputs.retrieval import RetrievalSet
@@ -80,7 +80,7 @@ def encode_pairs(model: Model, pairs: PairFile, batch_size: int = 256
             text_index[row.text] = len(texts)
             texts.append(row.text)
         true_pairs.append((image_index[key], text_index[row.text]))
-    image_vecs = np.concatenate([model.encode_pixels(torch.stack(images[i : i + batch_size]))
+    image_vecs = np.concatenate([model.encode_pixels(stack_rows(images[i : i + batch_size], model.device))
                                  for i in range(0, len(images), batch_size)]) if images else np.zeros((0, model.dim))
     text_vecs = model.encode_texts(texts, batch_size=batch_size)
     return image_vecs, text_vecs, true_pairs, skipped
@@ -103,8 +103,9 @@ def evaluate_set(model: Model, data: RetrievalSet, batch_size: int = 256) -> dic
         raise InputError("the test set has no image-caption pair")
     parts = []
     for start in range(0, len(data.images), batch_size):
-        pixels = torch.stack([model.preprocess(data.image(i)) for i in range(start, min(start + batch_size,
-                                                                                          len(data.images)))])
+        pixels = stack_rows([model.preprocess(data.image(i)) for i in range(start, min(start + batch_size,
+                                                                                           len(data.images)))],
+                            model.device)
         parts.append(model.encode_pixels(pixels))
     res = recall_at_k(np.concatenate(parts), model.encode_texts(data.texts, batch_size=batch_size), data.pairs)
     res["counts"] = {"images": len(data.images), "texts": len(data.texts), "pairs": len(data.pairs)}

@@ -195,16 +195,32 @@ def _onnx_runner(directory: Path, tower: str, threads: int, gpu: bool) -> Any:
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    providers = ["CPUExecutionProvider"]
-    if gpu and "CUDAExecutionProvider" in ort.get_available_providers():
-        providers.insert(0, "CUDAExecutionProvider")
-    session = ort.InferenceSession(str(directory / f"{tower}.onnx"), options, providers=providers)
+    session = ort.InferenceSession(str(directory / f"{tower}.onnx"), options,
+                                   providers=onnx_providers(gpu, ort.get_available_providers()))
     name = session.get_inputs()[0].name
 
     def run(array: np.ndarray) -> np.ndarray:
         return session.run(None, {name: array})[0]
 
     return run
+
+
+PROVIDERS_ENV = "CLIPSEARCH_ONNX_PROVIDERS"
+
+
+def onnx_providers(gpu: bool, available: Sequence[str]) -> list[str]:
+    """ONNX Runtime's execution providers, first choice first: those named in
+    CLIPSEARCH_ONNX_PROVIDERS (comma-separated, e.g. `TensorrtExecutionProvider,
+    CUDAExecutionProvider`), else CUDA's on a GPU device when onnxruntime-gpu has it; the CPU
+    provider last in every case. A named provider this ONNX Runtime lacks is an error."""
+    named = [p.strip() for p in os.environ.get(PROVIDERS_ENV, "").split(",") if p.strip()]
+    missing = [p for p in named if p not in available]
+    if missing:
+        raise ModelLoadError(f"{PROVIDERS_ENV}: {', '.join(missing)} not in this ONNX Runtime (it has "
+                             f"{', '.join(available)})")
+    if not named and gpu and "CUDAExecutionProvider" in available:
+        named = ["CUDAExecutionProvider"]
+    return [p for p in named if p != "CPUExecutionProvider"] + ["CPUExecutionProvider"]
 
 
 def _openvino_runner(directory: Path, tower: str, threads: int, gpu: bool) -> Any:

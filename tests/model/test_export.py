@@ -143,3 +143,47 @@ def test_openvino_runs_its_ir_and_an_onnx_export(tiny_spec, tiny_model, tmp_path
         model = load_model(f"openvino:{directory}", device="cpu")
         assert model.info.runtime == "openvino"
         _check_same_vectors(tiny_model, model)
+
+
+def test_onnx_providers_are_chosen_once_and_named_ones_must_exist(monkeypatch) -> None:
+    from clipsearch.model.exported import PROVIDERS_ENV, onnx_providers
+
+    every = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert onnx_providers(False, every) == ["CPUExecutionProvider"]
+    assert onnx_providers(True, every) == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert onnx_providers(True, ["CPUExecutionProvider"]) == ["CPUExecutionProvider"]
+    monkeypatch.setenv(PROVIDERS_ENV, "TensorrtExecutionProvider, CUDAExecutionProvider")
+    assert onnx_providers(False, every) == every
+    with pytest.raises(ModelLoadError, match="TensorrtExecutionProvider, CUDAExecutionProvider not in this ONNX"):
+        onnx_providers(True, ["CPUExecutionProvider"])
+
+
+def _cuda_provider() -> bool:
+    import onnxruntime
+
+    return "CUDAExecutionProvider" in onnxruntime.get_available_providers()
+
+
+@pytest.mark.skipif(not _cuda_provider(), reason="needs onnxruntime-gpu and a GPU")
+def test_an_export_on_the_cuda_provider_serves_the_same_vectors(tiny_spec, tiny_model, tmp_path) -> None:
+    out = export(tiny_spec, tmp_path / "export")
+    model = load_model(f"onnx:{out}", device="cuda")
+    _check_same_vectors(tiny_model, model)
+
+
+def test_evaluate_runs_an_export_as_the_torch_model(tiny_spec, tiny_model, tmp_path) -> None:
+    from clipsearch.finetune.evaluate import evaluate, evaluate_set
+    from clipsearch.finetune.synth import write_tsv
+    from clipsearch.inputs.pairs import PairFile
+    from clipsearch.inputs.retrieval import RetrievalSet
+
+    write_tsv(tmp_path / "valid.tsv", 40, seed=5, image_size=64)
+    model = load_model(f"onnx:{export(tiny_spec, tmp_path / 'export')}", device="cpu")
+    pairs = PairFile(tmp_path / "valid.tsv")
+    want, got = evaluate(tiny_model, pairs), evaluate(model, pairs)
+    assert got["t2i"] == want["t2i"] and got["i2t"] == want["i2t"] and got["counts"] == want["counts"]
+    images = [make_image(i, (40 + 7 * i, 64)) for i in range(12)]
+    data = RetrievalSet(images=[(str(i), lambda im=im: im) for i, im in enumerate(images)],
+                        texts=[f"picture {i}" for i in range(12)], pairs=[(i, i) for i in range(12)])
+    want, got = evaluate_set(tiny_model, data), evaluate_set(model, data)
+    assert got["t2i"] == want["t2i"] and got["i2t"] == want["i2t"]
