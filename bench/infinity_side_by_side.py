@@ -5,7 +5,8 @@ A random-init transformers `CLIPModel` (ViT 224/32, 6 layers of 384 wide; text 6
 served by:
 
 - clipsearch on torch (`--model hf:DIR`),
-- clipsearch on ONNX Runtime, fp32 and int8 (`clipsearch export` of the same checkpoint),
+- clipsearch on ONNX Runtime, fp32 and int8 (`clipsearch export` of the same checkpoint), and
+  int8 in 2 worker processes of 1 model thread each,
 - infinity-emb (`infinity_emb v2 --engine torch --device cpu`), from its own venv.
 
 Each serves one text or one 640x480 JPEG per request to wrk at 1, 16 and 64 connections,
@@ -18,7 +19,8 @@ and each clipsearch row's ratio to infinity.
         [--threads N]
 
 `--threads` sets clipsearch's model threads (CLIPSEARCH_TORCH_THREADS); by default the
-service's own default. Without `--infinity` the clipsearch rows are printed alone.
+service's own default. Without `--infinity` the clipsearch rows are printed alone; `--only
+int8,infinity` runs the servers whose name holds one of the words.
 """
 
 from __future__ import annotations
@@ -73,9 +75,11 @@ def servers(checkpoint: Path, work: Path, infinity: str | None, threads: int | N
         return lambda port: [sys.executable, "-m", "clipsearch", "serve", "--port", str(port), "--host",
                              "127.0.0.1", "--device", "cpu", "--log-level", "warning", "--model", spec]
 
+    two = {"CLIPSEARCH_WORKERS": "2", "CLIPSEARCH_TORCH_THREADS": "1"}
     out = {"clipsearch torch": (clipsearch(f"hf:{checkpoint}"), env, "clipsearch"),
            "clipsearch onnxruntime fp32": (clipsearch(f"onnx:{fp32}"), env, "clipsearch"),
-           "clipsearch onnxruntime int8": (clipsearch(f"onnx:{int8}"), env, "clipsearch")}
+           "clipsearch onnxruntime int8": (clipsearch(f"onnx:{int8}"), env, "clipsearch"),
+           "clipsearch onnxruntime int8, 2 workers": (clipsearch(f"onnx:{int8}"), two, "clipsearch")}
     if infinity:
         out["infinity-emb (torch)"] = (
             lambda port: [infinity, "v2", "--model-id", str(checkpoint), "--served-model-name", "clip", "--engine",
@@ -101,6 +105,7 @@ def measure(name: str, spec: tuple, seconds: int) -> dict[tuple[str, int], dict]
     server = Server(argv(port), env, port)
     try:
         server.wait_ready("/health" if api == "infinity" else "/readyz", timeout=300)
+        server.wait_workers(int(env.get("CLIPSEARCH_WORKERS", "1")))
         out = {}
         for kind, body in bodies(api).items():
             for c in CONNECTIONS:
@@ -120,11 +125,15 @@ def main() -> None:
     ap.add_argument("--seconds", type=int, default=8, help="per wrk run")
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--threads", type=int, default=None, help="clipsearch's model threads")
+    ap.add_argument("--only", default=None, help="comma-separated words: run the servers whose name has one")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         params = write_checkpoint(work / "clip")
         specs = servers(work / "clip", work, args.infinity, args.threads)
+        if args.only:
+            words = [w.strip() for w in args.only.split(",") if w.strip()]
+            specs = {name: spec for name, spec in specs.items() if any(w in name for w in words)}
         print(f"transformers CLIPModel, {params / 1e6:.0f}M parameters, random weights; {os.cpu_count()} cores; "
               f"{args.rounds} round(s) of {args.seconds} s per cell, servers one at a time", flush=True)
         best: dict[str, dict] = {}

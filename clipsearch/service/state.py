@@ -130,8 +130,8 @@ class ServiceState:
 
 def default_model_threads(workers: int) -> int:
     """The model's CPU threads when not set: every core, shared by the worker processes. The
-    event loop gets no core of its own: on 2 cores, 2 model threads served 1.4-1.9× the
-    texts/s of 1 and 1.1-1.4× the images/s, on torch and ONNX Runtime alike
+    event loop gets no core of its own: on 2 cores, 2 model threads served 1.4-1.5× the
+    texts/s of 1 at 64 connections and 1.0-1.4× the images/s, on torch and ONNX Runtime
     (docs/benchmarks.md)."""
     try:
         cores = len(os.sched_getaffinity(0))
