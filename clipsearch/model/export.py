@@ -87,6 +87,8 @@ class _SelfAttention(torch.nn.Module):
         q, k, v = qkv.permute(2, 0, 3, 1, 4)
         scores = (q * (d // heads) ** -0.5) @ k.transpose(-1, -2)
         if attn_mask is not None:
+            if attn_mask.dim() == 3:  # (batch * heads, n, n), batch-major as nn.MultiheadAttention reads it
+                attn_mask = attn_mask.view(b, heads, n, -1)
             scores = scores.masked_fill(attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else \
                 scores + attn_mask
         out = mha.out_proj((scores.softmax(-1) @ v).transpose(1, 2).reshape(b, n, d))

@@ -187,3 +187,22 @@ def test_evaluate_runs_an_export_as_the_torch_model(tiny_spec, tiny_model, tmp_p
                         texts=[f"picture {i}" for i in range(12)], pairs=[(i, i) for i in range(12)])
     want, got = evaluate_set(tiny_model, data), evaluate_set(model, data)
     assert got["t2i"] == want["t2i"] and got["i2t"] == want["i2t"]
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_the_exports_batch_first_attention_equals_the_module(batch_first) -> None:
+    from clipsearch.model.export import _SelfAttention
+
+    torch.manual_seed(0)
+    mha = torch.nn.MultiheadAttention(16, 4, batch_first=batch_first).eval()
+    x = torch.randn(3, 5, 16) if batch_first else torch.randn(5, 3, 16)
+    bool_mask = torch.rand(5, 5) > 0.7
+    bool_mask.fill_diagonal_(False)
+    masks = [None, torch.full((5, 5), float("-inf")).triu(1), torch.randn(3 * 4, 5, 5), bool_mask]
+    with torch.no_grad():
+        for mask in masks:
+            want = mha(x, x, x, need_weights=False, attn_mask=mask)[0]
+            got = _SelfAttention(mha)(x, x, x, need_weights=False, attn_mask=mask)[0]
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+        other = torch.randn_like(x)  # cross-attention goes to the module itself
+        torch.testing.assert_close(_SelfAttention(mha)(x, other, other)[0], mha(x, other, other)[0])
