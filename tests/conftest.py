@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import os
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
@@ -18,6 +19,11 @@ from PIL import Image
 
 from clipsearch.model.clip import ClipModel, load_model
 from tests.tiny import write_tiny_model
+
+# The tests' models are tiny: one thread runs them faster than two (the service's default on a
+# 2-core machine), whose hand-offs cost more than their matrices. Servers the tests start
+# inherit this; a test that sets the thread count itself is unaffected.
+os.environ.setdefault("CLIPSEARCH_TORCH_THREADS", "1")
 
 torch.set_num_threads(2)
 

@@ -587,6 +587,6 @@ def test_the_model_gets_every_core_shared_by_the_workers(tiny_model, monkeypatch
     assert [default_model_threads(w) for w in (1, 2, 4, 8)] == [6, 3, 1, 1]
     given: list[int] = []
     monkeypatch.setattr(tiny_model, "set_threads", given.append)
-    ServiceState.build(Settings(warmup=False), model=tiny_model)
+    ServiceState.build(Settings(warmup=False, torch_threads=None), model=tiny_model)
     ServiceState.build(Settings(warmup=False, torch_threads=2), model=tiny_model)
     assert given == [6, 2]
