@@ -17,6 +17,7 @@ from typing import Any, Protocol
 import numpy as np
 
 CHARS_PER_TOKEN = 32  # see TextSide.context_text
+PAD = -1  # a transformers tokenizer's id where its attention mask is 0 (hf.py, portable.py)
 _WORD = re.compile(r"\S+")
 
 

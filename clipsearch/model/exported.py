@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from clipsearch.core.cpus import usable_cores
 from clipsearch.core.errors import ModelLoadError
 from clipsearch.core.fsutil import sha256_file
 from clipsearch.model.base import ModelInfo, TextSide
@@ -180,10 +181,7 @@ def default_threads() -> int:
     given = os.environ.get("OMP_NUM_THREADS", "").strip()
     if given.isdigit() and int(given) > 0:
         return int(given)
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not Linux
-        return max(1, os.cpu_count() or 1)
+    return usable_cores()
 
 
 def _onnx_runner(directory: Path, tower: str, threads: int, gpu: bool) -> Any:

@@ -28,9 +28,9 @@ from PIL import Image
 
 from clipsearch.core.errors import ModelLoadError
 from clipsearch.core.fsutil import atomic_dir, sha256_file
+from clipsearch.model.base import PAD
 
 PREFIX = "hf:"
-PAD = -1
 # transformers' model_type -> the class that holds both towers.
 FAMILIES = {"clip": "CLIPModel", "chinese_clip": "ChineseCLIPModel", "siglip": "SiglipModel"}
 MAX_CONTEXT = 512

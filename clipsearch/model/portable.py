@@ -19,9 +19,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from clipsearch.model.base import PAD
 from clipsearch.model.bpe import clean
-
-PAD = -1  # as clip's hf.PAD: where the attention mask is 0
 
 # transformers' `clean_up_tokenization` (tokenization_utils_base.py)
 _CLEANUP = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"), (" 'm", "'m"),

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass, field
 
+from clipsearch.core.cpus import usable_cores
 from clipsearch.core.errors import IndexLoadError, IndexRefused, ModelLoadError, NotReady
 from clipsearch.index.format import Modality
 from clipsearch.index.search import IndexSet, LoadedIndex, choose_backend
@@ -133,8 +133,4 @@ def default_model_threads(workers: int) -> int:
     event loop gets no core of its own: on 2 cores, 2 model threads served 1.4-1.5× the
     texts/s of 1 at 64 connections and 1.0-1.4× the images/s, on torch and ONNX Runtime
     (docs/benchmarks.md)."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cores = os.cpu_count() or 1
-    return max(1, cores // max(1, workers))
+    return max(1, usable_cores() // max(1, workers))
